@@ -1,0 +1,23 @@
+//! ZODB's vocabulary, shared by every zeors layer.
+//!
+//! This crate knows nothing about the wire or about sockets: it holds the identifiers
+//! ([`Oid`], [`Tid`]), ZODB's timestamp arithmetic, the [`Storage`] trait that the server
+//! drives and that both the FileStorage and the upstream (proxy) storage implement, and the
+//! [`StorageError`] type whose variants the protocol layer maps to the Python exception
+//! classes ZEO clients expect.
+
+mod error;
+mod ids;
+pub mod refs;
+mod storage;
+pub mod timestamp;
+
+pub use error::StorageError;
+pub use ids::{Oid, Tid};
+pub use storage::{
+    Conflict, HistoryEntry, InvalidationSink, LoadBefore, Loaded, Storage, StorageInfo,
+    Transaction, TransactionMeta, TxnKey, TxnOp, Vote,
+};
+
+/// Result type used by storages.
+pub type Result<T, E = StorageError> = std::result::Result<T, E>;

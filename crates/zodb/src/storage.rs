@@ -1,0 +1,200 @@
+//! The storage interface the server drives.
+//!
+//! It is shaped by how a ZEO server uses a storage, not by ZODB's Python `IStorage`:
+//! a ZEO server buffers a client's stores until `vote` and then hands the storage the whole
+//! transaction at once under the per-storage commit lock. That suits both implementations:
+//! FileStorage writes the transaction in one go, and the upstream (proxy) storage forwards it
+//! to the server behind it in one burst of pipelined messages.
+
+use crate::{Oid, Result, StorageError, Tid};
+use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::Arc;
+
+/// Identifies one transaction of one client session, unique for the server's lifetime.
+/// Storages key their per-transaction state on it; the invalidation hub uses it to skip
+/// the committer when fanning out.
+pub type TxnKey = u64;
+
+/// What `get_info` reports and the interfaces the storage provides.
+#[derive(Debug, Clone, Default)]
+pub struct StorageInfo {
+    /// Number of objects (`len(storage)`).
+    pub length: u64,
+    /// Size in bytes (`getSize()`).
+    pub size: u64,
+    /// Human-readable storage name, e.g. the Data.fs path.
+    pub name: String,
+    pub supports_undo: bool,
+    pub supports_record_iternext: bool,
+    /// `(module, name)` of each `ZODB.interfaces` interface implemented.
+    pub interfaces: Vec<(&'static str, &'static str)>,
+}
+
+/// One revision of an object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub data: Bytes,
+    /// The tid that wrote this revision (its serial).
+    pub start: Tid,
+    /// The tid of the next revision, `None` if this one is current.
+    pub end: Option<Tid>,
+}
+
+/// The answer to `load_before`.
+#[derive(Debug, Clone)]
+pub struct LoadBefore {
+    /// `None` when the object has no revision before the requested tid (it was created later).
+    pub revision: Option<Loaded>,
+    /// A tid such that every transaction up to it is reflected in `revision`: the storage's
+    /// last transaction as read *before* the lookup. The server uses it to make sure a reply
+    /// never reaches a client after an invalidation that makes it stale.
+    pub snapshot: Tid,
+}
+
+/// One entry of `history(oid, size)`.
+#[derive(Debug, Clone)]
+pub struct HistoryEntry {
+    pub tid: Tid,
+    pub user: Vec<u8>,
+    pub description: Vec<u8>,
+    /// Pickled extension dict (empty for an empty dict), as stored in the transaction.
+    pub extension: Vec<u8>,
+    /// Size of the record's pickle (0 for backpointers and deletions).
+    pub size: u64,
+}
+
+/// The transaction-level data given at `tpc_begin`.
+#[derive(Debug, Clone, Default)]
+pub struct TransactionMeta {
+    pub user: Vec<u8>,
+    pub description: Vec<u8>,
+    /// The extension dict, pickled with protocol 3 (empty bytes for an empty dict).
+    pub extension: Vec<u8>,
+    /// An explicit tid, for restore / `copyTransactionsFrom`; `None` lets the storage pick one.
+    pub tid: Option<Tid>,
+    /// Transaction status byte: `b' '` normally, `b'p'` when copying packed transactions.
+    pub status: u8,
+}
+
+/// One buffered operation of a transaction, in the order the client sent it.
+#[derive(Debug, Clone)]
+pub enum TxnOp {
+    /// `storea(oid, serial, data)`: `serial` is the revision the change was based on
+    /// ([`Tid::ZERO`] for a new object).
+    Store { oid: Oid, serial: Tid, data: Bytes },
+    /// `checkCurrentSerialInTransaction(oid, serial)`.
+    CheckCurrent { oid: Oid, serial: Tid },
+    /// `deleteObject(oid, serial)` (external garbage collection).
+    Delete { oid: Oid, serial: Tid },
+    /// `restorea(oid, serial, data, prev_txn)`: write a revision as is, no conflict checks.
+    Restore {
+        oid: Oid,
+        serial: Tid,
+        data: Option<Bytes>,
+        prev_txn: Option<Tid>,
+    },
+    /// `undoa(transaction_id)`: undo the transaction with that undo id.
+    Undo { transaction_id: Vec<u8> },
+}
+
+/// A client transaction as handed to the storage at vote.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub key: TxnKey,
+    pub meta: TransactionMeta,
+    pub ops: Vec<TxnOp>,
+}
+
+/// A write conflict returned to the client for it to resolve (ZEO's client-side conflict
+/// resolution): it loads both serials, merges, stores the result and votes again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conflict {
+    pub oid: Oid,
+    /// The serial currently committed.
+    pub committed: Tid,
+    /// The serial the client's store was based on.
+    pub read: Tid,
+    /// The data the client sent.
+    pub data: Bytes,
+}
+
+/// Outcome of a vote.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Vote {
+    /// The transaction is ready to commit. `changed` lists oids whose committed data will
+    /// differ from what the client sent (undo), so the client does not cache its own copy.
+    Ok { changed: Vec<Oid> },
+    /// Conflicts for the client to resolve. The storage has dropped the attempt; the server
+    /// keeps the buffered transaction and the client votes again.
+    Conflicts(Vec<Conflict>),
+}
+
+/// Receives every committed transaction, in tid order, before its data becomes visible to
+/// loads. The server's invalidation hub implements it.
+pub trait InvalidationSink: Send + Sync {
+    /// `committer` is the local transaction that made the commit, if any: it must not be
+    /// sent its own invalidation.
+    fn invalidate(&self, tid: Tid, oids: &[Oid], committer: Option<TxnKey>);
+}
+
+/// A ZODB storage as served by the ZEO server.
+///
+/// Reads may run concurrently with each other and with a commit. `vote`, `finish` and
+/// `abort` are called by the server with the per-storage commit lock held, so at most one
+/// transaction is between `vote` and `finish`/`abort` at any time.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    fn info(&self) -> StorageInfo;
+
+    fn is_read_only(&self) -> bool;
+
+    /// The last committed tid ([`Tid::ZERO`] when empty).
+    fn last_transaction(&self) -> Tid;
+
+    /// Gives the storage the sink it must report commits to. Called once, before serving.
+    fn attach(&self, sink: Arc<dyn InvalidationSink>);
+
+    /// The revision of `oid` current just before `before`.
+    /// Errors: [`StorageError::PosKey`] if the oid does not exist or was deleted as of then.
+    async fn load_before(&self, oid: Oid, before: Tid) -> Result<LoadBefore>;
+
+    /// The data of exactly revision `serial` of `oid`.
+    async fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Bytes>;
+
+    /// Up to `size` revisions of `oid`, newest first.
+    async fn history(&self, oid: Oid, size: usize) -> Result<Vec<HistoryEntry>>;
+
+    /// `count` fresh oids.
+    async fn new_oids(&self, count: usize) -> Result<Vec<Oid>>;
+
+    /// Checks and stages `txn` (commit lock held). On `Ok(Vote::Ok)` the transaction must
+    /// be committed by [`finish`](Self::finish) or dropped by [`abort`](Self::abort). On an
+    /// error or [`Vote::Conflicts`] nothing is staged any more.
+    async fn vote(&self, txn: &Transaction) -> Result<Vote>;
+
+    /// Makes the voted transaction `key` durable and visible, reporting it to the sink
+    /// (with `committer = Some(key)`) before loads can see it. Returns its tid.
+    async fn finish(&self, key: TxnKey) -> Result<Tid>;
+
+    /// Drops whatever `key` staged. Harmless if nothing is staged.
+    async fn abort(&self, key: TxnKey);
+
+    /// The last `count` transactions as `(tid, oids)`, oldest first, to seed the server's
+    /// invalidation queue at start-up. Storages that cannot tell return an empty list.
+    async fn recent_transactions(&self, count: usize) -> Result<Vec<(Tid, Vec<Oid>)>>;
+
+    /// Every oid changed by transactions after `tid`, with the latest tid, when the storage
+    /// can list them; `None` when it cannot (the client must then drop its cache).
+    async fn invalidations_since(&self, _tid: Tid) -> Result<Option<(Tid, Vec<Oid>)>> {
+        Ok(None)
+    }
+
+    /// Flushes and releases resources (index file, locks). Called once at shutdown.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Convenience for storages that refuse every write.
+pub fn read_only_error<T>() -> Result<T> {
+    Err(StorageError::ReadOnly)
+}
