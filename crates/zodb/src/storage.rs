@@ -6,7 +6,7 @@
 //! FileStorage writes the transaction in one go, and the upstream (proxy) storage forwards it
 //! to the server behind it in one burst of pipelined messages.
 
-use crate::{Oid, Result, StorageError, Tid};
+use crate::{Oid, Result, Tid};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -192,9 +192,4 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Flushes and releases resources (index file, locks). Called once at shutdown.
     async fn close(&self) -> Result<()>;
-}
-
-/// Convenience for storages that refuse every write.
-pub fn read_only_error<T>() -> Result<T> {
-    Err(StorageError::ReadOnly)
 }

@@ -182,9 +182,15 @@ mod tests {
     #[test]
     fn decodes_the_spec_example() {
         let p = Parts::from_tid(Tid(0x03f5945817777777));
-        assert_eq!((p.year, p.month, p.day, p.hour, p.minute), (2024, 1, 2, 3, 4));
+        assert_eq!(
+            (p.year, p.month, p.day, p.hour, p.minute),
+            (2024, 1, 2, 3, 4)
+        );
         assert!((p.second - 5.5).abs() < 1e-6);
-        assert_eq!(format_tid(Tid(0x03f5945817777777)), "2024-01-02 03:04:05.500000");
+        assert_eq!(
+            format_tid(Tid(0x03f5945817777777)),
+            "2024-01-02 03:04:05.500000"
+        );
     }
 
     #[test]

@@ -1,0 +1,497 @@
+//! Turning a client transaction into the bytes of one transaction record (spec §4), with
+//! ZODB's conflict rules checked against the committed state.
+//!
+//! This module does no I/O of its own: the storage hands it a view of the committed state
+//! ([`CommittedState`]) and writes the result. Rules, as the ZEO server expects them
+//! (zeo-wire.md §3.4, §5):
+//! - `Store`: a stale serial on an oid that has a committed revision is a conflict for the
+//!   client to resolve; replay continues, and a later store of the same oid in the same
+//!   transaction replaces (clears, if its serial is current) that oid's conflict. New oids
+//!   are never checked.
+//! - `CheckCurrent`: a changed object (or a serial other than z64 for a missing one) is a
+//!   `ReadConflict` error.
+//! - `Delete`: a missing oid is `PosKey`, a stale serial a `Conflict` error; it writes a
+//!   `plen = 0, back = 0` record.
+//! - `Restore`: no checks; the record's tid is the given serial (as in Python's `restore`).
+//! - `Undo`: not supported yet.
+//!
+//! **One record per oid.** When a transaction touches an oid several times, only the last
+//! operation is written, at the place of the oid's first operation. Python writes every
+//! record; both are valid `Data.fs` (the last record is the one the index keeps), and one
+//! record per oid is smaller and keeps Python's `.index` sanity check (which compares the
+//! first records of the last transaction with the index) from rejecting our index.
+
+use crate::format::{self, status, Payload, MAX_META_LEN, POSITION_LIMIT, TXN_HEADER_LEN};
+use bytes::Bytes;
+use std::collections::HashMap;
+use zodb::{Conflict, Oid, StorageError, Tid, Transaction, TxnOp};
+
+/// What the commit code needs to know about committed data.
+pub(crate) trait CommittedState {
+    /// Position of the oid's current record.
+    fn position(&self, oid: Oid) -> Option<u64>;
+    /// The serial (tid) of the record of `oid` at `pos`.
+    fn serial_at(&self, oid: Oid, pos: u64) -> Result<Tid, StorageError>;
+}
+
+/// A transaction ready to be written at its position.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub tid: Tid,
+    /// The status `finish` writes over the `'c'`.
+    pub status: u8,
+    /// The complete record, with status `'c'` and the trailer.
+    pub bytes: Vec<u8>,
+    /// Absolute position of each written record, to merge into the index at finish.
+    pub tindex: Vec<(Oid, u64)>,
+    /// Oids of the `Store` operations in the order sent, duplicates kept (what the
+    /// invalidation must list).
+    pub invalidated: Vec<Oid>,
+}
+
+#[derive(Debug)]
+pub(crate) enum Prepare {
+    Ready(Prepared),
+    Conflicts(Vec<Conflict>),
+}
+
+/// The outcome of the replay, before serialisation.
+struct Planned {
+    oid: Oid,
+    /// Serial written in the record.
+    tid: Tid,
+    data: Option<Bytes>,
+}
+
+/// Conflicts keyed by oid, in the order they were first found.
+#[derive(Default)]
+struct Conflicts {
+    slots: Vec<Option<Conflict>>,
+    by_oid: HashMap<Oid, usize>,
+}
+
+impl Conflicts {
+    fn set(&mut self, c: Conflict) {
+        match self.by_oid.get(&c.oid) {
+            Some(&i) => self.slots[i] = Some(c),
+            None => {
+                self.by_oid.insert(c.oid, self.slots.len());
+                self.slots.push(Some(c));
+            }
+        }
+    }
+
+    fn clear(&mut self, oid: Oid) {
+        if let Some(i) = self.by_oid.remove(&oid) {
+            self.slots[i] = None;
+        }
+    }
+
+    fn into_vec(self) -> Vec<Conflict> {
+        self.slots.into_iter().flatten().collect()
+    }
+}
+
+fn check_meta(what: &str, v: &[u8]) -> Result<(), StorageError> {
+    if v.len() > MAX_META_LEN {
+        return Err(StorageError::Value(format!(
+            "{what} too long ({} bytes, at most {MAX_META_LEN})",
+            v.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The status byte for `meta.status` (0, the `Default`, means committed).
+fn final_status(s: u8) -> Result<u8, StorageError> {
+    match s {
+        0 | status::COMMITTED => Ok(status::COMMITTED),
+        status::PACKED => Ok(status::PACKED),
+        other => Err(StorageError::Value(format!(
+            "invalid transaction status {:?}",
+            other as char
+        ))),
+    }
+}
+
+/// Replays `txn` against `state` and, when nothing conflicts, serialises it to be written
+/// at `pos` with tid `tid`. `max_oid` is raised to the highest oid stored or restored.
+pub(crate) fn prepare(
+    txn: &Transaction,
+    tid: Tid,
+    pos: u64,
+    quota: Option<u64>,
+    state: &dyn CommittedState,
+    max_oid: &mut u64,
+) -> Result<Prepare, StorageError> {
+    let meta = &txn.meta;
+    check_meta("user name", &meta.user)?;
+    check_meta("description", &meta.description)?;
+    check_meta("extension data", &meta.extension)?;
+    let final_status = final_status(meta.status)?;
+
+    let mut planned: Vec<Planned> = Vec::new();
+    let mut slot_of: HashMap<Oid, usize> = HashMap::new();
+    let mut plan = |p: Planned| match slot_of.get(&p.oid) {
+        Some(&i) => planned[i] = p,
+        None => {
+            slot_of.insert(p.oid, planned.len());
+            planned.push(p);
+        }
+    };
+    let current_serial = |oid: Oid| -> Result<Option<Tid>, StorageError> {
+        match state.position(oid) {
+            Some(p) => state.serial_at(oid, p).map(Some),
+            None => Ok(None),
+        }
+    };
+    let mut conflicts = Conflicts::default();
+    let mut invalidated = Vec::new();
+
+    for op in &txn.ops {
+        match op {
+            TxnOp::Store { oid, serial, data } => {
+                if data.is_empty() {
+                    // plen = 0 would make the record read as a back pointer.
+                    return Err(StorageError::Value(format!(
+                        "store of oid {oid} with empty data"
+                    )));
+                }
+                match current_serial(*oid)? {
+                    Some(committed) if committed != *serial => conflicts.set(Conflict {
+                        oid: *oid,
+                        committed,
+                        read: *serial,
+                        data: data.clone(),
+                    }),
+                    _ => conflicts.clear(*oid),
+                }
+                *max_oid = (*max_oid).max(oid.0);
+                invalidated.push(*oid);
+                plan(Planned {
+                    oid: *oid,
+                    tid,
+                    data: Some(data.clone()),
+                });
+            }
+            TxnOp::CheckCurrent { oid, serial } => {
+                let committed = current_serial(*oid)?.unwrap_or(Tid::ZERO);
+                if committed != *serial {
+                    return Err(StorageError::ReadConflict {
+                        oid: *oid,
+                        committed,
+                        read: *serial,
+                    });
+                }
+            }
+            TxnOp::Delete { oid, serial } => {
+                let committed = current_serial(*oid)?.ok_or(StorageError::PosKey(*oid))?;
+                if committed != *serial {
+                    return Err(StorageError::Conflict {
+                        oid: *oid,
+                        committed,
+                        read: *serial,
+                    });
+                }
+                plan(Planned {
+                    oid: *oid,
+                    tid,
+                    data: None,
+                });
+            }
+            TxnOp::Restore {
+                oid, serial, data, ..
+            } => {
+                if data.as_ref().is_some_and(|d| d.is_empty()) {
+                    return Err(StorageError::Value(format!(
+                        "restore of oid {oid} with empty data (use None for no state)"
+                    )));
+                }
+                *max_oid = (*max_oid).max(oid.0);
+                plan(Planned {
+                    oid: *oid,
+                    tid: *serial,
+                    data: data.clone(),
+                });
+            }
+            TxnOp::Undo { .. } => return Err(StorageError::Unsupported("undo")),
+        }
+    }
+
+    let conflicts = conflicts.into_vec();
+    if !conflicts.is_empty() {
+        return Ok(Prepare::Conflicts(conflicts));
+    }
+
+    let header_len =
+        TXN_HEADER_LEN + meta.user.len() + meta.description.len() + meta.extension.len();
+    let body_len: u64 = planned.iter().map(|p| payload(p).record_len()).sum::<u64>();
+    let tlen = header_len as u64 + body_len;
+    let end = pos
+        .checked_add(tlen)
+        .and_then(|e| e.checked_add(8))
+        .filter(|&e| e < POSITION_LIMIT)
+        .ok_or_else(|| {
+            StorageError::Value("the transaction would grow Data.fs past 2^48 bytes".into())
+        })?;
+    let cap = usize::try_from(end - pos)
+        .map_err(|_| StorageError::Value("transaction too large".into()))?;
+    let mut bytes = Vec::with_capacity(cap);
+    format::write_txn_header(
+        &mut bytes,
+        tid,
+        tlen,
+        status::CHECKPOINT,
+        &meta.user,
+        &meta.description,
+        &meta.extension,
+    );
+    let mut tindex = Vec::with_capacity(planned.len());
+    for p in &planned {
+        let here = pos + bytes.len() as u64;
+        if quota.is_some_and(|q| here > q) {
+            return Err(StorageError::Quota);
+        }
+        let prev = state.position(p.oid).unwrap_or(0);
+        format::write_data_record(&mut bytes, p.oid, p.tid, prev, pos, payload(p));
+        tindex.push((p.oid, here));
+    }
+    bytes.extend_from_slice(&tlen.to_be_bytes());
+    debug_assert_eq!(bytes.len() as u64, end - pos);
+    Ok(Prepare::Ready(Prepared {
+        tid,
+        status: final_status,
+        bytes,
+        tindex,
+        invalidated,
+    }))
+}
+
+fn payload(p: &Planned) -> Payload<'_> {
+    match &p.data {
+        Some(d) => Payload::Data(d),
+        None => Payload::Back(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{DataHeader, TxnHeader};
+    use zodb::TransactionMeta;
+
+    /// oid → (position, serial)
+    struct Fake(HashMap<Oid, (u64, Tid)>);
+
+    impl CommittedState for Fake {
+        fn position(&self, oid: Oid) -> Option<u64> {
+            self.0.get(&oid).map(|v| v.0)
+        }
+        fn serial_at(&self, oid: Oid, _pos: u64) -> Result<Tid, StorageError> {
+            Ok(self.0[&oid].1)
+        }
+    }
+
+    fn txn(ops: Vec<TxnOp>) -> Transaction {
+        Transaction {
+            key: 1,
+            meta: TransactionMeta::default(),
+            ops,
+        }
+    }
+
+    fn store(oid: u64, serial: u64, data: &'static [u8]) -> TxnOp {
+        TxnOp::Store {
+            oid: Oid(oid),
+            serial: Tid(serial),
+            data: Bytes::from_static(data),
+        }
+    }
+
+    fn state() -> Fake {
+        Fake(HashMap::from([
+            (Oid(0), (52, Tid(10))),
+            (Oid(1), (100, Tid(20))),
+        ]))
+    }
+
+    fn run(t: &Transaction) -> Result<Prepare, StorageError> {
+        let mut max = 1;
+        prepare(t, Tid(30), 200, None, &state(), &mut max)
+    }
+
+    #[test]
+    fn stale_store_is_a_conflict_and_a_current_restore_clears_it() {
+        let t = txn(vec![
+            store(0, 9, b"x"),
+            store(1, 20, b"y"),
+            store(5, 0, b"new"),
+        ]);
+        match run(&t).unwrap() {
+            Prepare::Conflicts(c) => assert_eq!(
+                c,
+                vec![Conflict {
+                    oid: Oid(0),
+                    committed: Tid(10),
+                    read: Tid(9),
+                    data: Bytes::from_static(b"x")
+                }]
+            ),
+            other => panic!("{other:?}"),
+        }
+        let t = txn(vec![
+            store(0, 9, b"x"),
+            store(1, 20, b"y"),
+            store(0, 10, b"resolved"),
+        ]);
+        let Prepare::Ready(p) = run(&t).unwrap() else {
+            panic!("expected ready")
+        };
+        assert_eq!(p.invalidated, vec![Oid(0), Oid(1), Oid(0)]);
+        // One record per oid, the last data, in first-appearance order.
+        assert_eq!(p.tindex.len(), 2);
+        assert_eq!(p.tindex[0].0, Oid(0));
+        let first = DataHeader::parse_slice(&p.bytes[23..]).unwrap();
+        assert_eq!(
+            (first.oid, first.prev, first.tloc, first.plen),
+            (Oid(0), 52, 200, 8)
+        );
+        assert_eq!(&p.bytes[23 + 42..23 + 50], b"resolved");
+        assert_eq!(p.tindex[0].1, 200 + 23);
+    }
+
+    #[test]
+    fn a_second_stale_store_replaces_the_conflict() {
+        let t = txn(vec![store(0, 9, b"x"), store(0, 8, b"z")]);
+        let Prepare::Conflicts(c) = run(&t).unwrap() else {
+            panic!()
+        };
+        assert_eq!(c.len(), 1);
+        assert_eq!((c[0].read, &c[0].data[..]), (Tid(8), &b"z"[..]));
+    }
+
+    #[test]
+    fn check_current_delete_restore_undo() {
+        let rc = run(&txn(vec![TxnOp::CheckCurrent {
+            oid: Oid(1),
+            serial: Tid(19),
+        }]));
+        assert!(matches!(
+            rc,
+            Err(StorageError::ReadConflict {
+                oid: Oid(1),
+                committed: Tid(20),
+                read: Tid(19)
+            })
+        ));
+        // A missing oid compares with z64.
+        assert!(matches!(
+            run(&txn(vec![TxnOp::CheckCurrent {
+                oid: Oid(9),
+                serial: Tid::ZERO
+            }])),
+            Ok(Prepare::Ready(_))
+        ));
+        assert!(matches!(
+            run(&txn(vec![TxnOp::CheckCurrent {
+                oid: Oid(9),
+                serial: Tid(1)
+            }])),
+            Err(StorageError::ReadConflict { .. })
+        ));
+        assert!(matches!(
+            run(&txn(vec![TxnOp::Delete {
+                oid: Oid(9),
+                serial: Tid::ZERO
+            }])),
+            Err(StorageError::PosKey(Oid(9)))
+        ));
+        assert!(matches!(
+            run(&txn(vec![TxnOp::Delete {
+                oid: Oid(1),
+                serial: Tid(1)
+            }])),
+            Err(StorageError::Conflict {
+                oid: Oid(1),
+                committed: Tid(20),
+                read: Tid(1)
+            })
+        ));
+        let Prepare::Ready(p) = run(&txn(vec![TxnOp::Delete {
+            oid: Oid(1),
+            serial: Tid(20),
+        }]))
+        .unwrap() else {
+            panic!()
+        };
+        let d = DataHeader::parse_slice(&p.bytes[23..]).unwrap();
+        assert_eq!((d.plen, d.back, d.prev, d.tid), (0, 0, 100, Tid(30)));
+        assert!(p.invalidated.is_empty());
+
+        let Prepare::Ready(p) = run(&txn(vec![TxnOp::Restore {
+            oid: Oid(7),
+            serial: Tid(25),
+            data: Some(Bytes::from_static(b"r")),
+            prev_txn: None,
+        }]))
+        .unwrap() else {
+            panic!()
+        };
+        let d = DataHeader::parse_slice(&p.bytes[23..]).unwrap();
+        assert_eq!((d.tid, d.plen, d.prev), (Tid(25), 1, 0));
+        assert!(matches!(
+            run(&txn(vec![TxnOp::Undo {
+                transaction_id: vec![]
+            }])),
+            Err(StorageError::Unsupported("undo"))
+        ));
+    }
+
+    #[test]
+    fn header_limits_and_layout() {
+        let mut t = txn(vec![store(3, 0, b"abc")]);
+        t.meta.user = b"me".to_vec();
+        t.meta.description = b"d".to_vec();
+        t.meta.extension = b"ext".to_vec();
+        let mut max = 0;
+        let Prepare::Ready(p) = prepare(&t, Tid(30), 200, None, &state(), &mut max).unwrap() else {
+            panic!()
+        };
+        assert_eq!(max, 3);
+        let h = TxnHeader::parse(p.bytes[..23].try_into().unwrap());
+        assert_eq!(
+            (h.tid, h.status, h.ulen, h.dlen, h.elen),
+            (Tid(30), b'c', 2, 1, 3)
+        );
+        assert_eq!(h.tlen as usize + 8, p.bytes.len());
+        assert_eq!(&p.bytes[p.bytes.len() - 8..], &h.tlen.to_be_bytes());
+        assert_eq!(p.status, b' ');
+
+        t.meta.user = vec![b'u'; 65536];
+        assert!(matches!(run(&t), Err(StorageError::Value(m)) if m.contains("user")));
+        t.meta.user = vec![];
+        t.meta.status = b'u';
+        assert!(matches!(run(&t), Err(StorageError::Value(_))));
+        t.meta.status = b'p';
+        let Prepare::Ready(p) = run(&t).unwrap() else {
+            panic!()
+        };
+        assert_eq!(p.status, b'p');
+        assert!(matches!(
+            run(&txn(vec![store(3, 0, b"")])),
+            Err(StorageError::Value(_))
+        ));
+        let mut max = 0;
+        assert!(matches!(
+            prepare(
+                &txn(vec![store(3, 0, b"abc")]),
+                Tid(30),
+                200,
+                Some(100),
+                &state(),
+                &mut max
+            ),
+            Err(StorageError::Quota)
+        ));
+    }
+}

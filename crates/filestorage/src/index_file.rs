@@ -1,0 +1,329 @@
+//! Python's `Data.fs.index` format (spec §3.2): a stream of separate protocol-3 pickles
+//! written with `Pickler.fast = True` (no memo):
+//!
+//! 1. the int `pos` (end of the last transaction the index covers);
+//! 2. per 6-byte oid prefix, ascending: the tuple `(prefix, suffixes ‖ positions)` where the
+//!    second item is `fsBucket.toString()`: n 2-byte suffixes then n 6-byte positions;
+//! 3. `None`.
+//!
+//! Only this modern form is read; anything else (the legacy dict form, Python 2 pickles,
+//! damage) is reported as an error and the caller rebuilds the index from `Data.fs`.
+//! The parser is a bounds-checked cursor over the file's bytes: it never panics and never
+//! allocates more than the input holds.
+
+use crate::index::{Bucket, Index, Pos48};
+use std::fs;
+use std::io::{self, Write};
+use std::path::Path;
+
+/// Why a `.index` file was not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexFileError {
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("unsupported or damaged index at byte {at}: {what}")]
+    Bad { at: usize, what: &'static str },
+}
+
+const PROTO: u8 = 0x80;
+const STOP: u8 = b'.';
+const NONE: u8 = b'N';
+const BININT1: u8 = b'K';
+const BININT2: u8 = b'M';
+const BININT: u8 = b'J';
+const LONG1: u8 = 0x8a;
+const LONG4: u8 = 0x8b;
+const SHORT_BINBYTES: u8 = b'C';
+const BINBYTES: u8 = b'B';
+const BINBYTES8: u8 = 0x8e;
+const TUPLE2: u8 = 0x86;
+const FRAME: u8 = 0x95;
+
+struct Cursor<'a> {
+    b: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn bad(&self, what: &'static str) -> IndexFileError {
+        IndexFileError::Bad { at: self.at, what }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], IndexFileError> {
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or_else(|| self.bad("truncated"))?;
+        let s = &self.b[self.at..end];
+        self.at = end;
+        Ok(s)
+    }
+
+    fn byte(&mut self) -> Result<u8, IndexFileError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn le(&mut self, n: usize) -> Result<u64, IndexFileError> {
+        let s = self.take(n)?;
+        let mut a = [0u8; 8];
+        a[..n].copy_from_slice(s);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    /// `PROTO n` (2..=5) and, for protocol ≥ 4, an optional `FRAME`.
+    fn start_pickle(&mut self) -> Result<(), IndexFileError> {
+        if self.byte()? != PROTO {
+            return Err(self.bad("expected PROTO"));
+        }
+        let proto = self.byte()?;
+        if !(2..=5).contains(&proto) {
+            return Err(self.bad("unsupported pickle protocol"));
+        }
+        if self.b.get(self.at) == Some(&FRAME) {
+            self.take(9)?;
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> Result<(), IndexFileError> {
+        if self.byte()? != STOP {
+            return Err(self.bad("expected STOP"));
+        }
+        Ok(())
+    }
+
+    /// A non-negative int that fits in u64.
+    fn uint(&mut self) -> Result<u64, IndexFileError> {
+        match self.byte()? {
+            BININT1 => self.le(1),
+            BININT2 => self.le(2),
+            BININT => {
+                let v = self.le(4)? as u32 as i32;
+                u64::try_from(v).map_err(|_| self.bad("negative position"))
+            }
+            op @ (LONG1 | LONG4) => {
+                let n = if op == LONG1 {
+                    self.le(1)? as usize
+                } else {
+                    self.le(4)? as usize
+                };
+                let s = self.take(n)?;
+                if s.last().is_some_and(|&b| b & 0x80 != 0) {
+                    return Err(self.bad("negative position"));
+                }
+                // Little endian; allow sign padding bytes beyond 8.
+                if s.iter().skip(8).any(|&b| b != 0) {
+                    return Err(self.bad("position too large"));
+                }
+                let mut a = [0u8; 8];
+                let k = s.len().min(8);
+                a[..k].copy_from_slice(&s[..k]);
+                Ok(u64::from_le_bytes(a))
+            }
+            _ => Err(self.bad("expected an int")),
+        }
+    }
+
+    fn bytes(&mut self) -> Result<&'a [u8], IndexFileError> {
+        let n = match self.byte()? {
+            SHORT_BINBYTES => self.le(1)?,
+            BINBYTES => self.le(4)?,
+            BINBYTES8 => self.le(8)?,
+            _ => return Err(self.bad("expected bytes")),
+        };
+        let n = usize::try_from(n).map_err(|_| self.bad("bytes too long"))?;
+        self.take(n)
+    }
+}
+
+/// Parses a whole `.index` file: `(pos, index)`.
+pub fn parse(b: &[u8]) -> Result<(u64, Index), IndexFileError> {
+    let mut c = Cursor { b, at: 0 };
+    c.start_pickle()?;
+    let pos = c.uint()?;
+    c.stop()?;
+    let mut index = Index::new();
+    loop {
+        c.start_pickle()?;
+        if c.b.get(c.at) == Some(&NONE) {
+            c.take(1)?;
+            c.stop()?;
+            break;
+        }
+        let prefix = c.bytes()?;
+        let prefix: [u8; 6] = prefix
+            .try_into()
+            .map_err(|_| c.bad("oid prefix is not 6 bytes"))?;
+        let data = c.bytes()?;
+        if c.byte()? != TUPLE2 {
+            return Err(c.bad("expected TUPLE2"));
+        }
+        c.stop()?;
+        if data.len() % 8 != 0 {
+            return Err(c.bad("bucket length is not a multiple of 8"));
+        }
+        let n = data.len() / 8;
+        let (ks, ps) = data.split_at(2 * n);
+        let keys: Vec<u16> = ks
+            .chunks_exact(2)
+            .map(|k| u16::from_be_bytes([k[0], k[1]]))
+            .collect();
+        let positions: Vec<Pos48> = ps
+            .chunks_exact(6)
+            .map(|p| p.try_into().expect("6 bytes"))
+            .collect();
+        let bucket =
+            Bucket::from_parts(keys, positions).ok_or_else(|| c.bad("bucket keys not sorted"))?;
+        let prefix = u64::from_be_bytes([
+            0, 0, prefix[0], prefix[1], prefix[2], prefix[3], prefix[4], prefix[5],
+        ]);
+        if !index.push_bucket(prefix, bucket) {
+            return Err(c.bad("oid prefixes not ascending"));
+        }
+    }
+    Ok((pos, index))
+}
+
+/// Reads and parses `path`.
+pub fn load(path: &Path) -> Result<(u64, Index), IndexFileError> {
+    let b = fs::read(path)?;
+    parse(&b)
+}
+
+fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    if b.len() < 256 {
+        out.push(SHORT_BINBYTES);
+        out.push(b.len() as u8);
+    } else {
+        out.push(BINBYTES);
+        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    }
+    out.extend_from_slice(b);
+}
+
+/// Python's `save_long` for a non-negative int with protocol 3.
+fn put_uint(out: &mut Vec<u8>, n: u64) {
+    if n <= 0xff {
+        out.extend_from_slice(&[BININT1, n as u8]);
+    } else if n <= 0xffff {
+        out.push(BININT2);
+        out.extend_from_slice(&(n as u16).to_le_bytes());
+    } else if n <= 0x7fff_ffff {
+        out.push(BININT);
+        out.extend_from_slice(&(n as u32).to_le_bytes());
+    } else {
+        // encode_long: (bit_length >> 3) + 1 little-endian two's-complement bytes.
+        let nbytes = ((64 - n.leading_zeros()) >> 3) as usize + 1;
+        let le = n.to_le_bytes();
+        out.push(LONG1);
+        out.push(nbytes as u8);
+        out.extend_from_slice(&le[..nbytes.min(8)]);
+        out.extend(std::iter::repeat_n(0u8, nbytes.saturating_sub(8)));
+    }
+}
+
+/// Serialises `index` covering the file up to `pos`, byte-identical to `fsIndex.save`.
+pub fn serialize(index: &Index, pos: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + index.len() * 8 + index.buckets().count() * 24);
+    out.extend_from_slice(&[PROTO, 3]);
+    put_uint(&mut out, pos);
+    out.push(STOP);
+    let mut data = Vec::new();
+    for (prefix, bucket) in index.buckets() {
+        out.extend_from_slice(&[PROTO, 3]);
+        put_bytes(&mut out, &prefix.to_be_bytes()[2..]);
+        data.clear();
+        for k in bucket.keys() {
+            data.extend_from_slice(&k.to_be_bytes());
+        }
+        for p in bucket.positions() {
+            data.extend_from_slice(p);
+        }
+        put_bytes(&mut out, &data);
+        out.push(TUPLE2);
+        out.push(STOP);
+    }
+    out.extend_from_slice(&[PROTO, 3, NONE, STOP]);
+    out
+}
+
+/// Writes `path` via `path.index_tmp`-style temporary `tmp` and a rename, so a reader
+/// never sees a half-written index. The temporary file is fsynced first: a crash must not
+/// leave a renamed but empty index (it would merely be rebuilt, but slowly).
+pub fn save(index: &Index, pos: u64, path: &Path, tmp: &Path) -> io::Result<()> {
+    let bytes = serialize(index, pos);
+    {
+        let mut f = fs::File::create(tmp)?;
+        f.write_all(&bytes)?;
+        f.sync_data()?;
+    }
+    fs::rename(tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zodb::Oid;
+
+    const SPEC_INDEX: &[u8] = include_bytes!("../testdata/spec_example.fs.index");
+
+    #[test]
+    fn spec_example_round_trip() {
+        let (pos, index) = parse(SPEC_INDEX).unwrap();
+        assert_eq!(pos, 474);
+        assert_eq!(index.len(), 2);
+        assert_eq!(index.get(Oid(0)), Some(222));
+        assert_eq!(index.get(Oid(1)), Some(350));
+        assert_eq!(serialize(&index, pos), SPEC_INDEX);
+    }
+
+    #[test]
+    fn ints_like_python() {
+        let cases: &[(u64, &[u8])] = &[
+            (4, b"K\x04"),
+            (474, b"M\xda\x01"),
+            (70_000, b"J\x70\x11\x01\x00"),
+            (0x7fff_ffff, b"J\xff\xff\xff\x7f"),
+            (0x8000_0000, b"\x8a\x05\x00\x00\x00\x80\x00"),
+            (1 << 40, b"\x8a\x06\x00\x00\x00\x00\x00\x01"),
+            (u64::MAX, b"\x8a\x09\xff\xff\xff\xff\xff\xff\xff\xff\x00"),
+        ];
+        for &(n, enc) in cases {
+            let mut out = Vec::new();
+            put_uint(&mut out, n);
+            assert_eq!(out, enc, "{n}");
+            let mut c = Cursor { b: &out, at: 0 };
+            assert_eq!(c.uint().unwrap(), n);
+        }
+    }
+
+    #[test]
+    fn large_buckets_use_binbytes() {
+        let mut index = Index::new();
+        for i in 0..100u64 {
+            index.insert(Oid(i), 1000 + i);
+        }
+        index.insert(Oid(1 << 20), 5);
+        let b = serialize(&index, 123_456);
+        let (pos, back) = parse(&b).unwrap();
+        assert_eq!(pos, 123_456);
+        assert_eq!(back, index);
+    }
+
+    #[test]
+    fn damage_is_an_error_never_a_panic() {
+        for cut in 0..SPEC_INDEX.len() {
+            assert!(parse(&SPEC_INDEX[..cut]).is_err(), "cut at {cut}");
+        }
+        for i in 0..SPEC_INDEX.len() {
+            for v in [0u8, 0xff, b'N', b'.', 0x86] {
+                let mut b = SPEC_INDEX.to_vec();
+                b[i] = v;
+                let _ = parse(&b);
+            }
+        }
+        // A legacy dict-form index is not read.
+        assert!(parse(b"\x80\x03}q\x00.").is_err());
+    }
+}

@@ -1,0 +1,944 @@
+//! The synchronous storage core: opening (index, scan, recovery), reads, and the commit
+//! steps. [`crate::FileStorage`] wraps it for the async [`zodb::Storage`] trait.
+//!
+//! ## Concurrency
+//! - Reads use positioned reads on one shared handle and take the index's read lock only
+//!   for the lookup, so they never wait for a commit's write or fsync.
+//! - `vote`/`finish`/`abort`/`close` serialise on the `commit` mutex (the server also holds
+//!   a per-storage commit lock around them).
+//! - `finish` publishes in this order, so a reader that sees a new index entry can read the
+//!   record, and a load's `snapshot` (read before the lookup) never claims less than the
+//!   data it returns was invalidated for: fsync → `data_end` → sink → index → `snapshot`
+//!   (end + tid, used by walks and `info`) → `last_tid`.
+
+use crate::commit::{self, CommittedState, Prepare};
+use crate::error::Error;
+use crate::format::{
+    self, status, DataHeader, Magic, TxnHeader, DATA_HEADER_LEN, FIRST_TXN_POS, MAGIC_FS30,
+};
+use crate::index::Index;
+use crate::io::FileIo;
+use crate::lock::LockFile;
+use crate::scan::{self, Tail};
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use zodb::{
+    HistoryEntry, InvalidationSink, LoadBefore, Loaded, Oid, StorageError, StorageInfo, Tid,
+    Transaction, TxnKey, Vote,
+};
+
+type Result<T, E = StorageError> = std::result::Result<T, E>;
+
+/// How far back [`FileStorageCore::invalidations_since`] walks before giving up and
+/// telling the client to drop its cache: this many transactions. Each step reads one
+/// transaction header and its data record headers; 100 000 typical transactions take
+/// well under a second from the page cache, which is acceptable for a reconnect.
+pub const INVALIDATIONS_MAX_TRANSACTIONS: usize = 100_000;
+
+/// Options for [`FileStorageCore::open`] / [`crate::FileStorage::open`].
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// Open without the lock file and never modify anything (a torn tail is ignored, not
+    /// truncated). Loads, history and walks work; writes fail with `ReadOnly`.
+    pub read_only: bool,
+    /// Create an empty storage when the file does not exist. (Unlike Python's `create`,
+    /// an existing file is never emptied.) A 0-byte file is always initialised.
+    pub create: bool,
+    /// Refuse commits whose records would start past this many bytes (`Quota` error).
+    pub quota: Option<u64>,
+    /// Also fdatasync the transaction at vote (two syncs per commit instead of one).
+    ///
+    /// With one sync (at finish, as Python does) a power loss during `finish` can, on a
+    /// filesystem that writes pages back out of order, persist the status byte and the
+    /// transaction's first and last pages but not a page in the middle. The open-time
+    /// checks catch lost headers and trailers, but not a pickle that lost a middle page.
+    /// Syncing at vote makes the data durable before the status byte can flip, closing
+    /// that window at the cost of a second fdatasync per commit.
+    pub sync_on_vote: bool,
+}
+
+/// The last committed transaction and the end of the file after it, published together.
+#[derive(Debug, Clone, Copy)]
+struct Snapshot {
+    end: u64,
+    tid: Tid,
+}
+
+/// A voted transaction waiting for finish or abort.
+#[derive(Debug)]
+struct Staged {
+    key: TxnKey,
+    tid: Tid,
+    status: u8,
+    pos: u64,
+    end: u64,
+    tindex: Vec<(Oid, u64)>,
+    invalidated: Vec<Oid>,
+}
+
+#[derive(Debug)]
+struct CommitState {
+    /// Where the next transaction goes (= the committed end).
+    append_pos: u64,
+    /// New tids are later than this; raised at every vote, so aborted tids are not reused.
+    last_tid_used: Tid,
+    staged: Option<Staged>,
+}
+
+/// A FileStorage with a synchronous API. All methods may block on disk I/O.
+pub struct FileStorageCore {
+    name: String,
+    /// The `Data.fs` path; `None` for storages over a bare [`FileIo`] (tests), which have
+    /// no lock, `.index` or `.trN` files.
+    path: Option<PathBuf>,
+    io: Arc<dyn FileIo>,
+    read_only: bool,
+    magic: Magic,
+    quota: Option<u64>,
+    sync_on_vote: bool,
+    used_index: bool,
+    index: RwLock<Index>,
+    /// Bound for record reads: the end of durable, committed data.
+    data_end: AtomicU64,
+    last_tid: AtomicU64,
+    snapshot: RwLock<Snapshot>,
+    max_oid: Mutex<u64>,
+    commit: Mutex<CommitState>,
+    sink: RwLock<Option<Arc<dyn InvalidationSink>>>,
+    lock: Mutex<Option<LockFile>>,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for FileStorageCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileStorageCore")
+            .field("name", &self.name)
+            .field("read_only", &self.read_only)
+            .field("last_tid", &self.last_transaction())
+            .finish_non_exhaustive()
+    }
+}
+
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut s: OsString = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
+fn corrupted(name: &str, e: Error) -> StorageError {
+    match e {
+        Error::Io(e) => StorageError::Io(e),
+        e @ (Error::Corrupted { .. } | Error::Format(_)) => {
+            StorageError::Corrupted(format!("{name}: {e}"))
+        }
+        other => other.into(),
+    }
+}
+
+/// fsyncs a directory so that a newly created or renamed entry survives a crash.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir)?.sync_all()
+}
+
+impl FileStorageCore {
+    /// Opens (or creates, see [`Options::create`]) the FileStorage at `path`.
+    pub fn open(path: impl AsRef<Path>, options: Options) -> Result<FileStorageCore> {
+        let path = path.as_ref();
+        if options.read_only && options.create {
+            return Err(StorageError::Value(
+                "can't create a read-only FileStorage".into(),
+            ));
+        }
+        let lock = if options.read_only {
+            None
+        } else {
+            Some(LockFile::acquire(&sibling(path, ".lock"))?)
+        };
+        let file = if options.read_only {
+            File::open(path)?
+        } else {
+            match OpenOptions::new().read(true).write(true).open(path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && options.create => {
+                    let f = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .create_new(true)
+                        .open(path)?;
+                    // The magic at once, so a crash right after creation leaves a valid,
+                    // empty storage; then the directory entry.
+                    std::os::unix::fs::FileExt::write_all_at(&f, &MAGIC_FS30, 0)?;
+                    f.sync_data()?;
+                    sync_dir(path)?;
+                    tracing::info!(path = %path.display(), "created a new FileStorage");
+                    f
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let mut core = Self::open_inner(
+            Arc::new(file),
+            path.display().to_string(),
+            Some(path.to_owned()),
+            options,
+        )?;
+        *core.lock.get_mut() = lock;
+        Ok(core)
+    }
+
+    /// Opens a storage over any [`FileIo`] (e.g. a [`crate::sim::SimFile`]). There is no
+    /// lock file and no `.index`; bytes cut off a torn tail are logged, not kept.
+    pub fn open_io(io: Arc<dyn FileIo>, name: &str, options: Options) -> Result<FileStorageCore> {
+        Self::open_inner(io, name.to_owned(), None, options)
+    }
+
+    fn open_inner(
+        io: Arc<dyn FileIo>,
+        name: String,
+        path: Option<PathBuf>,
+        options: Options,
+    ) -> Result<FileStorageCore> {
+        let (magic, size) = read_magic(&*io, &name, options.read_only)?;
+        if magic == Magic::Fs21 && !options.read_only {
+            return Err(StorageError::Value(format!(
+                "{name} is an FS21 (Python 2) file: open it read-only, or convert it with \
+                 zodbupdate --convert-py3 first"
+            )));
+        }
+        let saved = path
+            .as_deref()
+            .and_then(|p| load_saved_index(&*io, p, size));
+        let used_index = saved.is_some();
+        let (mut index, start, ltid) = saved.unwrap_or((Index::new(), FIRST_TXN_POS, Tid::ZERO));
+
+        let outcome = if size <= FIRST_TXN_POS {
+            scan::ScanOutcome {
+                end: FIRST_TXN_POS,
+                last_tid: ltid,
+                transactions: 0,
+                tail: None,
+            }
+        } else {
+            scan::scan(&*io, size, start, ltid, &mut index).map_err(|e| corrupted(&name, e))?
+        };
+        if !used_index {
+            index.shrink_to_fit();
+        }
+        if let Some(tail) = &outcome.tail {
+            if options.read_only {
+                tracing::warn!(
+                    name,
+                    pos = tail.pos(),
+                    ?tail,
+                    "ignoring a damaged tail (read-only)"
+                );
+            } else {
+                recover_tail(&*io, &name, path.as_deref(), size, tail)?;
+            }
+        }
+        let end = outcome.end;
+        let last_tid = outcome.last_tid;
+        tracing::debug!(
+            name,
+            end,
+            transactions = outcome.transactions,
+            used_index,
+            "opened"
+        );
+
+        let now = zodb::timestamp::tid_from_unix(zodb::timestamp::now_unix());
+        if last_tid > now {
+            let secs = zodb::timestamp::tid_to_unix(last_tid) - zodb::timestamp::tid_to_unix(now);
+            if secs > 30.0 * 60.0 {
+                tracing::error!(name, seconds = secs, "database records in the future");
+            } else {
+                tracing::warn!(name, seconds = secs, "database records in the future");
+            }
+        }
+
+        let max_oid = index.max_oid().map_or(0, |o| o.0);
+        let core = FileStorageCore {
+            name,
+            path,
+            io,
+            read_only: options.read_only,
+            magic,
+            quota: options.quota,
+            sync_on_vote: options.sync_on_vote,
+            used_index,
+            index: RwLock::new(index),
+            data_end: AtomicU64::new(end),
+            last_tid: AtomicU64::new(last_tid.0),
+            snapshot: RwLock::new(Snapshot { end, tid: last_tid }),
+            max_oid: Mutex::new(max_oid),
+            commit: Mutex::new(CommitState {
+                append_pos: end,
+                last_tid_used: last_tid,
+                staged: None,
+            }),
+            sink: RwLock::new(None),
+            lock: Mutex::new(None),
+            closed: AtomicBool::new(false),
+        };
+        if !used_index && !core.read_only {
+            // Python saves after a rebuild too; the next open (ours or Python's) is fast.
+            if let Err(e) = core.save_index() {
+                tracing::warn!(name = core.name, error = %e, "could not save the index");
+            }
+        }
+        Ok(core)
+    }
+
+    fn corrupt(&self, pos: u64, what: impl std::fmt::Display) -> StorageError {
+        StorageError::Corrupted(format!(
+            "{}: damaged Data.fs at offset {pos}: {what}",
+            self.name
+        ))
+    }
+
+    fn err(&self, e: Error) -> StorageError {
+        corrupted(&self.name, e)
+    }
+
+    /// The storage's name (its path).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// Whether the open used the saved `.index` (like Python's `_used_index`).
+    pub fn used_index(&self) -> bool {
+        self.used_index
+    }
+
+    /// The magic of the file.
+    pub fn magic(&self) -> Magic {
+        self.magic
+    }
+
+    pub fn last_transaction(&self) -> Tid {
+        Tid(self.last_tid.load(Ordering::Acquire))
+    }
+
+    /// The end of the last committed transaction (`getSize()`).
+    pub fn size(&self) -> u64 {
+        self.snapshot.read().end
+    }
+
+    /// Number of objects, deleted ones included (`len(storage)`).
+    pub fn len(&self) -> u64 {
+        self.index.read().len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn info(&self) -> StorageInfo {
+        StorageInfo {
+            length: self.len(),
+            size: self.size(),
+            name: self.name.clone(),
+            supports_undo: false,
+            supports_record_iternext: false,
+            interfaces: vec![
+                ("ZODB.interfaces", "IStorage"),
+                ("ZODB.interfaces", "IStorageRestoreable"),
+                ("ZODB.interfaces", "IExternalGC"),
+            ],
+        }
+    }
+
+    pub fn attach(&self, sink: Arc<dyn InvalidationSink>) {
+        *self.sink.write() = Some(sink);
+    }
+
+    /// The current index position of `oid` and a bound for reading its records.
+    fn lookup(&self, oid: Oid) -> Result<(u64, u64)> {
+        let pos = self
+            .index
+            .read()
+            .get(oid)
+            .ok_or(StorageError::PosKey(oid))?;
+        // Read after the lookup: finish publishes data_end before it touches the index.
+        Ok((pos, self.data_end.load(Ordering::Acquire)))
+    }
+
+    fn header(&self, oid: Oid, pos: u64, limit: u64) -> Result<DataHeader> {
+        if pos < FIRST_TXN_POS || pos.saturating_add(DATA_HEADER_LEN as u64) > limit {
+            return Err(self.corrupt(pos, format!("record position of oid {oid} out of range")));
+        }
+        let h = format::read_data_header(&*self.io, pos, limit).map_err(|e| self.err(e))?;
+        if h.oid != oid {
+            return Err(self.corrupt(
+                pos,
+                format!("expected a record of oid {oid}, found {}", h.oid),
+            ));
+        }
+        Ok(h)
+    }
+
+    /// The pickle of the record at `pos` (header `h`), following back pointers.
+    fn data(&self, oid: Oid, mut pos: u64, mut h: DataHeader, limit: u64) -> Result<Bytes> {
+        loop {
+            if h.plen > 0 {
+                let start = pos + DATA_HEADER_LEN as u64;
+                if start.checked_add(h.plen).is_none_or(|e| e > limit) {
+                    return Err(
+                        self.corrupt(pos, format!("data length {} runs past the end", h.plen))
+                    );
+                }
+                let mut buf = vec![0u8; h.plen as usize];
+                format::read_at(&*self.io, &mut buf, start, "data").map_err(|e| self.err(e))?;
+                return Ok(Bytes::from(buf));
+            }
+            if h.back == 0 {
+                return Err(StorageError::PosKey(oid));
+            }
+            if h.back >= pos {
+                return Err(self.corrupt(
+                    pos,
+                    format!("back pointer {} does not point backwards", h.back),
+                ));
+            }
+            pos = h.back;
+            h = self.header(oid, pos, limit)?;
+        }
+    }
+
+    /// Spec §3.5 `loadBefore`: the revision current just before `before`.
+    pub fn load_before(&self, oid: Oid, before: Tid) -> Result<LoadBefore> {
+        let snapshot = self.last_transaction();
+        let (mut pos, limit) = self.lookup(oid)?;
+        let mut end = None;
+        let h = loop {
+            let h = self.header(oid, pos, limit)?;
+            if h.tid < before {
+                break h;
+            }
+            end = Some(h.tid);
+            if h.prev == 0 {
+                return Ok(LoadBefore {
+                    revision: None,
+                    snapshot,
+                });
+            }
+            if h.prev >= pos {
+                return Err(self.corrupt(
+                    pos,
+                    format!("previous pointer {} does not point backwards", h.prev),
+                ));
+            }
+            pos = h.prev;
+        };
+        let data = self.data(oid, pos, h, limit)?;
+        Ok(LoadBefore {
+            revision: Some(Loaded {
+                data,
+                start: h.tid,
+                end,
+            }),
+            snapshot,
+        })
+    }
+
+    /// The current revision: `(data, serial)`.
+    pub fn load(&self, oid: Oid) -> Result<(Bytes, Tid)> {
+        let (pos, limit) = self.lookup(oid)?;
+        let h = self.header(oid, pos, limit)?;
+        Ok((self.data(oid, pos, h, limit)?, h.tid))
+    }
+
+    /// The data of revision `serial` of `oid`.
+    pub fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Bytes> {
+        let (mut pos, limit) = self.lookup(oid)?;
+        loop {
+            let h = self.header(oid, pos, limit)?;
+            if h.tid == serial {
+                return self.data(oid, pos, h, limit);
+            }
+            if h.tid < serial || h.prev == 0 {
+                return Err(StorageError::PosKey(oid));
+            }
+            if h.prev >= pos {
+                return Err(self.corrupt(
+                    pos,
+                    format!("previous pointer {} does not point backwards", h.prev),
+                ));
+            }
+            pos = h.prev;
+        }
+    }
+
+    /// The serial of the current record (`getTid`); `PosKey` for deleted objects too.
+    pub fn get_tid(&self, oid: Oid) -> Result<Tid> {
+        let (pos, limit) = self.lookup(oid)?;
+        let h = self.header(oid, pos, limit)?;
+        if h.plen == 0 && h.back == 0 {
+            return Err(StorageError::PosKey(oid));
+        }
+        Ok(h.tid)
+    }
+
+    /// Up to `size` revisions of `oid`, newest first.
+    pub fn history(&self, oid: Oid, size: usize) -> Result<Vec<HistoryEntry>> {
+        let (mut pos, limit) = self.lookup(oid)?;
+        let mut out = Vec::new();
+        while out.len() < size {
+            let h = self.header(oid, pos, limit)?;
+            if h.tloc >= pos || h.tloc < FIRST_TXN_POS {
+                return Err(self.corrupt(pos, format!("bad transaction pointer {}", h.tloc)));
+            }
+            let th = format::read_txn_header(&*self.io, h.tloc).map_err(|e| self.err(e))?;
+            let (user, description, extension) =
+                format::read_txn_meta(&*self.io, h.tloc, &th).map_err(|e| self.err(e))?;
+            out.push(HistoryEntry {
+                tid: h.tid,
+                user,
+                description,
+                extension,
+                size: h.plen,
+            });
+            if h.prev == 0 {
+                break;
+            }
+            if h.prev >= pos {
+                return Err(self.corrupt(
+                    pos,
+                    format!("previous pointer {} does not point backwards", h.prev),
+                ));
+            }
+            pos = h.prev;
+        }
+        Ok(out)
+    }
+
+    /// `count` new oids, continuing from the largest oid in the storage.
+    pub fn new_oids(&self, count: usize) -> Result<Vec<Oid>> {
+        self.check_writable()?;
+        let mut max = self.max_oid.lock();
+        let mut out = Vec::with_capacity(count.min(1024));
+        for _ in 0..count {
+            *max = max
+                .checked_add(1)
+                .ok_or_else(|| StorageError::Value("oids exhausted".into()))?;
+            out.push(Oid(*max));
+        }
+        Ok(out)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(StorageError::ReadOnly);
+        }
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Transaction("the storage is closed".into()));
+        }
+        Ok(())
+    }
+
+    /// Walks back from `end` over at most `max` transactions, newest first, while `keep`
+    /// accepts the header. Returns the positions and headers visited and whether the walk
+    /// reached the start of the file.
+    fn walk_back(
+        &self,
+        end: u64,
+        max: usize,
+        mut keep: impl FnMut(&TxnHeader) -> bool,
+    ) -> Result<(Vec<(u64, TxnHeader)>, bool)> {
+        let mut out = Vec::new();
+        let mut pos = end;
+        while pos > FIRST_TXN_POS {
+            if out.len() >= max {
+                return Ok((out, false));
+            }
+            let tl = format::read_u64(&*self.io, pos - 8).map_err(|e| self.err(e))?;
+            let tpos = (pos - 8)
+                .checked_sub(tl)
+                .filter(|&p| p >= FIRST_TXN_POS)
+                .ok_or_else(|| self.corrupt(pos - 8, format!("bad transaction length {tl}")))?;
+            let h = format::read_txn_header(&*self.io, tpos).map_err(|e| self.err(e))?;
+            if h.tlen != tl {
+                return Err(self.corrupt(
+                    tpos,
+                    format!(
+                        "transaction length {} differs from its trailer {tl}",
+                        h.tlen
+                    ),
+                ));
+            }
+            if !keep(&h) {
+                return Ok((out, false));
+            }
+            out.push((tpos, h));
+            pos = tpos;
+        }
+        Ok((out, true))
+    }
+
+    /// Oids of the data records of the transaction at `tpos`, in file order.
+    fn txn_oids(&self, tpos: u64, h: &TxnHeader, limit: u64, out: &mut Vec<Oid>) -> Result<()> {
+        if h.status == status::UNDONE || h.tlen < h.header_len() {
+            return Ok(());
+        }
+        let tend = tpos + h.tlen;
+        let mut p = tpos + h.header_len();
+        while p < tend {
+            let d = format::read_data_header(&*self.io, p, limit).map_err(|e| self.err(e))?;
+            out.push(d.oid);
+            p = d
+                .record_len()
+                .and_then(|l| p.checked_add(l))
+                .filter(|&e| e <= tend)
+                .ok_or_else(|| self.corrupt(p, "data record exceeds its transaction"))?;
+        }
+        Ok(())
+    }
+
+    /// The last `count` transactions as `(tid, oids of their data records)`, oldest first.
+    pub fn recent_transactions(&self, count: usize) -> Result<Vec<(Tid, Vec<Oid>)>> {
+        let snap = *self.snapshot.read();
+        let (txns, _) = self.walk_back(snap.end, count, |_| true)?;
+        let mut out = Vec::with_capacity(txns.len());
+        for (tpos, h) in txns.into_iter().rev() {
+            let mut oids = Vec::new();
+            self.txn_oids(tpos, &h, snap.end, &mut oids)?;
+            out.push((h.tid, oids));
+        }
+        Ok(out)
+    }
+
+    /// Every oid changed after `tid` (deduplicated, oldest change first) with the last tid;
+    /// `None` when `tid` is older than the first transaction in the file or more than
+    /// [`INVALIDATIONS_MAX_TRANSACTIONS`] transactions back.
+    pub fn invalidations_since(&self, tid: Tid) -> Result<Option<(Tid, Vec<Oid>)>> {
+        let snap = *self.snapshot.read();
+        if tid >= snap.tid {
+            return Ok(Some((snap.tid, Vec::new())));
+        }
+        let mut found = false;
+        let (txns, _) = self.walk_back(snap.end, INVALIDATIONS_MAX_TRANSACTIONS, |h| {
+            if h.tid > tid {
+                true
+            } else {
+                found = true;
+                false
+            }
+        })?;
+        if !found {
+            return Ok(None);
+        }
+        let mut oids = Vec::new();
+        for (tpos, h) in txns.iter().rev() {
+            self.txn_oids(*tpos, h, snap.end, &mut oids)?;
+        }
+        let mut seen = HashSet::with_capacity(oids.len());
+        oids.retain(|o| seen.insert(*o));
+        Ok(Some((snap.tid, oids)))
+    }
+
+    /// Checks `txn` against the committed state and writes it with status `'c'`.
+    ///
+    /// Conflict rules: a stale `Store` serial becomes a [`zodb::Conflict`] for the client
+    /// to resolve (a later store of the oid replaces it); `CheckCurrent` →
+    /// `ReadConflict`; `Delete` of a missing oid → `PosKey`, with a stale serial →
+    /// `Conflict`; `Restore` is not checked; `Undo` is unsupported. Conflicts write
+    /// nothing. Only the last operation on each oid is written.
+    pub fn vote(&self, txn: &Transaction) -> Result<Vote> {
+        let mut c = self.commit.lock();
+        // Checked under the commit lock: `close` sets the flag and then takes the lock.
+        self.check_writable()?;
+        if let Some(s) = &c.staged {
+            return Err(StorageError::Transaction(format!(
+                "transaction {} is voted and not finished; cannot vote {}",
+                s.key, txn.key
+            )));
+        }
+        let last_committed = self.last_transaction();
+        let tid = match txn.meta.tid {
+            Some(t) if t <= last_committed => {
+                return Err(StorageError::Value(format!(
+                    "transaction id {t} is not later than the last transaction {last_committed}"
+                )))
+            }
+            Some(t) => t,
+            None => zodb::timestamp::new_tid(c.last_tid_used),
+        };
+        c.last_tid_used = c.last_tid_used.max(tid);
+        let pos = c.append_pos;
+        let mut stored_max = 0;
+        let prepared = commit::prepare(txn, tid, pos, self.quota, self, &mut stored_max)?;
+        {
+            // Stores of oids above the max raise it, as in Python.
+            let mut max_oid = self.max_oid.lock();
+            *max_oid = (*max_oid).max(stored_max);
+        }
+        let p = match prepared {
+            Prepare::Conflicts(list) => return Ok(Vote::Conflicts(list)),
+            Prepare::Ready(p) => p,
+        };
+        let end = pos + p.bytes.len() as u64;
+        let written = self.io.write_all_at(&p.bytes, pos).and_then(|()| {
+            if self.sync_on_vote {
+                self.io.sync_data()
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = written {
+            tracing::error!(name = self.name, error = %e, "writing the transaction failed; truncating");
+            self.truncate_to(pos);
+            return Err(e.into());
+        }
+        c.staged = Some(Staged {
+            key: txn.key,
+            tid: p.tid,
+            status: p.status,
+            pos,
+            end,
+            tindex: p.tindex,
+            invalidated: p.invalidated,
+        });
+        Ok(Vote::Ok {
+            changed: Vec::new(),
+        })
+    }
+
+    /// Cuts the file back to `pos` after a failed or aborted write; failures are logged
+    /// (the bytes beyond `pos` are a `'c'` or torn tail that the next open removes).
+    fn truncate_to(&self, pos: u64) {
+        if let Err(e) = self.io.set_len(pos) {
+            tracing::error!(name = self.name, pos, error = %e, "could not truncate after a failed commit");
+        }
+    }
+
+    /// Commits the voted transaction `key`: status byte, fdatasync, then the sink, then
+    /// the index and the last tid become visible.
+    pub fn finish(&self, key: TxnKey) -> Result<Tid> {
+        let mut c = self.commit.lock();
+        let s = match c.staged.take() {
+            Some(s) if s.key == key => s,
+            other => {
+                c.staged = other;
+                return Err(StorageError::Transaction(format!(
+                    "finish of transaction {key}, which is not voted"
+                )));
+            }
+        };
+        let synced = self
+            .io
+            .write_all_at(&[s.status], s.pos + 16)
+            .and_then(|()| self.io.sync_data());
+        if let Err(e) = synced {
+            tracing::error!(name = self.name, tid = %s.tid, error = %e, "commit failed at fsync; dropping the transaction");
+            self.truncate_to(s.pos);
+            if let Err(e) = self.io.sync_data() {
+                tracing::error!(name = self.name, error = %e, "fsync after truncation failed too");
+            }
+            return Err(e.into());
+        }
+        self.data_end.store(s.end, Ordering::Release);
+        c.append_pos = s.end;
+        let sink = self.sink.read().clone();
+        if let Some(sink) = sink {
+            // The transaction is durable: whatever the sink does, the storage must go on
+            // to publish it, or later commits would write wrong `prev` pointers.
+            let told = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                sink.invalidate(s.tid, &s.invalidated, Some(key))
+            }));
+            if told.is_err() {
+                tracing::error!(name = self.name, tid = %s.tid, "the invalidation sink panicked");
+            }
+        }
+        {
+            let mut index = self.index.write();
+            for &(oid, pos) in &s.tindex {
+                index.insert(oid, pos);
+            }
+        }
+        *self.snapshot.write() = Snapshot {
+            end: s.end,
+            tid: s.tid,
+        };
+        self.last_tid.store(s.tid.0, Ordering::Release);
+        Ok(s.tid)
+    }
+
+    /// Drops what `key` voted, if anything.
+    pub fn abort(&self, key: TxnKey) {
+        let mut c = self.commit.lock();
+        if c.staged.as_ref().is_some_and(|s| s.key == key) {
+            let s = c.staged.take().expect("checked");
+            self.truncate_to(s.pos);
+        }
+    }
+
+    /// Writes `<path>.index` for the committed state (no-op without a path or read-only).
+    pub fn save_index(&self) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if self.read_only {
+            return Ok(());
+        }
+        // Hold the commit lock so that no finish moves the index past `end` meanwhile.
+        let guard = self.commit.lock();
+        let end = guard.append_pos;
+        let index = self.index.read();
+        crate::index_file::save(
+            &index,
+            end,
+            &sibling(path, ".index"),
+            &sibling(path, ".index.index_tmp"),
+        )
+    }
+
+    /// Aborts a voted transaction, saves the index and releases the lock. Later writes
+    /// fail; reads keep working.
+    pub fn close(&self) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let mut c = self.commit.lock();
+        if let Some(s) = c.staged.take() {
+            tracing::warn!(
+                name = self.name,
+                key = s.key,
+                "closing with a voted transaction; aborting it"
+            );
+            self.truncate_to(s.pos);
+        }
+        drop(c);
+        let saved = self.save_index();
+        *self.lock.lock() = None;
+        saved.map_err(Into::into)
+    }
+}
+
+impl CommittedState for FileStorageCore {
+    fn position(&self, oid: Oid) -> Option<u64> {
+        self.index.read().get(oid)
+    }
+
+    fn serial_at(&self, oid: Oid, pos: u64) -> Result<Tid> {
+        let limit = self.data_end.load(Ordering::Acquire);
+        Ok(self.header(oid, pos, limit)?.tid)
+    }
+}
+
+/// Reads the magic, initialising an empty file (writable). Returns it with the file size.
+fn read_magic(io: &dyn FileIo, name: &str, read_only: bool) -> Result<(Magic, u64)> {
+    let size = io.size()?;
+    if size == 0 {
+        if read_only {
+            return Ok((Magic::Fs30, 0));
+        }
+        io.write_all_at(&MAGIC_FS30, 0)?;
+        io.sync_data()?;
+        return Ok((Magic::Fs30, 4));
+    }
+    if size < 4 {
+        return Err(Error::Format(format!("{name} is {size} bytes, too short for a magic")).into());
+    }
+    let mut m = [0u8; 4];
+    io.read_exact_at(&mut m, 0)?;
+    let magic = Magic::parse(m)
+        .ok_or_else(|| Error::Format(format!("{name} starts with {m:02x?}, not FS30 or FS21")))?;
+    Ok((magic, size))
+}
+
+/// `<path>.index` when it parses and passes the sanity check: `(index, pos, tid at pos)`.
+/// Any problem just means "no index" (the file is scanned instead).
+fn load_saved_index(io: &dyn FileIo, path: &Path, size: u64) -> Option<(Index, u64, Tid)> {
+    let ipath = sibling(path, ".index");
+    if !ipath.exists() {
+        return None;
+    }
+    match crate::index_file::load(&ipath) {
+        Ok((pos, index)) => match scan::check_index_sanity(io, size, &index, pos) {
+            Some(tid) => Some((index, pos, tid)),
+            None => {
+                tracing::warn!(index = %ipath.display(), "ignoring index: it does not match the data file");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!(index = %ipath.display(), error = %e, "ignoring index");
+            None
+        }
+    }
+}
+
+/// Removes a damaged tail at open (writable): the cut bytes go to the first free
+/// `<path>.trN` (not for a fragment shorter than a header, as in Python).
+fn recover_tail(
+    io: &dyn FileIo,
+    name: &str,
+    path: Option<&Path>,
+    size: u64,
+    tail: &Tail,
+) -> Result<()> {
+    let pos = tail.pos();
+    match tail {
+        Tail::Short { .. } => {
+            tracing::warn!(name, pos, "truncating a fragment at the end of the file");
+        }
+        Tail::Torn { reason, .. } => {
+            tracing::warn!(
+                name,
+                pos,
+                reason,
+                "truncating a damaged or unfinished last transaction"
+            );
+            match path {
+                Some(path) => {
+                    let kept = save_cut_bytes(io, path, pos, size)?;
+                    tracing::warn!(name, file = %kept.display(), bytes = size - pos, "wrote the truncated data");
+                }
+                None => tracing::warn!(name, bytes = size - pos, "discarding the truncated data"),
+            }
+        }
+    }
+    io.set_len(pos)?;
+    io.sync_data()?;
+    Ok(())
+}
+
+/// Copies `[pos, size)` into the first `<path>.trN` that does not exist yet.
+fn save_cut_bytes(io: &dyn FileIo, path: &Path, pos: u64, size: u64) -> Result<PathBuf> {
+    for i in 0u32.. {
+        let tr = sibling(path, &format!(".tr{i}"));
+        let mut f = match OpenOptions::new().write(true).create_new(true).open(&tr) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let mut buf = vec![0u8; 1 << 20];
+        let mut p = pos;
+        while p < size {
+            let n = ((size - p) as usize).min(buf.len());
+            io.read_exact_at(&mut buf[..n], p)?;
+            f.write_all(&buf[..n])?;
+            p += n as u64;
+        }
+        f.sync_all()?;
+        // The copy must survive a crash before the truncation does.
+        sync_dir(&tr)?;
+        return Ok(tr);
+    }
+    Err(Error::Value(format!("no free .trN name for {}", path.display())).into())
+}

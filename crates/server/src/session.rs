@@ -1,0 +1,1137 @@
+//! One client connection.
+//!
+//! A session performs the handshake, then reads messages and runs them. Cheap requests
+//! are answered inline; loads and other storage reads run as futures inside the session
+//! (so one client's pipelined loads proceed concurrently); `vote` and `tpc_finish` run as
+//! separate tasks because they must finish or clean up even if the connection drops.
+//!
+//! Transaction state follows ZEO: stores are buffered from `tpc_begin` to `vote`; `vote`
+//! takes the storage's commit lock (possibly waiting) and hands the buffer to the
+//! storage; the lock is held until `tpc_finish` or `tpc_abort`. On conflicts the lock is
+//! released and the buffer kept, so the client can resolve them, store the results and
+//! vote again (ZEO's client-side conflict resolution).
+
+use crate::hub::SessionId;
+use crate::outbox::Outbox;
+use crate::{stats, Shared, StorageHandle};
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, OwnedMutexGuard};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use zeo_proto::message::{self, ClientHello};
+use zeo_proto::request::{Request, RequestError};
+use zeo_proto::{exception, frame, Encoding, Limits, Message, Value};
+use zodb::{StorageError, Tid, Transaction, TransactionMeta, TxnKey, TxnOp, Vote};
+
+/// How long a new connection may take to answer the protocol handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long queued output may take to drain when a session ends.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames at least this large are written directly instead of being coalesced.
+const DIRECT_WRITE: usize = 64 * 1024;
+
+pub(crate) async fn run<S>(stream: S, peer: String, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let server_encoding = shared.config.encoding;
+    if wr
+        .write_all(&frame::frame(server_encoding.server_hello()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let hello =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, 64)).await {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => return,
+            Ok(Err(e)) => {
+                debug!(%peer, error = %e, "connection lost during handshake");
+                return;
+            }
+            Err(_) => {
+                info!(%peer, "no handshake within {HANDSHAKE_TIMEOUT:?}, closing");
+                return;
+            }
+        };
+    let encoding = match message::parse_client_hello(&hello) {
+        Ok(ClientHello::Protocol(e)) => e,
+        Ok(ClientHello::Ruok) => {
+            let status = Value::Dict(
+                shared
+                    .storages
+                    .values()
+                    .map(|h| (Value::Str(h.name.clone()), server_status(h, &shared)))
+                    .collect(),
+            );
+            let _ = wr
+                .write_all(&frame::frame(stats::to_json(&status).as_bytes()))
+                .await;
+            let _ = wr.shutdown().await;
+            return;
+        }
+        Err(e) => {
+            warn!(%peer, error = %e, "bad handshake, closing");
+            return;
+        }
+    };
+
+    let (outbox, rx) = Outbox::new(encoding, shared.config.max_queued_bytes);
+    let outbox = Arc::new(outbox);
+    let mut writer = tokio::spawn(write_loop(wr, rx, Arc::downgrade(&outbox)));
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    debug!(session = id, %peer, ?encoding, "connected");
+    let mut session = Session {
+        id,
+        peer,
+        shared,
+        outbox,
+        encoding,
+        label: String::new(),
+        registered: None,
+        txn: TxnState::Idle,
+        pending: FuturesUnordered::new(),
+        limits: Limits::default(),
+    };
+    let reason = session.serve(&mut rd, buf).await;
+    session.cleanup(&reason).await;
+    drop(session);
+    // The writer ends when every handle on the outbox is gone and the queue is drained.
+    if tokio::time::timeout(FLUSH_TIMEOUT, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+/// Why a session ended.
+enum Close {
+    PeerClosed,
+    Io(std::io::Error),
+    Protocol(String),
+    Shutdown,
+    Stuck,
+    Timeout,
+}
+
+impl std::fmt::Display for Close {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Close::PeerClosed => f.write_str("closed by the client"),
+            Close::Io(e) => write!(f, "I/O error: {e}"),
+            Close::Protocol(why) => write!(f, "protocol error: {why}"),
+            Close::Shutdown => f.write_str("server shutting down"),
+            Close::Stuck => f.write_str("client not reading"),
+            Close::Timeout => f.write_str("transaction timeout"),
+        }
+    }
+}
+
+struct Registered {
+    handle: Arc<StorageHandle>,
+    read_only: bool,
+}
+
+/// A transaction between `tpc_begin` and its end.
+struct Open {
+    /// The client's name for it (`id(txn)`).
+    id: Value,
+    txn: Transaction,
+}
+
+enum TxnState {
+    Idle,
+    /// Buffering stores.
+    Begun(Open),
+    /// `vote` is waiting for the commit lock or running in the storage.
+    Voting {
+        id: Value,
+        key: TxnKey,
+        handle: JoinHandle<VoteDone>,
+        /// A `tpc_abort` that arrived meanwhile, to be honoured once the vote is back.
+        abort_msgid: Option<Value>,
+    },
+    /// Voted; the commit lock is held until finish or abort.
+    Voted {
+        open: Open,
+        guard: OwnedMutexGuard<()>,
+        deadline: Option<Instant>,
+    },
+    /// `tpc_finish` is running; its task replies and releases the lock.
+    Finishing {
+        handle: JoinHandle<()>,
+    },
+}
+
+struct VoteDone {
+    guard: OwnedMutexGuard<()>,
+    result: zodb::Result<Vote>,
+    open: Open,
+    msgid: Value,
+}
+
+enum TxnEvent {
+    Voted(Result<VoteDone, tokio::task::JoinError>),
+    Finished,
+}
+
+struct Session {
+    id: SessionId,
+    peer: String,
+    shared: Arc<Shared>,
+    outbox: Arc<Outbox>,
+    encoding: Encoding,
+    label: String,
+    registered: Option<Registered>,
+    txn: TxnState,
+    /// Requests in progress (loads and other reads).
+    pending: FuturesUnordered<BoxFuture<'static, ()>>,
+    limits: Limits,
+}
+
+enum Event {
+    Shutdown,
+    Trouble,
+    RequestDone,
+    Txn(TxnEvent),
+    TxnTimeout,
+    Read(std::io::Result<usize>),
+}
+
+async fn wait_txn(state: &mut TxnState) -> TxnEvent {
+    match state {
+        TxnState::Voting { handle, .. } => TxnEvent::Voted(handle.await),
+        TxnState::Finishing { handle } => {
+            let _ = handle.await;
+            TxnEvent::Finished
+        }
+        _ => std::future::pending().await,
+    }
+}
+
+impl Session {
+    async fn serve<R: AsyncRead + Unpin>(&mut self, rd: &mut R, mut buf: BytesMut) -> Close {
+        let mut shutdown = self.shared.shutdown.clone();
+        if *shutdown.borrow() {
+            return Close::Shutdown;
+        }
+        let max_frame = self.shared.config.max_message_size;
+        // The client pipelines its first requests behind the handshake.
+        if let Err(close) = self.handle_buffered(&mut buf, max_frame).await {
+            return close;
+        }
+        loop {
+            let can_read = self.pending.len() < self.shared.config.max_pipelined;
+            let deadline = match &self.txn {
+                TxnState::Voted { deadline, .. } => *deadline,
+                _ => None,
+            };
+            let event = tokio::select! {
+                _ = shutdown.changed() => Event::Shutdown,
+                _ = self.outbox.trouble.notified() => Event::Trouble,
+                Some(()) = self.pending.next(), if !self.pending.is_empty() => Event::RequestDone,
+                ev = wait_txn(&mut self.txn) => Event::Txn(ev),
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => Event::TxnTimeout,
+                r = rd.read_buf(&mut buf), if can_read => Event::Read(r),
+            };
+            match event {
+                Event::Shutdown => return Close::Shutdown,
+                Event::Trouble => {
+                    if self.outbox.is_overflowed() {
+                        warn!(session = self.id, peer = %self.peer, queued = self.outbox.queued_bytes(),
+                              "client is not reading its replies; disconnecting it");
+                        return Close::Stuck;
+                    }
+                    return Close::PeerClosed;
+                }
+                Event::RequestDone => {}
+                Event::Txn(ev) => self.txn_event(ev).await,
+                Event::TxnTimeout => {
+                    warn!(session = self.id, peer = %self.peer, label = %self.label,
+                          "transaction timeout: commit lock held too long; aborting and disconnecting");
+                    return Close::Timeout;
+                }
+                Event::Read(Ok(0)) => return Close::PeerClosed,
+                Event::Read(Err(e)) => return Close::Io(e),
+                Event::Read(Ok(_)) => {
+                    if let Err(close) = self.handle_buffered(&mut buf, max_frame).await {
+                        return close;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs every complete message in `buf`.
+    async fn handle_buffered(&mut self, buf: &mut BytesMut, max_frame: usize) -> Result<(), Close> {
+        loop {
+            match frame::decode_frame(buf, max_frame) {
+                Ok(Some(payload)) => self.handle_frame(&payload).await?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    warn!(session = self.id, peer = %self.peer, error = %e, "bad frame, closing");
+                    return Err(Close::Protocol(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Ends the session: stop receiving invalidations, abort what the client left
+    /// unfinished and wait for a finish in progress.
+    async fn cleanup(&mut self, reason: &Close) {
+        match reason {
+            Close::PeerClosed | Close::Shutdown => {
+                debug!(session = self.id, peer = %self.peer, %reason, "disconnected")
+            }
+            _ => {
+                info!(session = self.id, peer = %self.peer, label = %self.label, %reason, "closing connection")
+            }
+        }
+        let Some(reg) = &self.registered else { return };
+        let handle = reg.handle.clone();
+        handle.hub.unregister(self.id);
+        match std::mem::replace(&mut self.txn, TxnState::Idle) {
+            TxnState::Idle => {}
+            TxnState::Begun(_) => end_txn_stats(&handle, true),
+            TxnState::Voting {
+                key, handle: task, ..
+            } => {
+                if let Ok(done) = task.await {
+                    if matches!(done.result, Ok(Vote::Ok { .. })) {
+                        handle.storage.abort(key).await;
+                    }
+                    release_lock(&handle, key, done.guard);
+                }
+                end_txn_stats(&handle, true);
+            }
+            TxnState::Voted { open, guard, .. } => {
+                handle.storage.abort(open.txn.key).await;
+                release_lock(&handle, open.txn.key, guard);
+                end_txn_stats(&handle, true);
+            }
+            TxnState::Finishing { handle: task } => {
+                let _ = task.await;
+            }
+        }
+    }
+
+    async fn handle_frame(&mut self, payload: &[u8]) -> Result<(), Close> {
+        let msg = Message::decode(self.encoding, payload, &self.limits).map_err(|e| {
+            warn!(session = self.id, peer = %self.peer, error = %e, "undecodable message");
+            Close::Protocol(e.to_string())
+        })?;
+        if msg.is_heartbeat() || msg.name == message::REPLY {
+            return Ok(());
+        }
+        let oneway = msg.is_oneway();
+        let request = match Request::parse(&msg.name, &msg.args) {
+            Ok(r) => r,
+            Err(RequestError::UnknownMethod(name)) => {
+                warn!(session = self.id, peer = %self.peer, method = %name, "invalid method, closing");
+                return Err(Close::Protocol(format!("invalid method {name:?}")));
+            }
+            Err(e) => {
+                warn!(session = self.id, peer = %self.peer, error = %e, "bad request");
+                if oneway {
+                    return Err(Close::Protocol(e.to_string()));
+                }
+                self.reply_exception(
+                    &msg.msgid,
+                    "builtins.TypeError",
+                    Value::Tuple(vec![Value::Str(e.to_string())]),
+                );
+                return Ok(());
+            }
+        };
+        let Some(reg) = &self.registered else {
+            return match request {
+                Request::Register { storage, read_only } => {
+                    self.register(&msg.msgid, storage, read_only);
+                    Ok(())
+                }
+                _ => {
+                    warn!(session = self.id, peer = %self.peer, method = %msg.name, "call before register, closing");
+                    Err(Close::Protocol(format!("{} before register", msg.name)))
+                }
+            };
+        };
+        let handle = reg.handle.clone();
+        let read_only = reg.read_only;
+        let msgid = msg.msgid;
+        match request {
+            Request::Register { .. } => {
+                warn!(session = self.id, peer = %self.peer, "duplicate register, closing");
+                return Err(Close::Protocol("duplicate register".into()));
+            }
+            Request::GetInfo => self.reply(&msgid, info_dict(&handle)),
+            Request::LastTransaction => self.reply(&msgid, Value::from(handle.hub.last_tid())),
+            Request::Ping => self.reply(&msgid, Value::None),
+            Request::SetClientLabel { label } => self.label = label,
+            Request::ServerStatus => self.reply(&msgid, server_status(&handle, &self.shared)),
+            Request::NewOid => self.reply_exception(
+                &msgid,
+                "builtins.AttributeError",
+                Value::Tuple(vec![Value::str(
+                    "'ZEOStorage' object has no attribute 'new_oid'",
+                )]),
+            ),
+            Request::GetInvalidations { tid } => match handle.hub.invalidations_since(tid) {
+                Some(answer) => self.reply(&msgid, invalidations_value(Some(answer))),
+                None => {
+                    let storage = handle.storage.clone();
+                    self.spawn_call(msgid, async move {
+                        Ok(invalidations_value(storage.invalidations_since(tid).await?))
+                    });
+                }
+            },
+            Request::NewOids { count } => {
+                if read_only {
+                    self.reply_error(&msgid, &StorageError::ReadOnly);
+                } else {
+                    let storage = handle.storage.clone();
+                    self.spawn_call(msgid, async move {
+                        let oids = storage.new_oids(count).await?;
+                        Ok(Value::List(oids.into_iter().map(Value::from).collect()))
+                    });
+                }
+            }
+            Request::LoadBefore { oid, before } => {
+                Stats::incr(&handle.stats.loads);
+                let outbox = self.outbox.clone();
+                self.pending
+                    .push(Box::pin(load_before(handle, outbox, msgid, oid, before)));
+            }
+            Request::LoadSerial { oid, serial } => {
+                Stats::incr(&handle.stats.loads);
+                let storage = handle.storage.clone();
+                self.spawn_call(msgid, async move {
+                    Ok(Value::Bytes(storage.load_serial(oid, serial).await?))
+                });
+            }
+            Request::GetTid { oid } => {
+                let storage = handle.storage.clone();
+                self.spawn_call(msgid, async move {
+                    match storage.load_before(oid, Tid::MAX).await?.revision {
+                        Some(rev) => Ok(Value::from(rev.start)),
+                        None => Err(StorageError::PosKey(oid)),
+                    }
+                });
+            }
+            Request::History { oid, size } => {
+                let storage = handle.storage.clone();
+                self.spawn_call(msgid, async move {
+                    let entries = storage.history(oid, size).await?;
+                    Ok(Value::List(entries.iter().map(history_dict).collect()))
+                });
+            }
+            Request::TpcBegin {
+                txn,
+                user,
+                description,
+                extension,
+                tid,
+                status,
+            } => {
+                if read_only {
+                    warn!(session = self.id, peer = %self.peer, "tpc_begin on a read-only connection, closing");
+                    return Err(Close::Protocol("read-only".into()));
+                }
+                return self
+                    .tpc_begin(&handle, txn, user, description, extension, tid, status)
+                    .await;
+            }
+            Request::Storea {
+                oid,
+                serial,
+                data,
+                txn,
+            } => {
+                Stats::incr(&handle.stats.stores);
+                return self.buffer(
+                    read_only,
+                    &txn,
+                    "storea",
+                    TxnOp::Store { oid, serial, data },
+                );
+            }
+            Request::CheckCurrentSerialInTransaction { oid, serial, txn } => {
+                return self.buffer(
+                    read_only,
+                    &txn,
+                    "checkCurrentSerialInTransaction",
+                    TxnOp::CheckCurrent { oid, serial },
+                );
+            }
+            Request::DeleteObject { oid, serial, txn } => {
+                return self.buffer(
+                    read_only,
+                    &txn,
+                    "deleteObject",
+                    TxnOp::Delete { oid, serial },
+                );
+            }
+            Request::Restorea {
+                oid,
+                serial,
+                data,
+                prev_txn,
+                txn,
+            } => {
+                Stats::incr(&handle.stats.stores);
+                return self.buffer(
+                    read_only,
+                    &txn,
+                    "restorea",
+                    TxnOp::Restore {
+                        oid,
+                        serial,
+                        data,
+                        prev_txn,
+                    },
+                );
+            }
+            Request::Undoa {
+                transaction_id,
+                txn,
+            } => {
+                return self.buffer(
+                    read_only,
+                    &txn,
+                    "undoa",
+                    TxnOp::Undo {
+                        transaction_id: transaction_id.to_vec(),
+                    },
+                );
+            }
+            Request::Vote { txn } => self.vote(&handle, read_only, msgid, txn),
+            Request::TpcFinish { txn } => self.tpc_finish(&handle, read_only, msgid, txn),
+            Request::TpcAbort { txn } => self.tpc_abort(&handle, read_only, msgid, txn).await,
+            Request::UndoLog { .. } | Request::UndoInfo { .. } => {
+                // Undo is not offered (get_info says supportsUndo False); Python answers
+                // an empty log for storages without undo.
+                self.reply(&msgid, Value::Tuple(vec![]))
+            }
+            Request::IteratorGc { .. } => {}
+            Request::Pack { .. }
+            | Request::IteratorStart { .. }
+            | Request::IteratorNext { .. }
+            | Request::IteratorRecordStart { .. }
+            | Request::IteratorRecordNext { .. }
+            | Request::RecordIternext { .. }
+            | Request::SendBlob { .. } => {
+                if oneway {
+                    return Err(Close::Protocol(format!("{} is not supported", msg.name)));
+                }
+                let name: &'static str = match msg.name.as_str() {
+                    "pack" => "pack",
+                    "sendBlob" => "blobs",
+                    _ => "iteration",
+                };
+                self.reply_error(&msgid, &StorageError::Unsupported(name));
+            }
+            Request::StoreBlobStart
+            | Request::StoreBlobChunk { .. }
+            | Request::StoreBlobEnd { .. }
+            | Request::StoreBlobShared { .. } => {
+                warn!(session = self.id, peer = %self.peer, "blob upload to a storage without blob support, closing");
+                return Err(Close::Protocol(
+                    "blobs are not supported by this storage".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn register(&mut self, msgid: &Value, storage: String, read_only: bool) {
+        let Some(handle) = self.shared.storages.get(&storage).cloned() else {
+            info!(session = self.id, peer = %self.peer, %storage, "register: unknown storage");
+            self.reply_error(
+                msgid,
+                &StorageError::Value(format!("unknown storage: {storage}")),
+            );
+            return;
+        };
+        if !read_only && (self.shared.config.read_only || handle.storage.is_read_only()) {
+            self.reply_error(msgid, &StorageError::ReadOnly);
+            return;
+        }
+        // Reading the last tid, subscribing and queueing the reply happen under the hub's
+        // lock, so the reply precedes every invalidation after that tid.
+        let encoding = self.encoding;
+        let msgid = msgid.clone();
+        let tid = handle.hub.register(self.id, self.outbox.clone(), |tid| {
+            frame::frame(&message::encode_reply(encoding, &msgid, Value::from(tid)))
+        });
+        debug!(session = self.id, peer = %self.peer, %storage, read_only, %tid, "registered");
+        self.registered = Some(Registered { handle, read_only });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn tpc_begin(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        id: Value,
+        user: Bytes,
+        description: Bytes,
+        extension: Value,
+        tid: Option<Tid>,
+        status: u8,
+    ) -> Result<(), Close> {
+        self.settle_finish().await;
+        match &self.txn {
+            TxnState::Idle => {}
+            TxnState::Begun(open) if open.id == id => return Ok(()),
+            _ => {
+                warn!(session = self.id, peer = %self.peer, "tpc_begin while another transaction is active, closing");
+                return Err(Close::Protocol("duplicate tpc_begin".into()));
+            }
+        }
+        let key = self.shared.next_txn.fetch_add(1, Ordering::Relaxed);
+        handle.stats.active_txns.fetch_add(1, Ordering::Relaxed);
+        self.txn = TxnState::Begun(Open {
+            id,
+            txn: Transaction {
+                key,
+                meta: TransactionMeta {
+                    user: user.to_vec(),
+                    description: description.to_vec(),
+                    extension: zeo_proto::extension_to_bytes(&extension),
+                    tid,
+                    status,
+                },
+                ops: Vec::new(),
+            },
+        });
+        Ok(())
+    }
+
+    /// Buffers a one-way transaction operation. Misuse closes the connection, as a
+    /// failing one-way call does in ZEO (there is no way to report it).
+    fn buffer(&mut self, read_only: bool, id: &Value, what: &str, op: TxnOp) -> Result<(), Close> {
+        if read_only {
+            warn!(session = self.id, peer = %self.peer, "{what} on a read-only connection, closing");
+            return Err(Close::Protocol("read-only".into()));
+        }
+        match &mut self.txn {
+            TxnState::Begun(open) if open.id == *id => {
+                open.txn.ops.push(op);
+                Ok(())
+            }
+            _ => {
+                warn!(session = self.id, peer = %self.peer, "{what} outside its transaction, closing");
+                Err(Close::Protocol(format!("{what} without tpc_begin")))
+            }
+        }
+    }
+
+    fn vote(&mut self, handle: &Arc<StorageHandle>, read_only: bool, msgid: Value, id: Value) {
+        if read_only {
+            self.reply_error(&msgid, &StorageError::ReadOnly);
+            return;
+        }
+        let open = match std::mem::replace(&mut self.txn, TxnState::Idle) {
+            TxnState::Begun(open) if open.id == id => open,
+            other => {
+                self.txn = other;
+                self.reply_error(
+                    &msgid,
+                    &StorageError::Transaction(
+                        "vote for a transaction that is not open on this connection".into(),
+                    ),
+                );
+                return;
+            }
+        };
+        let key = open.txn.key;
+        let handle = handle.clone();
+        let session = self.id;
+        let task = tokio::spawn(async move {
+            handle.stats.waiting.fetch_add(1, Ordering::Relaxed);
+            let guard = handle.commit_lock.clone().lock_owned().await;
+            handle.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+            *handle.stats.lock_time.lock() = Some(zodb::timestamp::now_unix());
+            handle.hub.begin_commit(key, session);
+            let result = handle.storage.vote(&open.txn).await;
+            VoteDone {
+                guard,
+                result,
+                open,
+                msgid,
+            }
+        });
+        self.txn = TxnState::Voting {
+            id,
+            key,
+            handle: task,
+            abort_msgid: None,
+        };
+    }
+
+    async fn txn_event(&mut self, ev: TxnEvent) {
+        let Some(reg) = &self.registered else { return };
+        let handle = reg.handle.clone();
+        match ev {
+            TxnEvent::Finished => self.txn = TxnState::Idle,
+            TxnEvent::Voted(joined) => {
+                let TxnState::Voting {
+                    key, abort_msgid, ..
+                } = std::mem::replace(&mut self.txn, TxnState::Idle)
+                else {
+                    return;
+                };
+                let done = match joined {
+                    Ok(done) => done,
+                    Err(e) => {
+                        // The vote task panicked; its lock guard was dropped with it.
+                        tracing::error!(session = self.id, error = %e, "vote failed unexpectedly");
+                        handle.hub.end_commit(key);
+                        end_txn_stats(&handle, true);
+                        return;
+                    }
+                };
+                let VoteDone {
+                    guard,
+                    result,
+                    open,
+                    msgid,
+                } = done;
+                match result {
+                    Ok(Vote::Ok { changed }) => {
+                        self.reply(
+                            &msgid,
+                            Value::List(changed.into_iter().map(Value::from).collect()),
+                        );
+                        let deadline = self
+                            .shared
+                            .config
+                            .transaction_timeout
+                            .map(|t| Instant::now() + t);
+                        debug!(
+                            session = self.id,
+                            ?deadline,
+                            "voted; holding the commit lock"
+                        );
+                        self.txn = TxnState::Voted {
+                            open,
+                            guard,
+                            deadline,
+                        };
+                    }
+                    Ok(Vote::Conflicts(conflicts)) => {
+                        release_lock(&handle, key, guard);
+                        handle
+                            .stats
+                            .conflicts
+                            .fetch_add(conflicts.len() as u64, Ordering::Relaxed);
+                        let list = conflicts
+                            .into_iter()
+                            .map(|c| {
+                                Value::dict([
+                                    ("oid", Value::from(c.oid)),
+                                    (
+                                        "serials",
+                                        Value::Tuple(vec![
+                                            Value::from(c.committed),
+                                            Value::from(c.read),
+                                        ]),
+                                    ),
+                                    ("data", Value::Bytes(c.data)),
+                                ])
+                            })
+                            .collect();
+                        self.reply(&msgid, Value::List(list));
+                        self.txn = TxnState::Begun(open);
+                    }
+                    Err(e) => {
+                        release_lock(&handle, key, guard);
+                        if matches!(
+                            e,
+                            StorageError::Conflict { .. } | StorageError::ReadConflict { .. }
+                        ) {
+                            Stats::incr(&handle.stats.conflicts);
+                        }
+                        end_txn_stats(&handle, true);
+                        self.reply_error(&msgid, &e);
+                    }
+                }
+                if let Some(abort_msgid) = abort_msgid {
+                    self.abort_current(&handle).await;
+                    self.reply(&abort_msgid, Value::None);
+                }
+            }
+        }
+    }
+
+    fn tpc_finish(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        read_only: bool,
+        msgid: Value,
+        id: Value,
+    ) {
+        if read_only {
+            self.reply_error(&msgid, &StorageError::ReadOnly);
+            return;
+        }
+        match std::mem::replace(&mut self.txn, TxnState::Idle) {
+            TxnState::Voted { open, guard, .. } if open.id == id => {
+                let handle = handle.clone();
+                let outbox = self.outbox.clone();
+                let key = open.txn.key;
+                let task = tokio::spawn(async move {
+                    match handle.storage.finish(key).await {
+                        Ok(tid) => {
+                            Stats::incr(&handle.stats.commits);
+                            let info = handle.storage.info();
+                            let size_info = Value::dict([
+                                ("length", Value::Int(info.length as i64)),
+                                ("size", Value::Int(info.size as i64)),
+                            ]);
+                            outbox.send(frame::frame(&message::encode_callback(
+                                outbox.encoding,
+                                "info",
+                                vec![size_info],
+                            )));
+                            outbox.send(frame::frame(&message::encode_reply(
+                                outbox.encoding,
+                                &msgid,
+                                Value::from(tid),
+                            )));
+                        }
+                        Err(e) => {
+                            tracing::error!(storage = %handle.name, error = %e, "tpc_finish failed; transaction aborted");
+                            handle.storage.abort(key).await;
+                            send_error(&outbox, &msgid, &e);
+                        }
+                    }
+                    // Only now, after the reply is queued, may the next transaction commit.
+                    release_lock(&handle, key, guard);
+                    end_txn_stats(&handle, false);
+                    drop(open);
+                });
+                self.txn = TxnState::Finishing { handle: task };
+            }
+            TxnState::Begun(open) if open.id == id => {
+                self.txn = TxnState::Begun(open);
+                self.reply_exception(
+                    &msgid,
+                    "builtins.AssertionError",
+                    Value::Tuple(vec![Value::str("finished called wo lock")]),
+                );
+            }
+            other => {
+                // No such transaction: Python answers None.
+                self.txn = other;
+                self.reply(&msgid, Value::None);
+            }
+        }
+    }
+
+    async fn tpc_abort(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        read_only: bool,
+        msgid: Value,
+        id: Value,
+    ) {
+        if read_only {
+            self.reply_error(&msgid, &StorageError::ReadOnly);
+            return;
+        }
+        let matches = match &mut self.txn {
+            TxnState::Begun(open) | TxnState::Voted { open, .. } => open.id == id,
+            TxnState::Voting {
+                id: vid,
+                abort_msgid,
+                ..
+            } if *vid == id => {
+                *abort_msgid = Some(msgid);
+                return;
+            }
+            _ => false,
+        };
+        if matches {
+            Stats::incr(&handle.stats.aborts);
+            self.abort_current(handle).await;
+        }
+        self.reply(&msgid, Value::None);
+    }
+
+    /// A client may start its next transaction as soon as it has the `tpc_finish` reply,
+    /// which the finish task queues just before it ends: wait for that task here rather
+    /// than mistaking the new `tpc_begin` for a second concurrent transaction.
+    async fn settle_finish(&mut self) {
+        if let TxnState::Finishing { handle } = &mut self.txn {
+            let _ = handle.await;
+            self.txn = TxnState::Idle;
+        }
+    }
+
+    /// Drops the current transaction (buffered or voted) and releases the lock.
+    async fn abort_current(&mut self, handle: &Arc<StorageHandle>) {
+        match std::mem::replace(&mut self.txn, TxnState::Idle) {
+            TxnState::Begun(_) => end_txn_stats(handle, false),
+            TxnState::Voted { open, guard, .. } => {
+                handle.storage.abort(open.txn.key).await;
+                release_lock(handle, open.txn.key, guard);
+                end_txn_stats(handle, false);
+            }
+            other => self.txn = other,
+        }
+    }
+
+    fn spawn_call<F>(&mut self, msgid: Value, fut: F)
+    where
+        F: Future<Output = zodb::Result<Value>> + Send + 'static,
+    {
+        let outbox = self.outbox.clone();
+        self.pending.push(Box::pin(async move {
+            match fut.await {
+                Ok(v) => outbox.send(frame::frame(&message::encode_reply(
+                    outbox.encoding,
+                    &msgid,
+                    v,
+                ))),
+                Err(e) => send_error(&outbox, &msgid, &e),
+            }
+        }));
+    }
+
+    fn reply(&self, msgid: &Value, v: Value) {
+        self.outbox.send(frame::frame(&message::encode_reply(
+            self.encoding,
+            msgid,
+            v,
+        )));
+    }
+
+    fn reply_error(&self, msgid: &Value, e: &StorageError) {
+        send_error(&self.outbox, msgid, e);
+    }
+
+    fn reply_exception(&self, msgid: &Value, class: &str, payload: Value) {
+        self.outbox.send(frame::frame(&message::encode_exception(
+            self.encoding,
+            msgid,
+            class,
+            payload,
+        )));
+    }
+}
+
+use crate::stats::Stats;
+
+fn release_lock(handle: &StorageHandle, key: TxnKey, guard: OwnedMutexGuard<()>) {
+    *handle.stats.lock_time.lock() = None;
+    handle.hub.end_commit(key);
+    drop(guard);
+}
+
+fn end_txn_stats(handle: &StorageHandle, aborted: bool) {
+    handle.stats.active_txns.fetch_sub(1, Ordering::Relaxed);
+    if aborted {
+        Stats::incr(&handle.stats.aborts);
+    }
+}
+
+fn send_error(outbox: &Outbox, msgid: &Value, e: &StorageError) {
+    if e.is_expected() {
+        debug!(error = %e, "error reply");
+    } else {
+        warn!(error = %e, "error reply");
+    }
+    let (class, payload) = exception::exception_for(e);
+    outbox.send(frame::frame(&message::encode_exception(
+        outbox.encoding,
+        msgid,
+        &class,
+        payload,
+    )));
+}
+
+/// `loadBefore`, retried if an invalidation overtook it (see [`Outbox::send_load_reply`]).
+async fn load_before(
+    handle: Arc<StorageHandle>,
+    outbox: Arc<Outbox>,
+    msgid: Value,
+    oid: zodb::Oid,
+    before: Tid,
+) {
+    loop {
+        match handle.storage.load_before(oid, before).await {
+            Ok(lb) => {
+                let (value, current) = match lb.revision {
+                    Some(rev) => (
+                        Value::Tuple(vec![
+                            Value::Bytes(rev.data),
+                            Value::from(rev.start),
+                            rev.end.map(Value::from).unwrap_or(Value::None),
+                        ]),
+                        rev.end.is_none(),
+                    ),
+                    None => (Value::None, false),
+                };
+                let f = frame::frame(&message::encode_reply(outbox.encoding, &msgid, value));
+                if !current {
+                    outbox.send(f);
+                    return;
+                }
+                if outbox.send_load_reply(f, lb.snapshot).is_ok() {
+                    return;
+                }
+            }
+            Err(e) => {
+                send_error(&outbox, &msgid, &e);
+                return;
+            }
+        }
+    }
+}
+
+fn invalidations_value(answer: Option<(Tid, Vec<zodb::Oid>)>) -> Value {
+    match answer {
+        Some((tid, oids)) => Value::Tuple(vec![
+            Value::from(tid),
+            Value::List(oids.into_iter().map(Value::from).collect()),
+        ]),
+        None => Value::None,
+    }
+}
+
+fn info_dict(handle: &StorageHandle) -> Value {
+    let info = handle.storage.info();
+    let mut interfaces: Vec<Value> = info
+        .interfaces
+        .iter()
+        .map(|(m, n)| Value::Tuple(vec![Value::str(*m), Value::str(*n)]))
+        .collect();
+    interfaces.push(Value::Tuple(vec![
+        Value::str("zope.interface"),
+        Value::str("Interface"),
+    ]));
+    Value::dict([
+        ("length", Value::Int(info.length as i64)),
+        ("size", Value::Int(info.size as i64)),
+        ("name", Value::Str(info.name)),
+        ("supportsUndo", Value::Bool(info.supports_undo)),
+        (
+            "supports_record_iternext",
+            Value::Bool(info.supports_record_iternext),
+        ),
+        ("interfaces", Value::Tuple(interfaces)),
+    ])
+}
+
+fn history_dict(h: &zodb::HistoryEntry) -> Value {
+    let mut items = vec![
+        (
+            Value::str("time"),
+            Value::Float(zodb::timestamp::tid_to_unix(h.tid)),
+        ),
+        (Value::str("tid"), Value::from(h.tid)),
+        (Value::str("serial"), Value::from(h.tid)),
+        (
+            Value::str("user_name"),
+            Value::Bytes(Bytes::from(h.user.clone())),
+        ),
+        (
+            Value::str("description"),
+            Value::Bytes(Bytes::from(h.description.clone())),
+        ),
+        (Value::str("size"), Value::Int(h.size as i64)),
+    ];
+    items.extend(zeo_proto::extension_from_bytes(&h.extension));
+    Value::Dict(items)
+}
+
+fn server_status(handle: &StorageHandle, shared: &Shared) -> Value {
+    handle.stats.status(
+        handle.hub.connections(),
+        format!("{:016x}", handle.hub.last_tid().0),
+        shared.config.transaction_timeout.is_some(),
+    )
+}
+
+/// Reads one frame during the handshake.
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> std::io::Result<Option<Bytes>> {
+    loop {
+        match frame::decode_frame(buf, max) {
+            Ok(Some(f)) => return Ok(Some(f)),
+            Ok(None) => {}
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+/// Writes queued frames, coalescing small ones into one write.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    outbox: Weak<Outbox>,
+) {
+    let mut batch = BytesMut::with_capacity(64 * 1024);
+    while let Some(first) = rx.recv().await {
+        let mut n = first.len();
+        let result = if first.len() >= DIRECT_WRITE {
+            wr.write_all(&first).await
+        } else {
+            batch.extend_from_slice(&first);
+            while batch.len() < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok(f) if f.len() < DIRECT_WRITE => {
+                        n += f.len();
+                        batch.extend_from_slice(&f);
+                    }
+                    Ok(f) => {
+                        n += f.len();
+                        if let Err(e) = wr.write_all(&batch).await {
+                            batch.clear();
+                            report_write_failure(&outbox, e);
+                            return;
+                        }
+                        batch.clear();
+                        batch.extend_from_slice(&f);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let r = wr.write_all(&batch).await;
+            batch.clear();
+            r
+        };
+        if let Err(e) = result {
+            report_write_failure(&outbox, e);
+            return;
+        }
+        if let Some(o) = outbox.upgrade() {
+            o.written(n);
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn report_write_failure(outbox: &Weak<Outbox>, e: std::io::Error) {
+    debug!(error = %e, "write failed");
+    if let Some(o) = outbox.upgrade() {
+        o.close();
+    }
+}

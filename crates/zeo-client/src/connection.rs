@@ -1,0 +1,574 @@
+//! One connection to a ZEO server.
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use zeo_proto::{exception, frame, message, Encoding, Limits, Message, Value};
+use zodb::{Oid, StorageError, Tid};
+
+/// Where a server listens: `HOST:PORT`, or a unix socket path (contains `/`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Address(pub String);
+
+impl std::fmt::Display for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Storage name to register with.
+    pub storage: String,
+    pub read_only: bool,
+    /// Time allowed for TCP connect + handshake + register.
+    pub connect_timeout: Duration,
+    /// Largest reply accepted.
+    pub max_message_size: usize,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            storage: "1".into(),
+            read_only: false,
+            connect_timeout: Duration::from_secs(10),
+            max_message_size: zeo_proto::frame::DEFAULT_MAX_FRAME,
+        }
+    }
+}
+
+/// An exception the server sent back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RemoteError {
+    pub class_path: String,
+    pub payload: Value,
+}
+
+impl RemoteError {
+    /// The storage error it stands for (conflicts, POSKeyError, … keep their meaning).
+    pub fn to_storage_error(&self) -> StorageError {
+        exception::error_from_exception(&self.class_path, &self.payload)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connection to {0} failed: {1}")]
+    Connect(Address, std::io::Error),
+    #[error("timed out connecting to {0}")]
+    ConnectTimeout(Address),
+    #[error("bad handshake from {0}: {1:?}")]
+    Handshake(Address, String),
+    #[error("disconnected")]
+    Disconnected,
+    #[error("server error {}: {:?}", .0.class_path, .0.payload)]
+    Remote(RemoteError),
+    #[error("unexpected reply to {0}: {1:?}")]
+    UnexpectedReply(&'static str, Value),
+}
+
+impl From<ClientError> for StorageError {
+    fn from(e: ClientError) -> StorageError {
+        match e {
+            ClientError::Remote(r) => r.to_storage_error(),
+            other => StorageError::Disconnected(other.to_string()),
+        }
+    }
+}
+
+/// The answer to a call.
+#[derive(Debug)]
+pub struct Reply {
+    pub result: Result<Value, RemoteError>,
+    /// The tid of the last `invalidateTransaction` handled before this reply arrived
+    /// (or the tid `register` returned if none): the reply reflects at least that state.
+    pub seen: Tid,
+}
+
+/// Server-to-client callbacks. Each is awaited before the next message is read, so an
+/// implementation sees callbacks and replies in exactly the order the server sent them.
+#[async_trait]
+pub trait Callbacks: Send + Sync + 'static {
+    async fn invalidate_transaction(&self, _tid: Tid, _oids: Vec<Oid>) {}
+    async fn info(&self, _info: Value) {}
+    async fn receive_blob_start(&self, _oid: Oid, _serial: Tid) {}
+    async fn receive_blob_chunk(&self, _oid: Oid, _serial: Tid, _chunk: Bytes) {}
+    async fn receive_blob_stop(&self, _oid: Oid, _serial: Tid) {}
+    /// The connection is gone (called once).
+    async fn disconnected(&self) {}
+}
+
+/// Callbacks that ignore everything.
+pub struct NoCallbacks;
+
+#[async_trait]
+impl Callbacks for NoCallbacks {}
+
+struct Inner {
+    address: Address,
+    encoding: Encoding,
+    out: mpsc::UnboundedSender<Bytes>,
+    calls: Mutex<HashMap<i64, oneshot::Sender<Reply>>>,
+    next_msgid: AtomicI64,
+    closed: AtomicBool,
+    closed_tx: watch::Sender<bool>,
+    last_invalidation: AtomicU64,
+}
+
+/// A registered connection. Cheap to clone; all clones share the socket.
+#[derive(Clone)]
+pub struct Connection {
+    inner: Arc<Inner>,
+    /// The last tid the server reported at `register`.
+    pub registered_tid: Tid,
+}
+
+impl Connection {
+    /// Connects, performs the handshake and registers with `opts.storage`.
+    pub async fn connect(
+        address: &Address,
+        opts: &ConnectOptions,
+        callbacks: Arc<dyn Callbacks>,
+    ) -> Result<Connection, ClientError> {
+        let fut = async {
+            if address.0.contains('/') {
+                let s = tokio::net::UnixStream::connect(&address.0)
+                    .await
+                    .map_err(|e| ClientError::Connect(address.clone(), e))?;
+                Self::start(s, address, opts, callbacks).await
+            } else {
+                let s = tokio::net::TcpStream::connect(&address.0)
+                    .await
+                    .map_err(|e| ClientError::Connect(address.clone(), e))?;
+                let _ = s.set_nodelay(true);
+                Self::start(s, address, opts, callbacks).await
+            }
+        };
+        tokio::time::timeout(opts.connect_timeout, fut)
+            .await
+            .map_err(|_| ClientError::ConnectTimeout(address.clone()))?
+    }
+
+    /// Runs the protocol over an established stream (TCP, unix, TLS...).
+    pub async fn start<S>(
+        stream: S,
+        address: &Address,
+        opts: &ConnectOptions,
+        callbacks: Arc<dyn Callbacks>,
+    ) -> Result<Connection, ClientError>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let mut buf = BytesMut::with_capacity(64 * 1024);
+        let hello = read_frame(&mut rd, &mut buf, 64)
+            .await
+            .map_err(|e| ClientError::Connect(address.clone(), e))?
+            .ok_or(ClientError::Disconnected)?;
+        let encoding = match &hello[..] {
+            b"Z5" => Encoding::Pickle,
+            b"M5" => Encoding::Msgpack,
+            other => {
+                return Err(ClientError::Handshake(
+                    address.clone(),
+                    String::from_utf8_lossy(other).into(),
+                ))
+            }
+        };
+        wr.write_all(&frame::frame(encoding.server_hello()))
+            .await
+            .map_err(|e| ClientError::Connect(address.clone(), e))?;
+
+        let (out, rx) = mpsc::unbounded_channel();
+        let (closed_tx, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            address: address.clone(),
+            encoding,
+            out,
+            calls: Mutex::new(HashMap::new()),
+            next_msgid: AtomicI64::new(1),
+            closed: AtomicBool::new(false),
+            closed_tx,
+            last_invalidation: AtomicU64::new(0),
+        });
+        tokio::spawn(write_loop(wr, rx));
+        tokio::spawn(read_loop(
+            rd,
+            buf,
+            inner.clone(),
+            callbacks,
+            opts.max_message_size,
+        ));
+
+        let mut conn = Connection {
+            inner,
+            registered_tid: Tid::ZERO,
+        };
+        let tid = conn
+            .call(
+                "register",
+                vec![
+                    Value::str(opts.storage.as_str()),
+                    Value::Bool(opts.read_only),
+                ],
+            )
+            .await?;
+        let tid = tid_of(&tid).ok_or(ClientError::UnexpectedReply("register", tid))?;
+        conn.registered_tid = tid;
+        // Invalidations before this point are older than the tid register returned.
+        conn.inner
+            .last_invalidation
+            .fetch_max(tid.0, Ordering::AcqRel);
+        Ok(conn)
+    }
+
+    pub fn address(&self) -> &Address {
+        &self.inner.address
+    }
+
+    pub fn encoding(&self) -> Encoding {
+        self.inner.encoding
+    }
+
+    pub fn is_connected(&self) -> bool {
+        !self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Resolves when the connection is closed.
+    pub async fn closed(&self) {
+        let mut rx = self.inner.closed_tx.subscribe();
+        while !*rx.borrow_and_update() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Closes the connection; calls in flight fail with [`ClientError::Disconnected`].
+    pub fn close(&self) {
+        self.inner.shut();
+    }
+
+    /// A two-way call; returns the reply and what it reflects.
+    pub async fn call_with_seen(&self, name: &str, args: Vec<Value>) -> Result<Reply, ClientError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(ClientError::Disconnected);
+        }
+        let msgid = self.inner.next_msgid.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.inner.calls.lock().insert(msgid, tx);
+        let payload =
+            message::encode_call(self.inner.encoding, &Value::Int(msgid), false, name, args);
+        if self.inner.out.send(frame::frame(&payload)).is_err()
+            || self.inner.closed.load(Ordering::Acquire)
+        {
+            self.inner.calls.lock().remove(&msgid);
+            return Err(ClientError::Disconnected);
+        }
+        rx.await.map_err(|_| ClientError::Disconnected)
+    }
+
+    /// A two-way call; a server exception becomes [`ClientError::Remote`].
+    pub async fn call(&self, name: &str, args: Vec<Value>) -> Result<Value, ClientError> {
+        self.call_with_seen(name, args)
+            .await?
+            .result
+            .map_err(ClientError::Remote)
+    }
+
+    /// A one-way call (no reply).
+    pub fn send_oneway(&self, name: &str, args: Vec<Value>) -> Result<(), ClientError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(ClientError::Disconnected);
+        }
+        let payload = message::encode_call(self.inner.encoding, &Value::Int(0), true, name, args);
+        self.inner
+            .out
+            .send(frame::frame(&payload))
+            .map_err(|_| ClientError::Disconnected)
+    }
+
+    // Typed calls used by the proxy, the bench tool and tests.
+
+    pub async fn last_transaction(&self) -> Result<Tid, ClientError> {
+        let v = self.call("lastTransaction", vec![]).await?;
+        tid_of(&v).ok_or(ClientError::UnexpectedReply("lastTransaction", v))
+    }
+
+    /// `loadBefore(oid, before)`: `None` if there is no revision before `before`.
+    #[allow(clippy::type_complexity)]
+    pub async fn load_before(
+        &self,
+        oid: Oid,
+        before: Tid,
+    ) -> Result<(Option<(Bytes, Tid, Option<Tid>)>, Tid), ClientError> {
+        let reply = self
+            .call_with_seen("loadBefore", vec![Value::from(oid), Value::from(before)])
+            .await?;
+        let seen = reply.seen;
+        let v = reply.result.map_err(ClientError::Remote)?;
+        if v == Value::None {
+            return Ok((None, seen));
+        }
+        let parsed = (|| {
+            let s = v.as_seq()?;
+            let data = s.first()?.as_bytes()?.clone();
+            let start = tid_of(s.get(1)?)?;
+            let end = match s.get(2)? {
+                Value::None => None,
+                other => Some(tid_of(other)?),
+            };
+            Some((data, start, end))
+        })();
+        match parsed {
+            Some(p) => Ok((Some(p), seen)),
+            None => Err(ClientError::UnexpectedReply("loadBefore", v)),
+        }
+    }
+
+    pub async fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Bytes, ClientError> {
+        match self
+            .call("loadSerial", vec![Value::from(oid), Value::from(serial)])
+            .await?
+        {
+            Value::Bytes(b) => Ok(b),
+            other => Err(ClientError::UnexpectedReply("loadSerial", other)),
+        }
+    }
+
+    pub async fn new_oids(&self, count: usize) -> Result<Vec<Oid>, ClientError> {
+        let v = self
+            .call("new_oids", vec![Value::Int(count as i64)])
+            .await?;
+        let oids = v.as_seq().map(|s| {
+            s.iter()
+                .filter_map(|o| o.as_bytes().and_then(|b| Oid::from_slice(b)))
+                .collect::<Vec<_>>()
+        });
+        match oids {
+            Some(o) if !o.is_empty() => Ok(o),
+            _ => Err(ClientError::UnexpectedReply("new_oids", v)),
+        }
+    }
+
+    /// `getInvalidations(tid)`: `None` if the server cannot tell.
+    pub async fn get_invalidations(
+        &self,
+        tid: Tid,
+    ) -> Result<Option<(Tid, Vec<Oid>)>, ClientError> {
+        let v = self
+            .call("getInvalidations", vec![Value::from(tid)])
+            .await?;
+        if v == Value::None {
+            return Ok(None);
+        }
+        let parsed = (|| {
+            let s = v.as_seq()?;
+            let tid = tid_of(s.first()?)?;
+            let oids = s
+                .get(1)?
+                .as_seq()?
+                .iter()
+                .filter_map(|o| o.as_bytes().and_then(|b| Oid::from_slice(b)))
+                .collect();
+            Some((tid, oids))
+        })();
+        parsed
+            .map(Some)
+            .ok_or(ClientError::UnexpectedReply("getInvalidations", v))
+    }
+
+    pub async fn get_info(&self) -> Result<Value, ClientError> {
+        self.call("get_info", vec![]).await
+    }
+
+    pub async fn ping(&self) -> Result<(), ClientError> {
+        self.call("ping", vec![]).await.map(|_| ())
+    }
+
+    /// The tid of the last invalidation handled so far.
+    pub fn last_invalidation(&self) -> Tid {
+        Tid(self.inner.last_invalidation.load(Ordering::Acquire))
+    }
+}
+
+impl Inner {
+    fn shut(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // Dropping the senders fails every waiting call with Disconnected.
+        self.calls.lock().clear();
+        let _ = self.closed_tx.send(true);
+    }
+}
+
+pub(crate) fn tid_of(v: &Value) -> Option<Tid> {
+    v.as_bytes().and_then(|b| Tid::from_slice(b))
+}
+
+fn oids_of(v: &Value) -> Vec<Oid> {
+    v.as_seq()
+        .map(|s| {
+            s.iter()
+                .filter_map(|o| o.as_bytes().and_then(|b| Oid::from_slice(b)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+async fn read_frame<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    buf: &mut BytesMut,
+    max: usize,
+) -> std::io::Result<Option<Bytes>> {
+    loop {
+        match frame::decode_frame(buf, max) {
+            Ok(Some(f)) => return Ok(Some(f)),
+            Ok(None) => {}
+            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
+        }
+        if rd.read_buf(buf).await? == 0 {
+            return Ok(None);
+        }
+    }
+}
+
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+    let mut batch = BytesMut::with_capacity(64 * 1024);
+    while let Some(first) = rx.recv().await {
+        batch.extend_from_slice(&first);
+        while batch.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(f) => batch.extend_from_slice(&f),
+                Err(_) => break,
+            }
+        }
+        if wr.write_all(&batch).await.is_err() {
+            return;
+        }
+        batch.clear();
+    }
+    let _ = wr.shutdown().await;
+}
+
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut rd: R,
+    mut buf: BytesMut,
+    inner: Arc<Inner>,
+    callbacks: Arc<dyn Callbacks>,
+    max: usize,
+) {
+    let limits = Limits::default();
+    let mut closed_rx = inner.closed_tx.subscribe();
+    'outer: loop {
+        loop {
+            let payload = match frame::decode_frame(&mut buf, max) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(address = %inner.address, error = %e, "bad frame from server");
+                    break 'outer;
+                }
+            };
+            let msg = match Message::decode(inner.encoding, &payload, &limits) {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(address = %inner.address, error = %e, "undecodable message from server");
+                    break 'outer;
+                }
+            };
+            dispatch(&inner, &*callbacks, msg).await;
+        }
+        tokio::select! {
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            },
+            _ = closed_rx.changed() => break,
+        }
+    }
+    inner.shut();
+    callbacks.disconnected().await;
+}
+
+async fn dispatch(inner: &Inner, callbacks: &dyn Callbacks, msg: Message) {
+    if msg.name == message::REPLY {
+        let Some(msgid) = msg.msgid.as_int() else {
+            return;
+        };
+        let Some(tx) = inner.calls.lock().remove(&msgid) else {
+            return;
+        };
+        let result = if msg.is_exception() {
+            let (class_path, payload) = match msg.args {
+                Value::Tuple(mut v) | Value::List(mut v) if v.len() == 2 => {
+                    let payload = v.pop().unwrap_or(Value::None);
+                    let class = v
+                        .pop()
+                        .and_then(|c| c.as_str().map(str::to_string))
+                        .unwrap_or_default();
+                    (class, payload)
+                }
+                other => ("builtins.Exception".to_string(), other),
+            };
+            Err(RemoteError {
+                class_path,
+                payload,
+            })
+        } else {
+            Ok(msg.args)
+        };
+        let seen = Tid(inner.last_invalidation.load(Ordering::Acquire));
+        let _ = tx.send(Reply { result, seen });
+        return;
+    }
+    let args: Vec<Value> = match msg.args {
+        Value::Tuple(v) | Value::List(v) => v,
+        other => vec![other],
+    };
+    let oid_serial = |a: &[Value]| -> Option<(Oid, Tid)> {
+        Some((
+            Oid::from_slice(a.first()?.as_bytes()?)?,
+            Tid::from_slice(a.get(1)?.as_bytes()?)?,
+        ))
+    };
+    match msg.name.as_str() {
+        "invalidateTransaction" => {
+            let Some(tid) = args.first().and_then(tid_of) else {
+                return;
+            };
+            let oids = args.get(1).map(oids_of).unwrap_or_default();
+            callbacks.invalidate_transaction(tid, oids).await;
+            inner.last_invalidation.fetch_max(tid.0, Ordering::AcqRel);
+        }
+        "info" => {
+            if let Some(v) = args.into_iter().next() {
+                callbacks.info(v).await;
+            }
+        }
+        "receiveBlobStart" => {
+            if let Some((o, s)) = oid_serial(&args) {
+                callbacks.receive_blob_start(o, s).await;
+            }
+        }
+        "receiveBlobChunk" => {
+            if let (Some((o, s)), Some(Value::Bytes(chunk))) = (oid_serial(&args), args.get(2)) {
+                callbacks.receive_blob_chunk(o, s, chunk.clone()).await;
+            }
+        }
+        "receiveBlobStop" => {
+            if let Some((o, s)) = oid_serial(&args) {
+                callbacks.receive_blob_stop(o, s).await;
+            }
+        }
+        other => tracing::debug!(callback = other, "ignoring unknown callback"),
+    }
+}

@@ -1,0 +1,209 @@
+//! The one place where storage errors become wire exceptions.
+//!
+//! The Python client turns `(class_path, payload)` back into an exception through a fixed
+//! factory table; payload shapes must match what that table expects exactly (a
+//! `ConflictError` without `message`, `oid` and `serials` makes the client hang).
+
+use crate::Value;
+use zodb::StorageError;
+
+/// Class path and payload for an error reply.
+pub fn exception_for(err: &StorageError) -> (String, Value) {
+    let args = |msg: String| Value::Tuple(vec![Value::Str(msg)]);
+    match err {
+        StorageError::PosKey(oid) => (
+            "ZODB.POSException.POSKeyError".into(),
+            Value::Tuple(vec![Value::from(*oid)]),
+        ),
+        StorageError::Conflict {
+            oid,
+            committed,
+            read,
+        } => (
+            "ZODB.POSException.ConflictError".into(),
+            conflict_dict("database conflict error", *oid, *committed, *read),
+        ),
+        StorageError::ReadConflict {
+            oid,
+            committed,
+            read,
+        } => (
+            "ZODB.POSException.ReadConflictError".into(),
+            conflict_dict("database read conflict error", *oid, *committed, *read),
+        ),
+        StorageError::ReadOnly => (
+            "ZODB.POSException.ReadOnlyError".into(),
+            Value::Tuple(vec![]),
+        ),
+        StorageError::Transaction(msg) => (
+            "ZODB.POSException.StorageTransactionError".into(),
+            args(msg.clone()),
+        ),
+        StorageError::Undo { reason, oid } => (
+            "ZODB.POSException.UndoError".into(),
+            Value::dict([
+                ("_reason", Value::Str(reason.clone())),
+                ("_oid", oid.map(Value::from).unwrap_or(Value::None)),
+            ]),
+        ),
+        StorageError::MultipleUndo(errs) => (
+            "ZODB.POSException.MultipleUndoErrors".into(),
+            Value::dict([(
+                "_errs",
+                Value::List(
+                    errs.iter()
+                        .map(|(oid, reason)| {
+                            Value::Tuple(vec![Value::from(*oid), Value::Str(reason.clone())])
+                        })
+                        .collect(),
+                ),
+            )]),
+        ),
+        StorageError::Disconnected(msg) => (
+            "ZEO.Exceptions.ClientDisconnected".into(),
+            args(msg.clone()),
+        ),
+        StorageError::Quota => (
+            "ZODB.FileStorage.FileStorage.FileStorageQuotaError".into(),
+            args("The storage quota has been exceeded.".into()),
+        ),
+        StorageError::Value(msg) => ("builtins.ValueError".into(), args(msg.clone())),
+        StorageError::Unsupported(what) => (
+            "builtins.NotImplementedError".into(),
+            args(format!("not supported by this storage: {what}")),
+        ),
+        StorageError::Remote {
+            class_path,
+            message,
+        } => (class_path.clone(), args(message.clone())),
+        StorageError::Corrupted(_) | StorageError::Io(_) => (
+            "ZODB.POSException.StorageSystemError".into(),
+            args(err.to_string()),
+        ),
+    }
+}
+
+fn conflict_dict(message: &str, oid: zodb::Oid, committed: zodb::Tid, read: zodb::Tid) -> Value {
+    Value::dict([
+        ("message", Value::str(message)),
+        ("oid", Value::from(oid)),
+        ("class_name", Value::None),
+        (
+            "serials",
+            Value::Tuple(vec![Value::from(committed), Value::from(read)]),
+        ),
+    ])
+}
+
+/// Reverses [`exception_for`] for the errors a storage needs to recognise when they come
+/// back from an upstream server (proxy mode). Unknown classes become
+/// [`StorageError::Remote`] so they can be passed on unchanged.
+pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
+    let first_arg = || -> Option<&Value> { payload.as_seq().and_then(|s| s.first()) };
+    let oid_of = |v: Option<&Value>| {
+        v.and_then(|v| v.as_bytes())
+            .and_then(|b| zodb::Oid::from_slice(b))
+    };
+    let serials = || -> Option<(zodb::Tid, zodb::Tid)> {
+        let s = payload.get("serials")?.as_seq()?;
+        let a = zodb::Tid::from_slice(s.first()?.as_bytes()?)?;
+        let b = zodb::Tid::from_slice(s.get(1)?.as_bytes()?)?;
+        Some((a, b))
+    };
+    let message = || match payload {
+        Value::Tuple(items) | Value::List(items) => items
+            .iter()
+            .map(|v| match v {
+                Value::Str(s) => s.clone(),
+                other => format!("{other:?}"),
+            })
+            .collect::<Vec<_>>()
+            .join(", "),
+        other => format!("{other:?}"),
+    };
+    match class_path {
+        "ZODB.POSException.POSKeyError" => match oid_of(first_arg()) {
+            Some(oid) => StorageError::PosKey(oid),
+            None => StorageError::Remote {
+                class_path: class_path.into(),
+                message: message(),
+            },
+        },
+        "ZODB.POSException.ConflictError" | "ZODB.POSException.ReadConflictError" => {
+            match (oid_of(payload.get("oid")), serials()) {
+                (Some(oid), Some((committed, read)))
+                    if class_path.ends_with("ReadConflictError") =>
+                {
+                    StorageError::ReadConflict {
+                        oid,
+                        committed,
+                        read,
+                    }
+                }
+                (Some(oid), Some((committed, read))) => StorageError::Conflict {
+                    oid,
+                    committed,
+                    read,
+                },
+                _ => StorageError::Remote {
+                    class_path: class_path.into(),
+                    message: message(),
+                },
+            }
+        }
+        "ZODB.POSException.ReadOnlyError" => StorageError::ReadOnly,
+        "ZODB.POSException.StorageTransactionError" => StorageError::Transaction(message()),
+        _ => StorageError::Remote {
+            class_path: class_path.into(),
+            message: message(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zodb::{Oid, Tid};
+
+    #[test]
+    fn conflict_payload_has_what_the_client_factory_reads() {
+        let (class, payload) = exception_for(&StorageError::Conflict {
+            oid: Oid(1),
+            committed: Tid(10),
+            read: Tid(5),
+        });
+        assert_eq!(class, "ZODB.POSException.ConflictError");
+        for key in ["message", "oid", "serials", "class_name"] {
+            assert!(payload.get(key).is_some(), "missing {key}");
+        }
+        assert_eq!(
+            payload.get("serials"),
+            Some(&Value::Tuple(vec![
+                Value::from(Tid(10)),
+                Value::from(Tid(5))
+            ]))
+        );
+    }
+
+    #[test]
+    fn round_trip_of_the_errors_a_proxy_passes_on() {
+        for err in [
+            StorageError::PosKey(Oid(7)),
+            StorageError::Conflict {
+                oid: Oid(1),
+                committed: Tid(3),
+                read: Tid(2),
+            },
+            StorageError::ReadConflict {
+                oid: Oid(1),
+                committed: Tid(3),
+                read: Tid(2),
+            },
+            StorageError::ReadOnly,
+        ] {
+            let (class, payload) = exception_for(&err);
+            let back = error_from_exception(&class, &payload);
+            assert_eq!(format!("{err:?}"), format!("{back:?}"));
+        }
+    }
+}

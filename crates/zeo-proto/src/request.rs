@@ -1,0 +1,611 @@
+//! Typed client requests: the method name and argument tuple of a message, checked.
+//!
+//! Parsing is strict about types (an oid must be 8 bytes) and lenient where Python
+//! clients vary (optional trailing arguments, ints used as booleans).
+
+use crate::Value;
+use bytes::Bytes;
+use zodb::{Oid, Tid};
+
+/// A transaction as named by the client: `id(txn)`, an arbitrary int that may repeat
+/// across transactions. Compared for equality only.
+pub type ClientTxnId = Value;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Request {
+    Register {
+        storage: String,
+        read_only: bool,
+    },
+    GetInfo,
+    LastTransaction,
+    GetInvalidations {
+        tid: Tid,
+    },
+    NewOids {
+        count: usize,
+    },
+    /// Listed by the Python server but never implemented there (AttributeError).
+    NewOid,
+    Pack {
+        time: f64,
+        wait: bool,
+    },
+    LoadBefore {
+        oid: Oid,
+        before: Tid,
+    },
+    LoadSerial {
+        oid: Oid,
+        serial: Tid,
+    },
+    GetTid {
+        oid: Oid,
+    },
+    History {
+        oid: Oid,
+        size: usize,
+    },
+    TpcBegin {
+        txn: ClientTxnId,
+        user: Bytes,
+        description: Bytes,
+        extension: Value,
+        tid: Option<Tid>,
+        status: u8,
+    },
+    Storea {
+        oid: Oid,
+        serial: Tid,
+        data: Bytes,
+        txn: ClientTxnId,
+    },
+    CheckCurrentSerialInTransaction {
+        oid: Oid,
+        serial: Tid,
+        txn: ClientTxnId,
+    },
+    DeleteObject {
+        oid: Oid,
+        serial: Tid,
+        txn: ClientTxnId,
+    },
+    Restorea {
+        oid: Oid,
+        serial: Tid,
+        data: Option<Bytes>,
+        prev_txn: Option<Tid>,
+        txn: ClientTxnId,
+    },
+    Undoa {
+        transaction_id: Bytes,
+        txn: ClientTxnId,
+    },
+    StoreBlobStart,
+    StoreBlobChunk {
+        chunk: Bytes,
+    },
+    StoreBlobEnd {
+        oid: Oid,
+        serial: Tid,
+        data: Bytes,
+        txn: ClientTxnId,
+    },
+    StoreBlobShared {
+        oid: Oid,
+        serial: Tid,
+        data: Bytes,
+        filename: String,
+        txn: ClientTxnId,
+    },
+    SendBlob {
+        oid: Oid,
+        serial: Tid,
+    },
+    Vote {
+        txn: ClientTxnId,
+    },
+    TpcFinish {
+        txn: ClientTxnId,
+    },
+    TpcAbort {
+        txn: ClientTxnId,
+    },
+    UndoLog {
+        first: i64,
+        last: i64,
+    },
+    UndoInfo {
+        first: i64,
+        last: i64,
+        spec: Value,
+    },
+    IteratorStart {
+        start: Option<Tid>,
+        stop: Option<Tid>,
+    },
+    IteratorNext {
+        iid: i64,
+    },
+    IteratorRecordStart {
+        txn_iid: i64,
+        tid: Tid,
+    },
+    IteratorRecordNext {
+        riid: i64,
+    },
+    IteratorGc {
+        iids: Vec<i64>,
+    },
+    RecordIternext {
+        next: Option<Bytes>,
+    },
+    ServerStatus,
+    SetClientLabel {
+        label: String,
+    },
+    Ping,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RequestError {
+    #[error("invalid method {0:?}")]
+    UnknownMethod(String),
+    #[error("bad arguments for {method}: {reason}")]
+    BadArguments {
+        method: &'static str,
+        reason: String,
+    },
+}
+
+struct Args<'a> {
+    method: &'static str,
+    items: &'a [Value],
+}
+
+impl<'a> Args<'a> {
+    fn bad(&self, reason: impl Into<String>) -> RequestError {
+        RequestError::BadArguments {
+            method: self.method,
+            reason: reason.into(),
+        }
+    }
+
+    fn get(&self, i: usize) -> Result<&'a Value, RequestError> {
+        self.items
+            .get(i)
+            .ok_or_else(|| self.bad(format!("missing argument {}", i + 1)))
+    }
+
+    fn opt(&self, i: usize) -> Option<&'a Value> {
+        match self.items.get(i) {
+            None | Some(Value::None) => None,
+            Some(v) => Some(v),
+        }
+    }
+
+    fn bytes(&self, i: usize) -> Result<Bytes, RequestError> {
+        match self.get(i)? {
+            Value::Bytes(b) => Ok(b.clone()),
+            other => Err(self.bad(format!(
+                "argument {} must be bytes, got {}",
+                i + 1,
+                kind(other)
+            ))),
+        }
+    }
+
+    /// bytes or text (Python 2 style clients and descriptions may send text).
+    fn bytes_or_str(&self, i: usize) -> Result<Bytes, RequestError> {
+        match self.get(i)? {
+            Value::Bytes(b) => Ok(b.clone()),
+            Value::Str(s) => Ok(Bytes::from(s.clone().into_bytes())),
+            Value::None => Ok(Bytes::new()),
+            other => Err(self.bad(format!(
+                "argument {} must be bytes, got {}",
+                i + 1,
+                kind(other)
+            ))),
+        }
+    }
+
+    fn oid(&self, i: usize) -> Result<Oid, RequestError> {
+        let b = self.bytes(i)?;
+        Oid::from_slice(&b)
+            .ok_or_else(|| self.bad(format!("argument {} must be an 8-byte oid", i + 1)))
+    }
+
+    fn tid(&self, i: usize) -> Result<Tid, RequestError> {
+        let b = self.bytes(i)?;
+        Tid::from_slice(&b)
+            .ok_or_else(|| self.bad(format!("argument {} must be an 8-byte tid", i + 1)))
+    }
+
+    fn opt_tid(&self, i: usize) -> Result<Option<Tid>, RequestError> {
+        match self.opt(i) {
+            None => Ok(None),
+            Some(_) => self.tid(i).map(Some),
+        }
+    }
+
+    fn int(&self, i: usize) -> Result<i64, RequestError> {
+        match self.get(i)? {
+            Value::Int(n) => Ok(*n),
+            Value::Bool(b) => Ok(*b as i64),
+            other => Err(self.bad(format!(
+                "argument {} must be an int, got {}",
+                i + 1,
+                kind(other)
+            ))),
+        }
+    }
+
+    fn opt_int(&self, i: usize, default: i64) -> Result<i64, RequestError> {
+        match self.opt(i) {
+            None => Ok(default),
+            Some(_) => self.int(i),
+        }
+    }
+
+    fn float(&self, i: usize) -> Result<f64, RequestError> {
+        match self.get(i)? {
+            Value::Float(f) => Ok(*f),
+            Value::Int(n) => Ok(*n as f64),
+            other => Err(self.bad(format!(
+                "argument {} must be a number, got {}",
+                i + 1,
+                kind(other)
+            ))),
+        }
+    }
+
+    fn string(&self, i: usize) -> Result<String, RequestError> {
+        match self.get(i)? {
+            Value::Str(s) => Ok(s.clone()),
+            Value::Bytes(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+            other => Err(self.bad(format!(
+                "argument {} must be text, got {}",
+                i + 1,
+                kind(other)
+            ))),
+        }
+    }
+
+    /// The transaction argument: any value (the client's `id(txn)`).
+    fn txn(&self, i: usize) -> Result<ClientTxnId, RequestError> {
+        Ok(self.get(i)?.clone())
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::None => "None",
+        Value::Bool(_) => "bool",
+        Value::Int(_) => "int",
+        Value::Float(_) => "float",
+        Value::Bytes(_) => "bytes",
+        Value::Str(_) => "str",
+        Value::Tuple(_) => "tuple",
+        Value::List(_) => "list",
+        Value::Dict(_) => "dict",
+        Value::Set(_) => "set",
+        Value::Object { .. } => "object",
+    }
+}
+
+/// Maps a method name to its static name, so errors can carry it without allocating.
+fn method_name(name: &str) -> Option<&'static str> {
+    const NAMES: &[&str] = &[
+        "register",
+        "get_info",
+        "lastTransaction",
+        "getInvalidations",
+        "new_oids",
+        "new_oid",
+        "pack",
+        "loadBefore",
+        "loadSerial",
+        "getTid",
+        "history",
+        "tpc_begin",
+        "storea",
+        "checkCurrentSerialInTransaction",
+        "deleteObject",
+        "restorea",
+        "undoa",
+        "storeBlobStart",
+        "storeBlobChunk",
+        "storeBlobEnd",
+        "storeBlobShared",
+        "sendBlob",
+        "vote",
+        "tpc_finish",
+        "tpc_abort",
+        "undoLog",
+        "undoInfo",
+        "iterator_start",
+        "iterator_next",
+        "iterator_record_start",
+        "iterator_record_next",
+        "iterator_gc",
+        "record_iternext",
+        "server_status",
+        "set_client_label",
+        "ping",
+    ];
+    NAMES.iter().copied().find(|n| *n == name)
+}
+
+impl Request {
+    /// Parses a method call. `args` is the message's argument tuple.
+    pub fn parse(name: &str, args: &Value) -> Result<Request, RequestError> {
+        let method =
+            method_name(name).ok_or_else(|| RequestError::UnknownMethod(name.to_string()))?;
+        let empty = [];
+        let items = match args {
+            Value::Tuple(v) | Value::List(v) => v.as_slice(),
+            Value::None => &empty,
+            _ => {
+                return Err(RequestError::BadArguments {
+                    method,
+                    reason: "arguments must be a tuple".into(),
+                })
+            }
+        };
+        let a = Args { method, items };
+        Ok(match method {
+            "register" => Request::Register {
+                storage: a.string(0)?,
+                read_only: a.opt(1).map(Value::truthy).unwrap_or(false),
+            },
+            "get_info" => Request::GetInfo,
+            "lastTransaction" => Request::LastTransaction,
+            "getInvalidations" => Request::GetInvalidations { tid: a.tid(0)? },
+            "new_oids" => {
+                let n = a.opt_int(0, 100)?;
+                Request::NewOids {
+                    count: n.clamp(1, 100) as usize,
+                }
+            }
+            "new_oid" => Request::NewOid,
+            "pack" => Request::Pack {
+                time: a.float(0)?,
+                wait: a.opt(1).map(Value::truthy).unwrap_or(true),
+            },
+            "loadBefore" => Request::LoadBefore {
+                oid: a.oid(0)?,
+                before: a.tid(1)?,
+            },
+            "loadSerial" => Request::LoadSerial {
+                oid: a.oid(0)?,
+                serial: a.tid(1)?,
+            },
+            "getTid" => Request::GetTid { oid: a.oid(0)? },
+            "history" => {
+                let size = a.opt_int(1, 1)?;
+                Request::History {
+                    oid: a.oid(0)?,
+                    size: size.clamp(1, 1 << 20) as usize,
+                }
+            }
+            "tpc_begin" => {
+                let status = match a.opt(5) {
+                    None => b' ',
+                    Some(Value::Str(s)) if s.len() == 1 => s.as_bytes()[0],
+                    Some(Value::Bytes(b)) if b.len() == 1 => b[0],
+                    Some(_) => return Err(a.bad("status must be one character")),
+                };
+                Request::TpcBegin {
+                    txn: a.txn(0)?,
+                    user: a
+                        .opt(1)
+                        .map(|_| a.bytes_or_str(1))
+                        .transpose()?
+                        .unwrap_or_default(),
+                    description: a
+                        .opt(2)
+                        .map(|_| a.bytes_or_str(2))
+                        .transpose()?
+                        .unwrap_or_default(),
+                    extension: a.opt(3).cloned().unwrap_or(Value::Dict(Vec::new())),
+                    tid: a.opt_tid(4)?,
+                    status,
+                }
+            }
+            "storea" => Request::Storea {
+                oid: a.oid(0)?,
+                serial: a.tid(1)?,
+                data: a.bytes(2)?,
+                txn: a.txn(3)?,
+            },
+            "checkCurrentSerialInTransaction" => Request::CheckCurrentSerialInTransaction {
+                oid: a.oid(0)?,
+                serial: a.tid(1)?,
+                txn: a.txn(2)?,
+            },
+            "deleteObject" => Request::DeleteObject {
+                oid: a.oid(0)?,
+                serial: a.tid(1)?,
+                txn: a.txn(2)?,
+            },
+            "restorea" => Request::Restorea {
+                oid: a.oid(0)?,
+                serial: a.tid(1)?,
+                data: a.opt(2).map(|_| a.bytes(2)).transpose()?,
+                prev_txn: a.opt_tid(3)?,
+                txn: a.txn(4)?,
+            },
+            "undoa" => Request::Undoa {
+                transaction_id: a.bytes_or_str(0)?,
+                txn: a.txn(1)?,
+            },
+            "storeBlobStart" => Request::StoreBlobStart,
+            "storeBlobChunk" => Request::StoreBlobChunk { chunk: a.bytes(0)? },
+            "storeBlobEnd" => Request::StoreBlobEnd {
+                oid: a.oid(0)?,
+                serial: a.tid(1)?,
+                data: a.bytes(2)?,
+                txn: a.txn(3)?,
+            },
+            "storeBlobShared" => Request::StoreBlobShared {
+                oid: a.oid(0)?,
+                serial: a.tid(1)?,
+                data: a.bytes(2)?,
+                filename: a.string(3)?,
+                txn: a.txn(4)?,
+            },
+            "sendBlob" => Request::SendBlob {
+                oid: a.oid(0)?,
+                serial: a.tid(1)?,
+            },
+            "vote" => Request::Vote { txn: a.txn(0)? },
+            "tpc_finish" => Request::TpcFinish { txn: a.txn(0)? },
+            "tpc_abort" => Request::TpcAbort { txn: a.txn(0)? },
+            "undoLog" => Request::UndoLog {
+                first: a.opt_int(0, 0)?,
+                last: a.opt_int(1, -20)?,
+            },
+            "undoInfo" => Request::UndoInfo {
+                first: a.opt_int(0, 0)?,
+                last: a.opt_int(1, -20)?,
+                spec: a.opt(2).cloned().unwrap_or(Value::None),
+            },
+            "iterator_start" => Request::IteratorStart {
+                start: a.opt_tid(0)?,
+                stop: a.opt_tid(1)?,
+            },
+            "iterator_next" => Request::IteratorNext { iid: a.int(0)? },
+            "iterator_record_start" => Request::IteratorRecordStart {
+                txn_iid: a.int(0)?,
+                tid: a.tid(1)?,
+            },
+            "iterator_record_next" => Request::IteratorRecordNext { riid: a.int(0)? },
+            "iterator_gc" => {
+                let list = a.get(0)?;
+                let iids = list
+                    .as_seq()
+                    .ok_or_else(|| a.bad("expected a list of iterator ids"))?
+                    .iter()
+                    .filter_map(Value::as_int)
+                    .collect();
+                Request::IteratorGc { iids }
+            }
+            "record_iternext" => Request::RecordIternext {
+                next: a.opt(0).map(|_| a.bytes(0)).transpose()?,
+            },
+            "server_status" => Request::ServerStatus,
+            "set_client_label" => Request::SetClientLabel {
+                label: a.string(0)?,
+            },
+            "ping" => Request::Ping,
+            _ => return Err(RequestError::UnknownMethod(name.to_string())),
+        })
+    }
+
+    /// Methods that only a registered connection may call all parse; this tells whether
+    /// a request modifies the storage (refused on read-only connections).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            Request::NewOids { .. }
+                | Request::TpcBegin { .. }
+                | Request::Storea { .. }
+                | Request::CheckCurrentSerialInTransaction { .. }
+                | Request::DeleteObject { .. }
+                | Request::Restorea { .. }
+                | Request::Undoa { .. }
+                | Request::StoreBlobStart
+                | Request::StoreBlobChunk { .. }
+                | Request::StoreBlobEnd { .. }
+                | Request::StoreBlobShared { .. }
+                | Request::Vote { .. }
+                | Request::TpcFinish { .. }
+                | Request::TpcAbort { .. }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oid(n: u64) -> Value {
+        Value::from(Oid(n))
+    }
+
+    #[test]
+    fn parses_load_before_and_rejects_bad_oids() {
+        let r = Request::parse(
+            "loadBefore",
+            &Value::Tuple(vec![oid(1), Value::from(Tid::MAX)]),
+        )
+        .unwrap();
+        assert_eq!(
+            r,
+            Request::LoadBefore {
+                oid: Oid(1),
+                before: Tid::MAX
+            }
+        );
+        let e = Request::parse(
+            "loadBefore",
+            &Value::Tuple(vec![Value::bytes(&b"abc"[..]), oid(1)]),
+        );
+        assert!(matches!(
+            e,
+            Err(RequestError::BadArguments {
+                method: "loadBefore",
+                ..
+            })
+        ));
+        let e = Request::parse("loadBefore", &Value::Tuple(vec![oid(1)]));
+        assert!(e.is_err());
+    }
+
+    #[test]
+    fn unknown_methods_are_refused() {
+        assert_eq!(
+            Request::parse("os.system", &Value::Tuple(vec![])),
+            Err(RequestError::UnknownMethod("os.system".into()))
+        );
+    }
+
+    #[test]
+    fn tpc_begin_as_clientstorage_sends_it() {
+        let args = Value::Tuple(vec![
+            Value::Int(140_000_000_000_000),
+            Value::bytes(&b"alice"[..]),
+            Value::bytes(&b"first"[..]),
+            Value::dict([("note", Value::str("hello"))]),
+            Value::None,
+            Value::str(" "),
+        ]);
+        match Request::parse("tpc_begin", &args).unwrap() {
+            Request::TpcBegin {
+                txn,
+                user,
+                status,
+                tid,
+                ..
+            } => {
+                assert_eq!(txn, Value::Int(140_000_000_000_000));
+                assert_eq!(&user[..], b"alice");
+                assert_eq!(status, b' ');
+                assert_eq!(tid, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn new_oids_defaults_and_clamps() {
+        assert_eq!(
+            Request::parse("new_oids", &Value::Tuple(vec![])).unwrap(),
+            Request::NewOids { count: 100 }
+        );
+        assert_eq!(
+            Request::parse("new_oids", &Value::Tuple(vec![Value::Int(100_000)])).unwrap(),
+            Request::NewOids { count: 100 }
+        );
+    }
+}
