@@ -6,6 +6,7 @@ History, iteration, undo and pack mixins belong to later work and are not includ
 """
 import os
 import tempfile
+import unittest
 
 from ZODB.tests import BasicStorage
 from ZODB.tests import ConflictResolution
@@ -73,8 +74,17 @@ class ZeorsMsgpackConformance(ZeorsConformance):
     server_args = ("--msgpack",)
 
 
-# The mixins name their tests check*; expose them to pytest as test_*.
-for cls in (ZeorsConformance,):
+# Needs undo, which is the next issue's work (FileStorage undo); not run until then.
+NOT_YET = {"testLoadBeforeUndo": "undo is not implemented yet"}
+
+
+def _expose(cls):
+    """The mixins name their tests check*; expose them to pytest as test_*."""
     for name in dir(cls):
         if name.startswith("check") and callable(getattr(cls, name)):
             setattr(cls, "test_" + name[5:], getattr(cls, name))
+    for name, why in NOT_YET.items():
+        setattr(cls, name, unittest.skip(why)(getattr(cls, name)))
+
+
+_expose(ZeorsConformance)

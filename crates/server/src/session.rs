@@ -183,7 +183,7 @@ struct VoteDone {
 }
 
 enum TxnEvent {
-    Voted(Result<VoteDone, tokio::task::JoinError>),
+    Voted(Box<Result<VoteDone, tokio::task::JoinError>>),
     Finished,
 }
 
@@ -212,7 +212,7 @@ enum Event {
 
 async fn wait_txn(state: &mut TxnState) -> TxnEvent {
     match state {
-        TxnState::Voting { handle, .. } => TxnEvent::Voted(handle.await),
+        TxnState::Voting { handle, .. } => TxnEvent::Voted(Box::new(handle.await)),
         TxnState::Finishing { handle } => {
             let _ = handle.await;
             TxnEvent::Finished
@@ -691,7 +691,7 @@ impl Session {
                 else {
                     return;
                 };
-                let done = match joined {
+                let done = match *joined {
                     Ok(done) => done,
                     Err(e) => {
                         // The vote task panicked; its lock guard was dropped with it.

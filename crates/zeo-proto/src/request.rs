@@ -209,16 +209,32 @@ impl<'a> Args<'a> {
         }
     }
 
+    /// Bytes of an 8-byte id. Old test code passes ids as 8-character text
+    /// (`'\0' * 8`), which the Python server tolerates; so do we, reading it as latin-1.
+    fn id_bytes(&self, i: usize) -> Result<Bytes, RequestError> {
+        match self.get(i)? {
+            Value::Str(s) if s.chars().count() == 8 && s.chars().all(|c| (c as u32) < 256) => {
+                Ok(s.chars().map(|c| c as u8).collect::<Vec<u8>>().into())
+            }
+            _ => self.bytes(i),
+        }
+    }
+
     fn oid(&self, i: usize) -> Result<Oid, RequestError> {
-        let b = self.bytes(i)?;
+        let b = self.id_bytes(i)?;
         Oid::from_slice(&b)
             .ok_or_else(|| self.bad(format!("argument {} must be an 8-byte oid", i + 1)))
     }
 
     fn tid(&self, i: usize) -> Result<Tid, RequestError> {
-        let b = self.bytes(i)?;
+        let b = self.id_bytes(i)?;
         Tid::from_slice(&b)
             .ok_or_else(|| self.bad(format!("argument {} must be an 8-byte tid", i + 1)))
+    }
+
+    /// A serial where Python storages accept `None` for "no previous revision" (z64).
+    fn serial(&self, i: usize) -> Result<Tid, RequestError> {
+        Ok(self.opt_tid(i)?.unwrap_or(Tid::ZERO))
     }
 
     fn opt_tid(&self, i: usize) -> Result<Option<Tid>, RequestError> {
@@ -414,7 +430,7 @@ impl Request {
             }
             "storea" => Request::Storea {
                 oid: a.oid(0)?,
-                serial: a.tid(1)?,
+                serial: a.serial(1)?,
                 data: a.bytes(2)?,
                 txn: a.txn(3)?,
             },
@@ -443,13 +459,13 @@ impl Request {
             "storeBlobChunk" => Request::StoreBlobChunk { chunk: a.bytes(0)? },
             "storeBlobEnd" => Request::StoreBlobEnd {
                 oid: a.oid(0)?,
-                serial: a.tid(1)?,
+                serial: a.serial(1)?,
                 data: a.bytes(2)?,
                 txn: a.txn(3)?,
             },
             "storeBlobShared" => Request::StoreBlobShared {
                 oid: a.oid(0)?,
-                serial: a.tid(1)?,
+                serial: a.serial(1)?,
                 data: a.bytes(2)?,
                 filename: a.string(3)?,
                 txn: a.txn(4)?,
