@@ -27,4 +27,5 @@ cargo build --workspace --quiet
 echo "== cargo test"
 cargo test --workspace --quiet
 echo "== interop tests (Python ZODB/ZEO against target/debug/zeors)"
-ZEORS_BIN="$PWD/target/debug/zeors" "$VENV/bin/python" -m pytest -q -p no:cacheprovider interop "$@"
+TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+ZEORS_BIN="$TARGET_DIR/debug/zeors" "$VENV/bin/python" -m pytest -q -p no:cacheprovider interop "$@"
