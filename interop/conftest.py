@@ -90,6 +90,50 @@ class Server:
         return self.log.read_text(errors="replace")
 
 
+class StockServer:
+    """The stock Python ZEO server (runzeo from PyPI), for proxy tests."""
+
+    def __init__(self, path, port=None, invalidation_queue_size=100, extra_zeo=""):
+        self.path = pathlib.Path(path)
+        self.port = port or free_port()
+        self.conf = self.path.parent / f"zeo-{self.port}.conf"
+        self.log = self.path.parent / f"runzeo-{self.port}.log"
+        self.conf.write_text(
+            f"""<zeo>
+  address 127.0.0.1:{self.port}
+  invalidation-queue-size {invalidation_queue_size}
+  {extra_zeo}
+</zeo>
+<filestorage 1>
+  path {self.path}
+</filestorage>
+"""
+        )
+        self.proc = None
+
+    @property
+    def addr(self):
+        return ("127.0.0.1", self.port)
+
+    def start(self):
+        runzeo = pathlib.Path(sys.executable).parent / "runzeo"
+        self.logfile = open(self.log, "ab")
+        self.proc = subprocess.Popen([str(runzeo), "-C", str(self.conf)], stdout=self.logfile, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.proc)
+        return self
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        return 0
+
+
 @pytest.fixture
 def make_server(tmp_path):
     servers = []
@@ -99,11 +143,32 @@ def make_server(tmp_path):
         servers.append(s)
         return s.start() if start else s
 
+    def stock(path=None, **kw):
+        s = StockServer(path or tmp_path / "upstream.fs", **kw)
+        servers.append(s)
+        return s.start()
+
+    def proxy(upstream_addr, name="proxy", *extra, start=True):
+        """A zeors proxy in front of `upstream_addr`, caching in tmp_path/<name>-cache."""
+        s = Server(
+            tmp_path / f"{name}.unused.fs",
+            "--upstream",
+            f"{upstream_addr[0]}:{upstream_addr[1]}",
+            "--cache-dir",
+            str(tmp_path / f"{name}-cache"),
+            *extra,
+        )
+        servers.append(s)
+        return s.start() if start else s
+
+    make.stock = stock
+    make.proxy = proxy
     yield make
-    for s in servers:
+    for s in reversed(servers):
         if s.proc is not None:
             rc = s.stop()
-            assert rc == 0, f"zeors exited with {rc}; log:\n{s.log_text()[-4000:]}"
+            if isinstance(s, Server):
+                assert rc == 0, f"zeors exited with {rc}; log:\n{s.log_text()[-4000:]}"
 
 
 @pytest.fixture(params=["pickle", "msgpack"])

@@ -13,7 +13,10 @@
 //! - `Delete`: a missing oid is `PosKey`, a stale serial a `Conflict` error; it writes a
 //!   `plen = 0, back = 0` record.
 //! - `Restore`: no checks; the record's tid is the given serial (as in Python's `restore`).
-//! - `Undo`: not supported yet.
+//! - `Undo`: Python FileStorage's undo rules (see [`crate::undo`]): a back pointer to the
+//!   revision before the undone one, "no state" for an undone creation; a changed object
+//!   fails with `UndoError`, or becomes a conflict for the client to resolve when its class
+//!   is known to resolve. The undone oids are returned in `changed` and invalidated.
 //!
 //! **One record per oid.** When a transaction touches an oid several times, only the last
 //! operation is written, at the place of the oid's first operation. Python writes every
@@ -22,8 +25,10 @@
 //! first records of the last transaction with the index) from rejecting our index.
 
 use crate::format::{self, status, Payload, MAX_META_LEN, POSITION_LIMIT, TXN_HEADER_LEN};
+use crate::undo::{self, InTxn, UndoContext, UndoResolution, UndoWrite};
+use crate::view::FileView;
 use bytes::Bytes;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use zodb::{Conflict, Oid, StorageError, Tid, Transaction, TxnOp};
 
 /// What the commit code needs to know about committed data.
@@ -32,6 +37,19 @@ pub(crate) trait CommittedState {
     fn position(&self, oid: Oid) -> Option<u64>;
     /// The serial (tid) of the record of `oid` at `pos`.
     fn serial_at(&self, oid: Oid, pos: u64) -> Result<Tid, StorageError>;
+    /// The committed file, for undo.
+    fn committed_view(&self) -> FileView;
+    /// The storage's name, for error messages.
+    fn name(&self) -> &str;
+}
+
+/// Settings of the storage that shape a commit.
+#[derive(Debug, Default)]
+pub(crate) struct Policy<'a> {
+    /// Refuse records starting past this offset.
+    pub quota: Option<u64>,
+    /// Which undo conflicts go to the client.
+    pub resolution: Option<&'a UndoResolution>,
 }
 
 /// A transaction ready to be written at its position.
@@ -44,9 +62,11 @@ pub(crate) struct Prepared {
     pub bytes: Vec<u8>,
     /// Absolute position of each written record, to merge into the index at finish.
     pub tindex: Vec<(Oid, u64)>,
-    /// Oids of the `Store` operations in the order sent, duplicates kept (what the
-    /// invalidation must list).
+    /// Oids of the `Store` and `Undo` operations in the order sent, duplicates kept
+    /// (what the invalidation must list).
     pub invalidated: Vec<Oid>,
+    /// Oids whose committed data differs from what the client sent: those undone.
+    pub changed: Vec<Oid>,
 }
 
 #[derive(Debug)]
@@ -55,12 +75,45 @@ pub(crate) enum Prepare {
     Conflicts(Vec<Conflict>),
 }
 
+/// What a planned record holds.
+#[derive(Debug, Clone)]
+enum PlannedData {
+    Data(Bytes),
+    /// A back pointer (undo).
+    Back(u64),
+    /// No state: a deletion, an undone creation or `restore(data=None)`.
+    NoState,
+}
+
 /// The outcome of the replay, before serialisation.
 struct Planned {
     oid: Oid,
     /// Serial written in the record.
     tid: Tid,
-    data: Option<Bytes>,
+    data: PlannedData,
+}
+
+/// The records planned so far, one per oid, in the order of each oid's first operation.
+#[derive(Default)]
+struct Plan {
+    records: Vec<Planned>,
+    slot_of: HashMap<Oid, usize>,
+}
+
+impl Plan {
+    fn set(&mut self, p: Planned) {
+        match self.slot_of.get(&p.oid) {
+            Some(&i) => self.records[i] = p,
+            None => {
+                self.slot_of.insert(p.oid, self.records.len());
+                self.records.push(p);
+            }
+        }
+    }
+
+    fn get(&self, oid: Oid) -> Option<&Planned> {
+        self.slot_of.get(&oid).map(|&i| &self.records[i])
+    }
 }
 
 /// Conflicts keyed by oid, in the order they were first found.
@@ -85,6 +138,10 @@ impl Conflicts {
         if let Some(i) = self.by_oid.remove(&oid) {
             self.slots[i] = None;
         }
+    }
+
+    fn contains(&self, oid: Oid) -> bool {
+        self.by_oid.contains_key(&oid)
     }
 
     fn into_vec(self) -> Vec<Conflict> {
@@ -120,7 +177,7 @@ pub(crate) fn prepare(
     txn: &Transaction,
     tid: Tid,
     pos: u64,
-    quota: Option<u64>,
+    policy: &Policy<'_>,
     state: &dyn CommittedState,
     max_oid: &mut u64,
 ) -> Result<Prepare, StorageError> {
@@ -130,15 +187,7 @@ pub(crate) fn prepare(
     check_meta("extension data", &meta.extension)?;
     let final_status = final_status(meta.status)?;
 
-    let mut planned: Vec<Planned> = Vec::new();
-    let mut slot_of: HashMap<Oid, usize> = HashMap::new();
-    let mut plan = |p: Planned| match slot_of.get(&p.oid) {
-        Some(&i) => planned[i] = p,
-        None => {
-            slot_of.insert(p.oid, planned.len());
-            planned.push(p);
-        }
-    };
+    let mut plan = Plan::default();
     let current_serial = |oid: Oid| -> Result<Option<Tid>, StorageError> {
         match state.position(oid) {
             Some(p) => state.serial_at(oid, p).map(Some),
@@ -147,6 +196,11 @@ pub(crate) fn prepare(
     };
     let mut conflicts = Conflicts::default();
     let mut invalidated = Vec::new();
+    let mut changed = Vec::new();
+    // Oids with an undo conflict waiting for the client's resolution.
+    let mut undo_pending: HashSet<Oid> = HashSet::new();
+    let mut view: Option<FileView> = None;
+    let default_resolution = UndoResolution::default();
 
     for op in &txn.ops {
         match op {
@@ -164,14 +218,17 @@ pub(crate) fn prepare(
                         read: *serial,
                         data: data.clone(),
                     }),
-                    _ => conflicts.clear(*oid),
+                    _ => {
+                        conflicts.clear(*oid);
+                        undo_pending.remove(oid);
+                    }
                 }
                 *max_oid = (*max_oid).max(oid.0);
                 invalidated.push(*oid);
-                plan(Planned {
+                plan.set(Planned {
                     oid: *oid,
                     tid,
-                    data: Some(data.clone()),
+                    data: PlannedData::Data(data.clone()),
                 });
             }
             TxnOp::CheckCurrent { oid, serial } => {
@@ -193,10 +250,10 @@ pub(crate) fn prepare(
                         read: *serial,
                     });
                 }
-                plan(Planned {
+                plan.set(Planned {
                     oid: *oid,
                     tid,
-                    data: None,
+                    data: PlannedData::NoState,
                 });
             }
             TxnOp::Restore {
@@ -208,13 +265,70 @@ pub(crate) fn prepare(
                     )));
                 }
                 *max_oid = (*max_oid).max(oid.0);
-                plan(Planned {
+                plan.set(Planned {
                     oid: *oid,
                     tid: *serial,
-                    data: data.clone(),
+                    data: match data {
+                        Some(d) => PlannedData::Data(d.clone()),
+                        None => PlannedData::NoState,
+                    },
                 });
             }
-            TxnOp::Undo { .. } => return Err(StorageError::Unsupported("undo")),
+            TxnOp::Undo { transaction_id } => {
+                let undone =
+                    zodb::tid_from_undo_id(transaction_id).ok_or_else(|| StorageError::Undo {
+                        reason: "Invalid transaction id".into(),
+                        oid: None,
+                    })?;
+                let view = view.get_or_insert_with(|| state.committed_view());
+                let committed = |oid: Oid| state.position(oid);
+                let in_txn = |oid: Oid| {
+                    plan.get(oid).map(|p| match &p.data {
+                        PlannedData::Data(d) => InTxn::Data(d),
+                        PlannedData::Back(b) => InTxn::Back(*b),
+                        PlannedData::NoState => InTxn::NoState,
+                    })
+                };
+                let ctx = UndoContext {
+                    view,
+                    name: state.name(),
+                    committed: &committed,
+                    in_txn: &in_txn,
+                    resolution: policy.resolution.unwrap_or(&default_resolution),
+                };
+                let undo = undo::plan_undo(&ctx, undone)?;
+                // An object whose earlier undo waits for the client's resolution cannot
+                // be undone again in the same transaction: the client resolves against
+                // committed revisions only, so the two could not be combined.
+                let touched = undo
+                    .writes
+                    .iter()
+                    .map(|(o, _)| *o)
+                    .chain(undo.conflicts.iter().map(|c| c.oid));
+                let blocked: Vec<(Oid, String)> = touched
+                    .filter(|o| undo_pending.contains(o) || conflicts.contains(*o))
+                    .map(|o| (o, "Some data were modified by a later transaction".into()))
+                    .collect();
+                if !blocked.is_empty() {
+                    return Err(StorageError::MultipleUndo(blocked));
+                }
+                for (oid, w) in undo.writes {
+                    invalidated.push(oid);
+                    changed.push(oid);
+                    plan.set(Planned {
+                        oid,
+                        tid,
+                        data: match w {
+                            UndoWrite::Back(b) => PlannedData::Back(b),
+                            UndoWrite::NoState => PlannedData::NoState,
+                        },
+                    });
+                }
+                for c in undo.conflicts {
+                    undo_pending.insert(c.oid);
+                    conflicts.set(c);
+                }
+            }
         }
     }
 
@@ -223,6 +337,7 @@ pub(crate) fn prepare(
         return Ok(Prepare::Conflicts(conflicts));
     }
 
+    let planned = plan.records;
     let header_len =
         TXN_HEADER_LEN + meta.user.len() + meta.description.len() + meta.extension.len();
     let body_len: u64 = planned.iter().map(|p| payload(p).record_len()).sum::<u64>();
@@ -249,7 +364,7 @@ pub(crate) fn prepare(
     let mut tindex = Vec::with_capacity(planned.len());
     for p in &planned {
         let here = pos + bytes.len() as u64;
-        if quota.is_some_and(|q| here > q) {
+        if policy.quota.is_some_and(|q| here > q) {
             return Err(StorageError::Quota);
         }
         let prev = state.position(p.oid).unwrap_or(0);
@@ -264,13 +379,15 @@ pub(crate) fn prepare(
         bytes,
         tindex,
         invalidated,
+        changed,
     }))
 }
 
 fn payload(p: &Planned) -> Payload<'_> {
     match &p.data {
-        Some(d) => Payload::Data(d),
-        None => Payload::Back(0),
+        PlannedData::Data(d) => Payload::Data(d),
+        PlannedData::Back(b) => Payload::Back(*b),
+        PlannedData::NoState => Payload::Back(0),
     }
 }
 
@@ -289,6 +406,13 @@ mod tests {
         }
         fn serial_at(&self, oid: Oid, _pos: u64) -> Result<Tid, StorageError> {
             Ok(self.0[&oid].1)
+        }
+        fn committed_view(&self) -> FileView {
+            let sim = crate::sim::SimFile::with_contents(b"FS30".to_vec());
+            FileView::new(std::sync::Arc::new(sim), 4)
+        }
+        fn name(&self) -> &str {
+            "fake"
         }
     }
 
@@ -317,7 +441,7 @@ mod tests {
 
     fn run(t: &Transaction) -> Result<Prepare, StorageError> {
         let mut max = 1;
-        prepare(t, Tid(30), 200, None, &state(), &mut max)
+        prepare(t, Tid(30), 200, &Policy::default(), &state(), &mut max)
     }
 
     #[test]
@@ -443,7 +567,13 @@ mod tests {
             run(&txn(vec![TxnOp::Undo {
                 transaction_id: vec![]
             }])),
-            Err(StorageError::Unsupported("undo"))
+            Err(StorageError::Undo { .. })
+        ));
+        assert!(matches!(
+            run(&txn(vec![TxnOp::Undo {
+                transaction_id: zodb::undo_id(Tid(5))
+            }])),
+            Err(StorageError::Undo { .. })
         ));
     }
 
@@ -454,7 +584,9 @@ mod tests {
         t.meta.description = b"d".to_vec();
         t.meta.extension = b"ext".to_vec();
         let mut max = 0;
-        let Prepare::Ready(p) = prepare(&t, Tid(30), 200, None, &state(), &mut max).unwrap() else {
+        let Prepare::Ready(p) =
+            prepare(&t, Tid(30), 200, &Policy::default(), &state(), &mut max).unwrap()
+        else {
             panic!()
         };
         assert_eq!(max, 3);
@@ -487,7 +619,10 @@ mod tests {
                 &txn(vec![store(3, 0, b"abc")]),
                 Tid(30),
                 200,
-                Some(100),
+                &Policy {
+                    quota: Some(100),
+                    resolution: None
+                },
                 &state(),
                 &mut max
             ),

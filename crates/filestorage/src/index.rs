@@ -151,6 +151,39 @@ impl Index {
         Some(Oid((prefix << 16) | suffix as u64))
     }
 
+    /// The first entry with an oid `>= from` (`fsIndex.minKey(from)`), for
+    /// `record_iternext`.
+    pub fn first_at_or_after(&self, from: Oid) -> Option<(Oid, u64)> {
+        let (prefix, suffix) = split(from);
+        for (p, b) in self.buckets.range(prefix..) {
+            let i = if *p == prefix {
+                match b.find(suffix) {
+                    Ok(i) | Err(i) => i,
+                }
+            } else {
+                0
+            };
+            if let (Some(k), Some(pos)) = (b.keys.get(i), b.positions.get(i)) {
+                return Some((Oid((p << 16) | *k as u64), pos_from_48(pos)));
+            }
+        }
+        None
+    }
+
+    /// Removes `oid`; returns its position if it was present.
+    pub fn remove(&mut self, oid: Oid) -> Option<u64> {
+        let (prefix, suffix) = split(oid);
+        let b = self.buckets.get_mut(&prefix)?;
+        let i = b.find(suffix).ok()?;
+        b.keys.remove(i);
+        let pos = b.positions.remove(i);
+        if b.keys.is_empty() {
+            self.buckets.remove(&prefix);
+        }
+        self.len -= 1;
+        Some(pos_from_48(&pos))
+    }
+
     /// Adds a whole bucket, as read from a `.index` file. Prefixes must arrive in
     /// ascending order and be below 2^48; returns false otherwise (a damaged file).
     pub fn push_bucket(&mut self, prefix: u64, bucket: Bucket) -> bool {
@@ -253,6 +286,33 @@ mod tests {
         }
         let keys: Vec<u64> = ix.iter().map(|(o, _)| o.0).collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn first_at_or_after_and_remove() {
+        let mut ix = Index::new();
+        assert_eq!(ix.first_at_or_after(Oid(0)), None);
+        for o in [3u64, 5, 0x2_0001, 0x2_0004] {
+            ix.insert(Oid(o), o + 100);
+        }
+        assert_eq!(ix.first_at_or_after(Oid(0)), Some((Oid(3), 103)));
+        assert_eq!(ix.first_at_or_after(Oid(4)), Some((Oid(5), 105)));
+        assert_eq!(
+            ix.first_at_or_after(Oid(6)),
+            Some((Oid(0x2_0001), 0x2_0001 + 100))
+        );
+        assert_eq!(
+            ix.first_at_or_after(Oid(0x2_0002)),
+            Some((Oid(0x2_0004), 0x2_0004 + 100))
+        );
+        assert_eq!(ix.first_at_or_after(Oid(0x2_0005)), None);
+        assert_eq!(ix.remove(Oid(5)), Some(105));
+        assert_eq!(ix.remove(Oid(5)), None);
+        assert_eq!(ix.remove(Oid(0x2_0001)), Some(0x2_0001 + 100));
+        assert_eq!(ix.remove(Oid(0x2_0004)), Some(0x2_0004 + 100));
+        assert_eq!(ix.len(), 1);
+        assert_eq!(ix.first_at_or_after(Oid(4)), None);
+        assert_eq!(ix.max_oid(), Some(Oid(3)));
     }
 
     #[test]

@@ -24,27 +24,36 @@
 //! - **Recovery**: an unfinished or damaged *last* transaction is moved to `Data.fs.trN`
 //!   and cut off at open; damage followed by a valid transaction refuses to open.
 
+pub mod check;
 mod commit;
 mod error;
 pub mod format;
 pub mod index;
 pub mod index_file;
 pub mod io;
+pub mod iter;
 mod lock;
+pub mod pack;
 pub mod scan;
 pub mod sim;
 mod storage;
+pub mod undo;
+pub mod view;
 
 pub use error::Error;
+pub use pack::{PackOptions, PackOutcome, PackStats};
 pub use storage::{FileStorageCore, Options, INVALIDATIONS_MAX_TRANSACTIONS};
+pub use undo::UndoResolution;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use parking_lot::Mutex;
 use std::path::Path;
 use std::sync::Arc;
 use zodb::{
-    HistoryEntry, InvalidationSink, LoadBefore, Oid, Result, Storage, StorageError, StorageInfo,
-    Tid, Transaction, TxnKey, Vote,
+    CurrentRecord, DataRecord, HistoryEntry, InvalidationSink, LoadBefore, Oid, RecordIterator,
+    Result, Storage, StorageError, StorageInfo, Tid, Transaction, TransactionInfo,
+    TransactionIterator, TxnKey, UndoEntry, UndoFilter, Vote,
 };
 
 /// A FileStorage served through the async [`Storage`] trait. Cheap to clone.
@@ -83,14 +92,71 @@ impl FileStorage {
         F: FnOnce(&FileStorageCore) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
-        let core = self.core.clone();
-        tokio::task::spawn_blocking(move || f(&core))
-            .await
-            .map_err(|e| {
-                StorageError::Io(std::io::Error::other(format!(
-                    "FileStorage task failed: {e}"
-                )))
-            })?
+        run_blocking(self.core.clone(), f).await
+    }
+}
+
+/// Runs `f` on tokio's blocking pool.
+async fn run_blocking<T, F>(core: Arc<FileStorageCore>, f: F) -> Result<T>
+where
+    F: FnOnce(&FileStorageCore) -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || f(&core))
+        .await
+        .map_err(|e| {
+            StorageError::Io(std::io::Error::other(format!(
+                "FileStorage task failed: {e}"
+            )))
+        })?
+}
+
+/// [`iter::TxnIter`] behind the async [`TransactionIterator`]: each step runs on the
+/// blocking pool.
+struct FsTxnIterator {
+    core: Arc<FileStorageCore>,
+    inner: Arc<Mutex<iter::TxnIter>>,
+    last: Option<view::TxnAt>,
+}
+
+#[async_trait]
+impl TransactionIterator for FsTxnIterator {
+    async fn next_transaction(&mut self) -> Result<Option<TransactionInfo>> {
+        let inner = self.inner.clone();
+        let next = run_blocking(self.core.clone(), move |core| {
+            inner.lock().next_txn().map_err(|e| core.err(e))
+        })
+        .await?;
+        self.last = next.as_ref().map(|(t, _)| *t);
+        Ok(next.map(|(_, info)| info))
+    }
+
+    fn records(&self) -> Result<Box<dyn RecordIterator>> {
+        let txn = self.last.ok_or_else(|| {
+            StorageError::Value("no current transaction for a record iterator".into())
+        })?;
+        let view = self.inner.lock().view().clone();
+        Ok(Box::new(FsRecordIterator {
+            core: self.core.clone(),
+            inner: Arc::new(Mutex::new(iter::RecordIter::new(view, txn))),
+        }))
+    }
+}
+
+/// [`iter::RecordIter`] behind the async [`RecordIterator`].
+struct FsRecordIterator {
+    core: Arc<FileStorageCore>,
+    inner: Arc<Mutex<iter::RecordIter>>,
+}
+
+#[async_trait]
+impl RecordIterator for FsRecordIterator {
+    async fn next_record(&mut self) -> Result<Option<DataRecord>> {
+        let inner = self.inner.clone();
+        run_blocking(self.core.clone(), move |core| {
+            inner.lock().next_record().map_err(|e| core.err(e))
+        })
+        .await
     }
 }
 
@@ -157,6 +223,42 @@ impl Storage for FileStorage {
 
     async fn close(&self) -> Result<()> {
         self.blocking(|c| c.close()).await
+    }
+
+    async fn undo_log(
+        &self,
+        first: i64,
+        last: i64,
+        filter: Option<UndoFilter>,
+    ) -> Result<Vec<UndoEntry>> {
+        self.blocking(move |c| c.undo_log(first, last, filter.as_ref()))
+            .await
+    }
+
+    async fn iterator(
+        &self,
+        start: Option<Tid>,
+        stop: Option<Tid>,
+    ) -> Result<Box<dyn TransactionIterator>> {
+        let it = self.blocking(move |c| c.iterator(start, stop)).await?;
+        Ok(Box::new(FsTxnIterator {
+            core: self.core.clone(),
+            inner: Arc::new(Mutex::new(it)),
+            last: None,
+        }))
+    }
+
+    async fn record_iternext(&self, next: Option<Oid>) -> Result<CurrentRecord> {
+        self.blocking(move |c| c.record_iternext(next)).await
+    }
+
+    async fn pack(&self, pack_time: f64) -> Result<()> {
+        if !pack_time.is_finite() {
+            return Err(StorageError::Value("Invalid pack time".into()));
+        }
+        let tid = zodb::timestamp::tid_from_unix(pack_time);
+        self.blocking(move |c| c.pack(tid, PackOptions::default()).map(|_| ()))
+            .await
     }
 }
 

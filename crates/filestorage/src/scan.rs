@@ -45,7 +45,7 @@ impl<'a> SeqReader<'a> {
 
     /// `len` bytes at `pos`; callers check bounds first, but a read past the file size is
     /// still just an error.
-    fn get(&mut self, pos: u64, len: usize) -> Result<&[u8]> {
+    pub(crate) fn get(&mut self, pos: u64, len: usize) -> Result<&[u8]> {
         let end = pos
             .checked_add(len as u64)
             .filter(|&e| e <= self.size)
@@ -60,14 +60,14 @@ impl<'a> SeqReader<'a> {
         Ok(&self.buf[off..off + len])
     }
 
-    fn txn_header(&mut self, pos: u64) -> Result<TxnHeader> {
+    pub(crate) fn txn_header(&mut self, pos: u64) -> Result<TxnHeader> {
         let b = self.get(pos, TXN_HEADER_LEN)?;
         Ok(TxnHeader::parse(b.try_into().expect("23 bytes")))
     }
 
     /// The data header at `pos`; `limit` is the end of the enclosing transaction.
     /// `Ok(None)` if it does not fit.
-    fn data_header(&mut self, pos: u64, limit: u64) -> Result<Option<DataHeader>> {
+    pub(crate) fn data_header(&mut self, pos: u64, limit: u64) -> Result<Option<DataHeader>> {
         let avail = limit.saturating_sub(pos);
         if avail < DATA_HEADER_LEN as u64 {
             return Ok(None);
@@ -85,7 +85,7 @@ impl<'a> SeqReader<'a> {
         Ok(Some(h))
     }
 
-    fn u64_at(&mut self, pos: u64) -> Result<u64> {
+    pub(crate) fn u64_at(&mut self, pos: u64) -> Result<u64> {
         let b = self.get(pos, 8)?;
         Ok(u64::from_be_bytes(b.try_into().expect("8")))
     }

@@ -2,26 +2,30 @@
 //! steps. [`crate::FileStorage`] wraps it for the async [`zodb::Storage`] trait.
 //!
 //! ## Concurrency
-//! - Reads use positioned reads on one shared handle and take the index's read lock only
-//!   for the lookup, so they never wait for a commit's write or fsync.
-//! - `vote`/`finish`/`abort`/`close` serialise on the `commit` mutex (the server also holds
-//!   a per-storage commit lock around them).
+//! - The file handle, the index and the committed end live together in one `Live` under
+//!   a read-write lock, because pack replaces all three at once. A read takes the lock only
+//!   to look the oid up and to copy the handle and end into a [`FileView`]; it then reads
+//!   without any lock, so it never waits for a commit's write or fsync, and after a pack it
+//!   keeps reading the file its positions belong to.
+//! - `vote`/`finish`/`abort`/`close` and pack's final swap serialise on the `commit` mutex
+//!   (the server also holds a per-storage commit lock around vote…finish).
 //! - `finish` publishes in this order, so a reader that sees a new index entry can read the
 //!   record, and a load's `snapshot` (read before the lookup) never claims less than the
-//!   data it returns was invalidated for: fsync → `data_end` → sink → index → `snapshot`
-//!   (end + tid, used by walks and `info`) → `last_tid`.
+//!   data it returns was invalidated for: fsync → `data_end` → sink → index and snapshot
+//!   (end + tid, used by walks, iteration and `info`) → `last_tid`.
 
-use crate::commit::{self, CommittedState, Prepare};
+use crate::commit::{self, CommittedState, Policy, Prepare};
 use crate::error::Error;
-use crate::format::{
-    self, status, DataHeader, Magic, TxnHeader, DATA_HEADER_LEN, FIRST_TXN_POS, MAGIC_FS30,
-};
+use crate::format::{status, Magic, FIRST_TXN_POS, MAGIC_FS30};
 use crate::index::Index;
 use crate::io::FileIo;
+use crate::iter::TxnIter;
 use crate::lock::LockFile;
 use crate::scan::{self, Tail};
+use crate::undo::UndoResolution;
+use crate::view::{FileView, TxnAt};
 use bytes::Bytes;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -30,8 +34,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use zodb::{
-    HistoryEntry, InvalidationSink, LoadBefore, Loaded, Oid, StorageError, StorageInfo, Tid,
-    Transaction, TxnKey, Vote,
+    CurrentRecord, HistoryEntry, InvalidationSink, LoadBefore, Loaded, Oid, StorageError,
+    StorageInfo, Tid, Transaction, TxnKey, UndoEntry, UndoFilter, Vote,
 };
 
 type Result<T, E = StorageError> = std::result::Result<T, E>;
@@ -62,13 +66,23 @@ pub struct Options {
     /// Syncing at vote makes the data durable before the status byte can flip, closing
     /// that window at the cost of a second fdatasync per commit.
     pub sync_on_vote: bool,
+    /// Which undo conflicts are offered to the client for resolution.
+    pub undo_resolution: UndoResolution,
+    /// Pack deletes `Data.fs.old` when done instead of keeping it (Python's
+    /// `pack_keep_old = False`).
+    pub pack_discard_old: bool,
 }
 
-/// The last committed transaction and the end of the file after it, published together.
-#[derive(Debug, Clone, Copy)]
-struct Snapshot {
-    end: u64,
-    tid: Tid,
+/// The file and what describes it, replaced as a whole by pack.
+pub(crate) struct Live {
+    pub(crate) io: Arc<dyn FileIo>,
+    pub(crate) index: Index,
+    /// Bound for record reads: the end of durable, committed data (runs ahead of
+    /// `snap_end` during a finish).
+    pub(crate) data_end: u64,
+    /// The last published transaction and the end of the file after it.
+    pub(crate) snap_end: u64,
+    pub(crate) snap_tid: Tid,
 }
 
 /// A voted transaction waiting for finish or abort.
@@ -84,12 +98,21 @@ struct Staged {
 }
 
 #[derive(Debug)]
-struct CommitState {
+pub(crate) struct CommitState {
     /// Where the next transaction goes (= the committed end).
-    append_pos: u64,
+    pub(crate) append_pos: u64,
     /// New tids are later than this; raised at every vote, so aborted tids are not reused.
     last_tid_used: Tid,
     staged: Option<Staged>,
+    /// Pack is about to swap files: new votes wait until it is done (a few milliseconds).
+    pub(crate) swap_pending: bool,
+}
+
+impl CommitState {
+    /// Whether a voted transaction waits for finish or abort.
+    pub(crate) fn has_staged(&self) -> bool {
+        self.staged.is_some()
+    }
 }
 
 /// A FileStorage with a synchronous API. All methods may block on disk I/O.
@@ -98,19 +121,22 @@ pub struct FileStorageCore {
     /// The `Data.fs` path; `None` for storages over a bare [`FileIo`] (tests), which have
     /// no lock, `.index` or `.trN` files.
     path: Option<PathBuf>,
-    io: Arc<dyn FileIo>,
     read_only: bool,
     magic: Magic,
     quota: Option<u64>,
     sync_on_vote: bool,
     used_index: bool,
-    index: RwLock<Index>,
-    /// Bound for record reads: the end of durable, committed data.
-    data_end: AtomicU64,
+    pub(crate) undo_resolution: UndoResolution,
+    pub(crate) pack_discard_old: bool,
+    pub(crate) live: RwLock<Live>,
     last_tid: AtomicU64,
-    snapshot: RwLock<Snapshot>,
     max_oid: Mutex<u64>,
-    commit: Mutex<CommitState>,
+    pub(crate) commit: Mutex<CommitState>,
+    /// Signalled when a staged transaction is finished or aborted and when a pack swap
+    /// ends.
+    pub(crate) commit_cv: Condvar,
+    /// Set while a pack runs: one at a time.
+    pub(crate) packing: AtomicBool,
     sink: RwLock<Option<Arc<dyn InvalidationSink>>>,
     lock: Mutex<Option<LockFile>>,
     closed: AtomicBool,
@@ -126,13 +152,13 @@ impl std::fmt::Debug for FileStorageCore {
     }
 }
 
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut s: OsString = path.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)
 }
 
-fn corrupted(name: &str, e: Error) -> StorageError {
+pub(crate) fn corrupted(name: &str, e: Error) -> StorageError {
     match e {
         Error::Io(e) => StorageError::Io(e),
         e @ (Error::Corrupted { .. } | Error::Format(_)) => {
@@ -143,7 +169,7 @@ fn corrupted(name: &str, e: Error) -> StorageError {
 }
 
 /// fsyncs a directory so that a newly created or renamed entry survives a crash.
-fn sync_dir(path: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
@@ -271,22 +297,30 @@ impl FileStorageCore {
         let core = FileStorageCore {
             name,
             path,
-            io,
             read_only: options.read_only,
             magic,
             quota: options.quota,
             sync_on_vote: options.sync_on_vote,
             used_index,
-            index: RwLock::new(index),
-            data_end: AtomicU64::new(end),
+            undo_resolution: options.undo_resolution,
+            pack_discard_old: options.pack_discard_old,
+            live: RwLock::new(Live {
+                io,
+                index,
+                data_end: end,
+                snap_end: end,
+                snap_tid: last_tid,
+            }),
             last_tid: AtomicU64::new(last_tid.0),
-            snapshot: RwLock::new(Snapshot { end, tid: last_tid }),
             max_oid: Mutex::new(max_oid),
             commit: Mutex::new(CommitState {
                 append_pos: end,
                 last_tid_used: last_tid,
                 staged: None,
+                swap_pending: false,
             }),
+            commit_cv: Condvar::new(),
+            packing: AtomicBool::new(false),
             sink: RwLock::new(None),
             lock: Mutex::new(None),
             closed: AtomicBool::new(false),
@@ -307,13 +341,18 @@ impl FileStorageCore {
         ))
     }
 
-    fn err(&self, e: Error) -> StorageError {
+    pub(crate) fn err(&self, e: Error) -> StorageError {
         corrupted(&self.name, e)
     }
 
     /// The storage's name (its path).
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The `Data.fs` path, `None` for storages over a bare [`FileIo`].
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
     }
 
     pub fn is_read_only(&self) -> bool {
@@ -336,12 +375,12 @@ impl FileStorageCore {
 
     /// The end of the last committed transaction (`getSize()`).
     pub fn size(&self) -> u64 {
-        self.snapshot.read().end
+        self.live.read().snap_end
     }
 
     /// Number of objects, deleted ones included (`len(storage)`).
     pub fn len(&self) -> u64 {
-        self.index.read().len() as u64
+        self.live.read().index.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
@@ -349,16 +388,23 @@ impl FileStorageCore {
     }
 
     pub fn info(&self) -> StorageInfo {
+        let (length, size) = {
+            let live = self.live.read();
+            (live.index.len() as u64, live.snap_end)
+        };
         StorageInfo {
-            length: self.len(),
-            size: self.size(),
+            length,
+            size,
             name: self.name.clone(),
-            supports_undo: false,
-            supports_record_iternext: false,
+            supports_undo: true,
+            supports_record_iternext: true,
             interfaces: vec![
-                ("ZODB.interfaces", "IStorage"),
                 ("ZODB.interfaces", "IStorageRestoreable"),
+                ("ZODB.interfaces", "IStorageIteration"),
+                ("ZODB.interfaces", "IStorageUndoable"),
+                ("ZODB.interfaces", "IStorageCurrentRecordIteration"),
                 ("ZODB.interfaces", "IExternalGC"),
+                ("ZODB.interfaces", "IStorage"),
             ],
         }
     }
@@ -367,85 +413,49 @@ impl FileStorageCore {
         *self.sink.write() = Some(sink);
     }
 
-    /// The current index position of `oid` and a bound for reading its records.
-    fn lookup(&self, oid: Oid) -> Result<(u64, u64)> {
-        let pos = self
-            .index
-            .read()
-            .get(oid)
-            .ok_or(StorageError::PosKey(oid))?;
-        // Read after the lookup: finish publishes data_end before it touches the index.
-        Ok((pos, self.data_end.load(Ordering::Acquire)))
+    /// The committed data as of now: what iteration, undo and the walks read.
+    pub fn view(&self) -> FileView {
+        let live = self.live.read();
+        FileView::new(live.io.clone(), live.snap_end)
     }
 
-    fn header(&self, oid: Oid, pos: u64, limit: u64) -> Result<DataHeader> {
-        if pos < FIRST_TXN_POS || pos.saturating_add(DATA_HEADER_LEN as u64) > limit {
-            return Err(self.corrupt(pos, format!("record position of oid {oid} out of range")));
-        }
-        let h = format::read_data_header(&*self.io, pos, limit).map_err(|e| self.err(e))?;
-        if h.oid != oid {
-            return Err(self.corrupt(
-                pos,
-                format!("expected a record of oid {oid}, found {}", h.oid),
-            ));
-        }
-        Ok(h)
+    /// The current index position of `oid` and a view to read its records with.
+    fn lookup(&self, oid: Oid) -> Result<(FileView, u64)> {
+        let live = self.live.read();
+        let pos = live.index.get(oid).ok_or(StorageError::PosKey(oid))?;
+        // data_end is read with the entry: finish publishes it before the index.
+        Ok((FileView::new(live.io.clone(), live.data_end), pos))
     }
 
-    /// The pickle of the record at `pos` (header `h`), following back pointers.
-    fn data(&self, oid: Oid, mut pos: u64, mut h: DataHeader, limit: u64) -> Result<Bytes> {
-        loop {
-            if h.plen > 0 {
-                let start = pos + DATA_HEADER_LEN as u64;
-                if start.checked_add(h.plen).is_none_or(|e| e > limit) {
-                    return Err(
-                        self.corrupt(pos, format!("data length {} runs past the end", h.plen))
-                    );
-                }
-                let mut buf = vec![0u8; h.plen as usize];
-                format::read_at(&*self.io, &mut buf, start, "data").map_err(|e| self.err(e))?;
-                return Ok(Bytes::from(buf));
-            }
-            if h.back == 0 {
-                return Err(StorageError::PosKey(oid));
-            }
-            if h.back >= pos {
-                return Err(self.corrupt(
-                    pos,
-                    format!("back pointer {} does not point backwards", h.back),
-                ));
-            }
-            pos = h.back;
-            h = self.header(oid, pos, limit)?;
+    /// The pickle of the record of `oid` at `pos`, following back pointers; `PosKey` when
+    /// the object has no state there.
+    fn data(&self, v: &FileView, oid: Oid, pos: u64) -> Result<Bytes> {
+        match v.resolve(oid, pos).map_err(|e| self.err(e))? {
+            Some((data, _)) => Ok(data),
+            None => Err(StorageError::PosKey(oid)),
         }
     }
 
     /// Spec §3.5 `loadBefore`: the revision current just before `before`.
     pub fn load_before(&self, oid: Oid, before: Tid) -> Result<LoadBefore> {
         let snapshot = self.last_transaction();
-        let (mut pos, limit) = self.lookup(oid)?;
+        let (v, mut pos) = self.lookup(oid)?;
         let mut end = None;
         let h = loop {
-            let h = self.header(oid, pos, limit)?;
+            let h = v.record(oid, pos).map_err(|e| self.err(e))?;
             if h.tid < before {
                 break h;
             }
             end = Some(h.tid);
-            if h.prev == 0 {
+            pos = v.prev_of(pos, &h).map_err(|e| self.err(e))?;
+            if pos == 0 {
                 return Ok(LoadBefore {
                     revision: None,
                     snapshot,
                 });
             }
-            if h.prev >= pos {
-                return Err(self.corrupt(
-                    pos,
-                    format!("previous pointer {} does not point backwards", h.prev),
-                ));
-            }
-            pos = h.prev;
         };
-        let data = self.data(oid, pos, h, limit)?;
+        let data = self.data(&v, oid, pos)?;
         Ok(LoadBefore {
             revision: Some(Loaded {
                 data,
@@ -458,36 +468,33 @@ impl FileStorageCore {
 
     /// The current revision: `(data, serial)`.
     pub fn load(&self, oid: Oid) -> Result<(Bytes, Tid)> {
-        let (pos, limit) = self.lookup(oid)?;
-        let h = self.header(oid, pos, limit)?;
-        Ok((self.data(oid, pos, h, limit)?, h.tid))
+        let (v, pos) = self.lookup(oid)?;
+        let h = v.record(oid, pos).map_err(|e| self.err(e))?;
+        Ok((self.data(&v, oid, pos)?, h.tid))
     }
 
     /// The data of revision `serial` of `oid`.
     pub fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Bytes> {
-        let (mut pos, limit) = self.lookup(oid)?;
+        let (v, mut pos) = self.lookup(oid)?;
         loop {
-            let h = self.header(oid, pos, limit)?;
+            let h = v.record(oid, pos).map_err(|e| self.err(e))?;
             if h.tid == serial {
-                return self.data(oid, pos, h, limit);
+                return self.data(&v, oid, pos);
             }
-            if h.tid < serial || h.prev == 0 {
+            if h.tid < serial {
                 return Err(StorageError::PosKey(oid));
             }
-            if h.prev >= pos {
-                return Err(self.corrupt(
-                    pos,
-                    format!("previous pointer {} does not point backwards", h.prev),
-                ));
+            pos = v.prev_of(pos, &h).map_err(|e| self.err(e))?;
+            if pos == 0 {
+                return Err(StorageError::PosKey(oid));
             }
-            pos = h.prev;
         }
     }
 
     /// The serial of the current record (`getTid`); `PosKey` for deleted objects too.
     pub fn get_tid(&self, oid: Oid) -> Result<Tid> {
-        let (pos, limit) = self.lookup(oid)?;
-        let h = self.header(oid, pos, limit)?;
+        let (v, pos) = self.lookup(oid)?;
+        let h = v.record(oid, pos).map_err(|e| self.err(e))?;
         if h.plen == 0 && h.back == 0 {
             return Err(StorageError::PosKey(oid));
         }
@@ -496,16 +503,15 @@ impl FileStorageCore {
 
     /// Up to `size` revisions of `oid`, newest first.
     pub fn history(&self, oid: Oid, size: usize) -> Result<Vec<HistoryEntry>> {
-        let (mut pos, limit) = self.lookup(oid)?;
+        let (v, mut pos) = self.lookup(oid)?;
         let mut out = Vec::new();
         while out.len() < size {
-            let h = self.header(oid, pos, limit)?;
-            if h.tloc >= pos || h.tloc < FIRST_TXN_POS {
+            let h = v.record(oid, pos).map_err(|e| self.err(e))?;
+            if h.tloc >= pos {
                 return Err(self.corrupt(pos, format!("bad transaction pointer {}", h.tloc)));
             }
-            let th = format::read_txn_header(&*self.io, h.tloc).map_err(|e| self.err(e))?;
-            let (user, description, extension) =
-                format::read_txn_meta(&*self.io, h.tloc, &th).map_err(|e| self.err(e))?;
+            let t = v.txn_at(h.tloc).map_err(|e| self.err(e))?;
+            let (user, description, extension) = v.txn_meta(&t).map_err(|e| self.err(e))?;
             out.push(HistoryEntry {
                 tid: h.tid,
                 user,
@@ -513,16 +519,10 @@ impl FileStorageCore {
                 extension,
                 size: h.plen,
             });
-            if h.prev == 0 {
+            pos = v.prev_of(pos, &h).map_err(|e| self.err(e))?;
+            if pos == 0 {
                 break;
             }
-            if h.prev >= pos {
-                return Err(self.corrupt(
-                    pos,
-                    format!("previous pointer {} does not point backwards", h.prev),
-                ));
-            }
-            pos = h.prev;
         }
         Ok(out)
     }
@@ -541,6 +541,11 @@ impl FileStorageCore {
         Ok(out)
     }
 
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
     fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(StorageError::ReadOnly);
@@ -551,73 +556,47 @@ impl FileStorageCore {
         Ok(())
     }
 
-    /// Walks back from `end` over at most `max` transactions, newest first, while `keep`
-    /// accepts the header. Returns the positions and headers visited and whether the walk
-    /// reached the start of the file.
+    /// Walks back from the end of `v` over at most `max` transactions, newest first, while
+    /// `keep` accepts the header. Returns the transactions visited.
     fn walk_back(
         &self,
-        end: u64,
+        v: &FileView,
         max: usize,
-        mut keep: impl FnMut(&TxnHeader) -> bool,
-    ) -> Result<(Vec<(u64, TxnHeader)>, bool)> {
+        mut keep: impl FnMut(&TxnAt) -> bool,
+    ) -> Result<Vec<TxnAt>> {
         let mut out = Vec::new();
-        let mut pos = end;
-        while pos > FIRST_TXN_POS {
-            if out.len() >= max {
-                return Ok((out, false));
+        let mut end = v.end();
+        while end > FIRST_TXN_POS && out.len() < max {
+            let t = v.txn_before(end).map_err(|e| self.err(e))?;
+            if !keep(&t) {
+                break;
             }
-            let tl = format::read_u64(&*self.io, pos - 8).map_err(|e| self.err(e))?;
-            let tpos = (pos - 8)
-                .checked_sub(tl)
-                .filter(|&p| p >= FIRST_TXN_POS)
-                .ok_or_else(|| self.corrupt(pos - 8, format!("bad transaction length {tl}")))?;
-            let h = format::read_txn_header(&*self.io, tpos).map_err(|e| self.err(e))?;
-            if h.tlen != tl {
-                return Err(self.corrupt(
-                    tpos,
-                    format!(
-                        "transaction length {} differs from its trailer {tl}",
-                        h.tlen
-                    ),
-                ));
-            }
-            if !keep(&h) {
-                return Ok((out, false));
-            }
-            out.push((tpos, h));
-            pos = tpos;
+            end = t.pos;
+            out.push(t);
         }
-        Ok((out, true))
+        Ok(out)
     }
 
-    /// Oids of the data records of the transaction at `tpos`, in file order.
-    fn txn_oids(&self, tpos: u64, h: &TxnHeader, limit: u64, out: &mut Vec<Oid>) -> Result<()> {
-        if h.status == status::UNDONE || h.tlen < h.header_len() {
+    /// Oids of the data records of `t`, in file order.
+    fn txn_oids(&self, v: &FileView, t: &TxnAt, out: &mut Vec<Oid>) -> Result<()> {
+        if t.header.status == status::UNDONE {
             return Ok(());
         }
-        let tend = tpos + h.tlen;
-        let mut p = tpos + h.header_len();
-        while p < tend {
-            let d = format::read_data_header(&*self.io, p, limit).map_err(|e| self.err(e))?;
-            out.push(d.oid);
-            p = d
-                .record_len()
-                .and_then(|l| p.checked_add(l))
-                .filter(|&e| e <= tend)
-                .ok_or_else(|| self.corrupt(p, "data record exceeds its transaction"))?;
+        for r in v.records(t) {
+            out.push(r.map_err(|e| self.err(e))?.1.oid);
         }
         Ok(())
     }
 
     /// The last `count` transactions as `(tid, oids of their data records)`, oldest first.
     pub fn recent_transactions(&self, count: usize) -> Result<Vec<(Tid, Vec<Oid>)>> {
-        let snap = *self.snapshot.read();
-        let (txns, _) = self.walk_back(snap.end, count, |_| true)?;
+        let v = self.view();
+        let txns = self.walk_back(&v, count, |_| true)?;
         let mut out = Vec::with_capacity(txns.len());
-        for (tpos, h) in txns.into_iter().rev() {
+        for t in txns.into_iter().rev() {
             let mut oids = Vec::new();
-            self.txn_oids(tpos, &h, snap.end, &mut oids)?;
-            out.push((h.tid, oids));
+            self.txn_oids(&v, &t, &mut oids)?;
+            out.push((t.header.tid, oids));
         }
         Ok(out)
     }
@@ -626,13 +605,16 @@ impl FileStorageCore {
     /// `None` when `tid` is older than the first transaction in the file or more than
     /// [`INVALIDATIONS_MAX_TRANSACTIONS`] transactions back.
     pub fn invalidations_since(&self, tid: Tid) -> Result<Option<(Tid, Vec<Oid>)>> {
-        let snap = *self.snapshot.read();
-        if tid >= snap.tid {
-            return Ok(Some((snap.tid, Vec::new())));
+        let (v, last) = {
+            let live = self.live.read();
+            (FileView::new(live.io.clone(), live.snap_end), live.snap_tid)
+        };
+        if tid >= last {
+            return Ok(Some((last, Vec::new())));
         }
         let mut found = false;
-        let (txns, _) = self.walk_back(snap.end, INVALIDATIONS_MAX_TRANSACTIONS, |h| {
-            if h.tid > tid {
+        let txns = self.walk_back(&v, INVALIDATIONS_MAX_TRANSACTIONS, |t| {
+            if t.header.tid > tid {
                 true
             } else {
                 found = true;
@@ -643,12 +625,53 @@ impl FileStorageCore {
             return Ok(None);
         }
         let mut oids = Vec::new();
-        for (tpos, h) in txns.iter().rev() {
-            self.txn_oids(*tpos, h, snap.end, &mut oids)?;
+        for t in txns.iter().rev() {
+            self.txn_oids(&v, t, &mut oids)?;
         }
         let mut seen = HashSet::with_capacity(oids.len());
         oids.retain(|o| seen.insert(*o));
-        Ok(Some((snap.tid, oids)))
+        Ok(Some((last, oids)))
+    }
+
+    /// `undoLog(first, last)` / `undoInfo` (with `filter`): undoable transactions, newest
+    /// first, up to the last pack.
+    pub fn undo_log(
+        &self,
+        first: i64,
+        last: i64,
+        filter: Option<&UndoFilter>,
+    ) -> Result<Vec<UndoEntry>> {
+        crate::undo::undo_log(&self.view(), first, last, filter).map_err(|e| self.err(e))
+    }
+
+    /// An iterator over the committed transactions with `start <= tid <= stop`.
+    pub fn iterator(&self, start: Option<Tid>, stop: Option<Tid>) -> Result<TxnIter> {
+        TxnIter::new(self.view(), start, stop).map_err(|e| self.err(e))
+    }
+
+    /// `record_iternext(next)`: the current record of the first oid `>= next`.
+    pub fn record_iternext(&self, next: Option<Oid>) -> Result<CurrentRecord> {
+        let (oid, following) = {
+            let live = self.live.read();
+            let from = next.unwrap_or(Oid(0));
+            let (oid, _) = live
+                .index
+                .first_at_or_after(from)
+                .ok_or_else(|| StorageError::Value("empty tree".into()))?;
+            let following = oid
+                .0
+                .checked_add(1)
+                .and_then(|n| live.index.first_at_or_after(Oid(n)))
+                .map(|(o, _)| o);
+            (oid, following)
+        };
+        let (data, tid) = self.load(oid)?;
+        Ok(CurrentRecord {
+            oid,
+            tid,
+            data,
+            next: following,
+        })
     }
 
     /// Checks `txn` against the committed state and writes it with status `'c'`.
@@ -656,10 +679,13 @@ impl FileStorageCore {
     /// Conflict rules: a stale `Store` serial becomes a [`zodb::Conflict`] for the client
     /// to resolve (a later store of the oid replaces it); `CheckCurrent` →
     /// `ReadConflict`; `Delete` of a missing oid → `PosKey`, with a stale serial →
-    /// `Conflict`; `Restore` is not checked; `Undo` is unsupported. Conflicts write
-    /// nothing. Only the last operation on each oid is written.
+    /// `Conflict`; `Restore` is not checked; `Undo` follows [`crate::undo`]. Conflicts
+    /// write nothing. Only the last operation on each oid is written.
     pub fn vote(&self, txn: &Transaction) -> Result<Vote> {
         let mut c = self.commit.lock();
+        while c.swap_pending {
+            self.commit_cv.wait(&mut c);
+        }
         // Checked under the commit lock: `close` sets the flag and then takes the lock.
         self.check_writable()?;
         if let Some(s) = &c.staged {
@@ -681,7 +707,11 @@ impl FileStorageCore {
         c.last_tid_used = c.last_tid_used.max(tid);
         let pos = c.append_pos;
         let mut stored_max = 0;
-        let prepared = commit::prepare(txn, tid, pos, self.quota, self, &mut stored_max)?;
+        let policy = Policy {
+            quota: self.quota,
+            resolution: Some(&self.undo_resolution),
+        };
+        let prepared = commit::prepare(txn, tid, pos, &policy, self, &mut stored_max)?;
         {
             // Stores of oids above the max raise it, as in Python.
             let mut max_oid = self.max_oid.lock();
@@ -692,16 +722,18 @@ impl FileStorageCore {
             Prepare::Ready(p) => p,
         };
         let end = pos + p.bytes.len() as u64;
-        let written = self.io.write_all_at(&p.bytes, pos).and_then(|()| {
+        // Stable while we hold the commit mutex: pack swaps files under it.
+        let io = self.live.read().io.clone();
+        let written = io.write_all_at(&p.bytes, pos).and_then(|()| {
             if self.sync_on_vote {
-                self.io.sync_data()
+                io.sync_data()
             } else {
                 Ok(())
             }
         });
         if let Err(e) = written {
             tracing::error!(name = self.name, error = %e, "writing the transaction failed; truncating");
-            self.truncate_to(pos);
+            self.truncate_to(&*io, pos);
             return Err(e.into());
         }
         c.staged = Some(Staged {
@@ -713,15 +745,13 @@ impl FileStorageCore {
             tindex: p.tindex,
             invalidated: p.invalidated,
         });
-        Ok(Vote::Ok {
-            changed: Vec::new(),
-        })
+        Ok(Vote::Ok { changed: p.changed })
     }
 
     /// Cuts the file back to `pos` after a failed or aborted write; failures are logged
     /// (the bytes beyond `pos` are a `'c'` or torn tail that the next open removes).
-    fn truncate_to(&self, pos: u64) {
-        if let Err(e) = self.io.set_len(pos) {
+    fn truncate_to(&self, io: &dyn FileIo, pos: u64) {
+        if let Err(e) = io.set_len(pos) {
             tracing::error!(name = self.name, pos, error = %e, "could not truncate after a failed commit");
         }
     }
@@ -739,19 +769,20 @@ impl FileStorageCore {
                 )));
             }
         };
-        let synced = self
-            .io
+        let io = self.live.read().io.clone();
+        let synced = io
             .write_all_at(&[s.status], s.pos + 16)
-            .and_then(|()| self.io.sync_data());
+            .and_then(|()| io.sync_data());
         if let Err(e) = synced {
             tracing::error!(name = self.name, tid = %s.tid, error = %e, "commit failed at fsync; dropping the transaction");
-            self.truncate_to(s.pos);
-            if let Err(e) = self.io.sync_data() {
+            self.truncate_to(&*io, s.pos);
+            if let Err(e) = io.sync_data() {
                 tracing::error!(name = self.name, error = %e, "fsync after truncation failed too");
             }
+            self.commit_cv.notify_all();
             return Err(e.into());
         }
-        self.data_end.store(s.end, Ordering::Release);
+        self.live.write().data_end = s.end;
         c.append_pos = s.end;
         let sink = self.sink.read().clone();
         if let Some(sink) = sink {
@@ -765,25 +796,25 @@ impl FileStorageCore {
             }
         }
         {
-            let mut index = self.index.write();
+            let mut live = self.live.write();
             for &(oid, pos) in &s.tindex {
-                index.insert(oid, pos);
+                live.index.insert(oid, pos);
             }
+            live.snap_end = s.end;
+            live.snap_tid = s.tid;
         }
-        *self.snapshot.write() = Snapshot {
-            end: s.end,
-            tid: s.tid,
-        };
         self.last_tid.store(s.tid.0, Ordering::Release);
+        self.commit_cv.notify_all();
         Ok(s.tid)
     }
 
     /// Drops what `key` voted, if anything.
     pub fn abort(&self, key: TxnKey) {
         let mut c = self.commit.lock();
-        if c.staged.as_ref().is_some_and(|s| s.key == key) {
-            let s = c.staged.take().expect("checked");
-            self.truncate_to(s.pos);
+        if let Some(s) = c.staged.take_if(|s| s.key == key) {
+            let io = self.live.read().io.clone();
+            self.truncate_to(&*io, s.pos);
+            self.commit_cv.notify_all();
         }
     }
 
@@ -798,9 +829,9 @@ impl FileStorageCore {
         // Hold the commit lock so that no finish moves the index past `end` meanwhile.
         let guard = self.commit.lock();
         let end = guard.append_pos;
-        let index = self.index.read();
+        let live = self.live.read();
         crate::index_file::save(
-            &index,
+            &live.index,
             end,
             &sibling(path, ".index"),
             &sibling(path, ".index.index_tmp"),
@@ -820,9 +851,11 @@ impl FileStorageCore {
                 key = s.key,
                 "closing with a voted transaction; aborting it"
             );
-            self.truncate_to(s.pos);
+            let io = self.live.read().io.clone();
+            self.truncate_to(&*io, s.pos);
         }
         drop(c);
+        self.commit_cv.notify_all();
         let saved = self.save_index();
         *self.lock.lock() = None;
         saved.map_err(Into::into)
@@ -831,12 +864,24 @@ impl FileStorageCore {
 
 impl CommittedState for FileStorageCore {
     fn position(&self, oid: Oid) -> Option<u64> {
-        self.index.read().get(oid)
+        self.live.read().index.get(oid)
     }
 
     fn serial_at(&self, oid: Oid, pos: u64) -> Result<Tid> {
-        let limit = self.data_end.load(Ordering::Acquire);
-        Ok(self.header(oid, pos, limit)?.tid)
+        let v = {
+            let live = self.live.read();
+            FileView::new(live.io.clone(), live.data_end)
+        };
+        Ok(v.record(oid, pos).map_err(|e| self.err(e))?.tid)
+    }
+
+    fn committed_view(&self) -> FileView {
+        let live = self.live.read();
+        FileView::new(live.io.clone(), live.data_end)
+    }
+
+    fn name(&self) -> &str {
+        &self.name
     }
 }
 

@@ -3,6 +3,9 @@
 //! Loads are answered from a persistent, size-bounded cache ([`cache`]) or fetched
 //! upstream; commits are forwarded; upstream invalidations update the cache and fan out
 //! to downstream clients through the server's hub. The cache survives restarts and is
-//! caught up from upstream rather than dropped.
+//! caught up from upstream rather than dropped ([`upstream`]).
 
 pub mod cache;
+pub mod upstream;
+
+pub use upstream::{ProxyConfig, UpstreamStorage};

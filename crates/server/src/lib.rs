@@ -146,7 +146,7 @@ impl Server {
     /// Stops accepting, closes every session (aborting transactions not yet voted or
     /// finished; a `tpc_finish` in progress completes), then closes the storages.
     pub async fn shutdown(&self) {
-        let _ = self.shutdown_tx.send(true);
+        self.shutdown_tx.send_replace(true);
         let tasks: Vec<_> = std::mem::take(&mut *self.tasks.lock());
         for t in tasks {
             let _ = t.await;

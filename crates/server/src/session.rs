@@ -103,6 +103,7 @@ where
         txn: TxnState::Idle,
         pending: FuturesUnordered::new(),
         limits: Limits::default(),
+        iterators: Arc::new(parking_lot::Mutex::new(Iterators::default())),
     };
     let reason = session.serve(&mut rd, buf).await;
     session.cleanup(&reason).await;
@@ -199,6 +200,8 @@ struct Session {
     /// Requests in progress (loads and other reads).
     pending: FuturesUnordered<BoxFuture<'static, ()>>,
     limits: Limits,
+    /// This connection's transaction and record iterators (`iterator_start`…).
+    iterators: Arc<parking_lot::Mutex<Iterators>>,
 }
 
 enum Event {
@@ -396,6 +399,12 @@ impl Session {
                     });
                 }
             },
+            Request::ChangedSince { tid } => {
+                let storage = handle.storage.clone();
+                self.spawn_call(msgid, async move {
+                    Ok(invalidations_value(storage.invalidations_since(tid).await?))
+                });
+            }
             Request::NewOids { count } => {
                 if read_only {
                     self.reply_error(&msgid, &StorageError::ReadOnly);
@@ -518,28 +527,59 @@ impl Session {
             Request::Vote { txn } => self.vote(&handle, read_only, msgid, txn),
             Request::TpcFinish { txn } => self.tpc_finish(&handle, read_only, msgid, txn),
             Request::TpcAbort { txn } => self.tpc_abort(&handle, read_only, msgid, txn).await,
-            Request::UndoLog { .. } | Request::UndoInfo { .. } => {
-                // Undo is not offered (get_info says supportsUndo False); Python answers
-                // an empty log for storages without undo.
-                self.reply(&msgid, Value::Tuple(vec![]))
+            Request::UndoLog { first, last } => self.undo_log(&handle, msgid, first, last, None),
+            Request::UndoInfo { first, last, spec } => {
+                self.undo_log(&handle, msgid, first, last, Some(spec))
             }
-            Request::IteratorGc { .. } => {}
-            Request::Pack { .. }
-            | Request::IteratorStart { .. }
-            | Request::IteratorNext { .. }
-            | Request::IteratorRecordStart { .. }
-            | Request::IteratorRecordNext { .. }
-            | Request::RecordIternext { .. }
-            | Request::SendBlob { .. } => {
+            Request::IteratorStart { start, stop } => {
+                self.iterator_start(&handle, msgid, start, stop)
+            }
+            Request::IteratorNext { iid } => self.iterator_next(msgid, iid),
+            Request::IteratorRecordStart { txn_iid, tid } => {
+                self.iterator_record_start(msgid, txn_iid, tid)
+            }
+            Request::IteratorRecordNext { riid } => self.iterator_record_next(msgid, riid),
+            Request::IteratorGc { iids } => {
+                {
+                    let mut its = self.iterators.lock();
+                    for iid in iids {
+                        its.slots.remove(&iid);
+                    }
+                }
+                // Sent one-way by ClientStorage, but answered when called.
+                if !oneway {
+                    self.reply(&msgid, Value::None);
+                }
+            }
+            Request::RecordIternext { next } => {
+                let storage = handle.storage.clone();
+                let next = match next.as_deref().map(zodb::Oid::from_slice) {
+                    None => None,
+                    Some(Some(oid)) => Some(oid),
+                    Some(None) => {
+                        self.reply_error(
+                            &msgid,
+                            &StorageError::Value("record_iternext: next must be an oid".into()),
+                        );
+                        return Ok(());
+                    }
+                };
+                self.spawn_call(msgid, async move {
+                    let r = storage.record_iternext(next).await?;
+                    Ok(Value::Tuple(vec![
+                        Value::from(r.oid),
+                        Value::from(r.tid),
+                        Value::Bytes(r.data),
+                        r.next.map(Value::from).unwrap_or(Value::None),
+                    ]))
+                });
+            }
+            Request::Pack { time, wait } => self.pack(&handle, msgid, time, wait, oneway),
+            Request::SendBlob { .. } => {
                 if oneway {
                     return Err(Close::Protocol(format!("{} is not supported", msg.name)));
                 }
-                let name: &'static str = match msg.name.as_str() {
-                    "pack" => "pack",
-                    "sendBlob" => "blobs",
-                    _ => "iteration",
-                };
-                self.reply_error(&msgid, &StorageError::Unsupported(name));
+                self.reply_error(&msgid, &StorageError::Unsupported("blobs"));
             }
             Request::StoreBlobStart
             | Request::StoreBlobChunk { .. }
@@ -892,6 +932,199 @@ impl Session {
         }
     }
 
+    /// `undoLog` / `undoInfo`: read in the background (a long log must not hold up the
+    /// connection's other requests), as the stock server runs them in a thread.
+    fn undo_log(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        msgid: Value,
+        first: i64,
+        last: i64,
+        spec: Option<Value>,
+    ) {
+        let filter = spec.and_then(undo_filter);
+        let storage = handle.storage.clone();
+        self.spawn_call(msgid, async move {
+            match storage.undo_log(first, last, filter).await {
+                Ok(entries) => Ok(Value::List(entries.iter().map(undo_dict).collect())),
+                // Python answers an empty log for storages without undo.
+                Err(StorageError::Unsupported(_)) => Ok(Value::Tuple(vec![])),
+                Err(e) => Err(e),
+            }
+        });
+    }
+
+    fn iterator_start(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        msgid: Value,
+        start: Option<Tid>,
+        stop: Option<Tid>,
+    ) {
+        let storage = handle.storage.clone();
+        let iterators = self.iterators.clone();
+        let iid = iterators.lock().next_id();
+        self.spawn_call(msgid, async move {
+            let it = storage.iterator(start, stop).await?;
+            iterators.lock().slots.insert(
+                iid,
+                IterSlot::Txn(Arc::new(tokio::sync::Mutex::new(TxnSlot {
+                    it,
+                    last: None,
+                }))),
+            );
+            Ok(Value::Int(iid))
+        });
+    }
+
+    fn iterator_next(&mut self, msgid: Value, iid: i64) {
+        let slot = match self.iterators.lock().slots.get(&iid) {
+            Some(IterSlot::Txn(t)) => t.clone(),
+            _ => return self.reply_key_error(&msgid, iid),
+        };
+        let iterators = self.iterators.clone();
+        self.spawn_call(msgid, async move {
+            let mut slot = slot.lock().await;
+            match slot.it.next_transaction().await {
+                Ok(Some(t)) => {
+                    slot.last = Some(t.tid);
+                    Ok(Value::Tuple(vec![
+                        Value::from(t.tid),
+                        Value::Str(String::from_utf8_lossy(&[t.status]).into_owned()),
+                        Value::Bytes(Bytes::from(t.user)),
+                        Value::Bytes(Bytes::from(t.description)),
+                        Value::Dict(zeo_proto::extension_from_bytes(&t.extension)),
+                    ]))
+                }
+                Ok(None) => {
+                    // Exhausted: the server forgets it (the client knows).
+                    iterators.lock().slots.remove(&iid);
+                    Ok(Value::None)
+                }
+                Err(e) => Err(e),
+            }
+        });
+    }
+
+    fn iterator_record_start(&mut self, msgid: Value, txn_iid: i64, tid: Tid) {
+        let (slot, riid) = {
+            let mut its = self.iterators.lock();
+            match its.slots.get(&txn_iid) {
+                Some(IterSlot::Txn(t)) => (t.clone(), its.next_id()),
+                _ => return self.reply_key_error(&msgid, txn_iid),
+            }
+        };
+        let iterators = self.iterators.clone();
+        let outbox = self.outbox.clone();
+        self.pending.push(Box::pin(async move {
+            let slot = slot.lock().await;
+            let reply = match slot.last {
+                Some(last) if last == tid => slot.it.records().map(|records| {
+                    iterators.lock().slots.insert(
+                        riid,
+                        IterSlot::Records(Arc::new(tokio::sync::Mutex::new(records))),
+                    );
+                    Value::Int(riid)
+                }),
+                Some(_) => {
+                    let text = format!(
+                        "Out-of-order request for record iterator for transaction {:?}",
+                        Value::from(tid)
+                    );
+                    send_exception(&outbox, &msgid, "builtins.Exception", text);
+                    return;
+                }
+                None => {
+                    send_exception(&outbox, &msgid, "builtins.KeyError", txn_iid.to_string());
+                    return;
+                }
+            };
+            match reply {
+                Ok(v) => outbox.send(frame::frame(&message::encode_reply(
+                    outbox.encoding,
+                    &msgid,
+                    v,
+                ))),
+                Err(e) => send_error(&outbox, &msgid, &e),
+            }
+        }));
+    }
+
+    fn iterator_record_next(&mut self, msgid: Value, riid: i64) {
+        let slot = match self.iterators.lock().slots.get(&riid) {
+            Some(IterSlot::Records(r)) => r.clone(),
+            _ => return self.reply_key_error(&msgid, riid),
+        };
+        let iterators = self.iterators.clone();
+        self.spawn_call(msgid, async move {
+            let mut records = slot.lock().await;
+            match records.next_record().await? {
+                Some(r) => Ok(Value::Tuple(vec![
+                    Value::from(r.oid),
+                    Value::from(r.tid),
+                    r.data.map(Value::Bytes).unwrap_or(Value::None),
+                    r.data_txn.map(Value::from).unwrap_or(Value::None),
+                ])),
+                None => {
+                    iterators.lock().slots.remove(&riid);
+                    Ok(Value::None)
+                }
+            }
+        });
+    }
+
+    /// `pack(t, wait)`: runs as its own task, so it completes (and tells every client the
+    /// new size) even if this client goes away; `wait` decides whether the reply waits.
+    /// Allowed on read-only connections, as in ZEO.
+    fn pack(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        msgid: Value,
+        time: f64,
+        wait: bool,
+        oneway: bool,
+    ) {
+        let h = handle.clone();
+        let task = tokio::spawn(async move {
+            info!(storage = %h.name, time, "pack started");
+            let result = h.storage.pack(time).await;
+            match &result {
+                Ok(()) => {
+                    info!(storage = %h.name, "pack finished");
+                    let info = h.storage.info();
+                    h.hub.broadcast(
+                        "info",
+                        vec![Value::dict([
+                            ("length", Value::Int(info.length as i64)),
+                            ("size", Value::Int(info.size as i64)),
+                        ])],
+                    );
+                }
+                Err(e) => warn!(storage = %h.name, error = %e, "pack failed"),
+            }
+            result
+        });
+        if oneway {
+            return;
+        }
+        if !wait {
+            self.reply(&msgid, Value::None);
+            return;
+        }
+        self.spawn_call(msgid, async move {
+            match task.await {
+                Ok(result) => result.map(|()| Value::None),
+                Err(e) => Err(StorageError::Io(std::io::Error::other(format!(
+                    "pack task failed: {e}"
+                )))),
+            }
+        });
+    }
+
+    fn reply_key_error(&self, msgid: &Value, key: i64) {
+        send_exception(&self.outbox, msgid, "builtins.KeyError", key.to_string());
+    }
+
     fn spawn_call<F>(&mut self, msgid: Value, fut: F)
     where
         F: Future<Output = zodb::Result<Value>> + Send + 'static,
@@ -959,6 +1192,163 @@ fn send_error(outbox: &Outbox, msgid: &Value, e: &StorageError) {
         &class,
         payload,
     )));
+}
+
+fn send_exception(outbox: &Outbox, msgid: &Value, class: &str, arg: String) {
+    outbox.send(frame::frame(&message::encode_exception(
+        outbox.encoding,
+        msgid,
+        class,
+        Value::Tuple(vec![Value::Str(arg)]),
+    )));
+}
+
+/// A connection's iterators. Ids come from one counter per connection, as in ZEO.
+#[derive(Default)]
+struct Iterators {
+    next: i64,
+    slots: std::collections::HashMap<i64, IterSlot>,
+}
+
+impl Iterators {
+    fn next_id(&mut self) -> i64 {
+        let id = self.next;
+        self.next += 1;
+        id
+    }
+}
+
+/// A transaction iterator and the tid it last returned (record iterators start from it).
+struct TxnSlot {
+    it: Box<dyn zodb::TransactionIterator>,
+    last: Option<Tid>,
+}
+
+/// The async mutexes serialise the (sequential) calls a client makes on one iterator
+/// while letting them run as background requests.
+enum IterSlot {
+    Txn(Arc<tokio::sync::Mutex<TxnSlot>>),
+    Records(Arc<tokio::sync::Mutex<Box<dyn zodb::RecordIterator>>>),
+}
+
+/// The dict `undoLog` returns for one transaction, keys in Python's order, the
+/// extension's keys merged in last.
+fn undo_dict(e: &zodb::UndoEntry) -> Value {
+    let mut items = vec![
+        (Value::str("id"), Value::Bytes(Bytes::from(e.id()))),
+        (
+            Value::str("time"),
+            Value::Float(zodb::timestamp::tid_to_unix(e.tid)),
+        ),
+        (
+            Value::str("user_name"),
+            Value::Bytes(Bytes::from(e.user.clone())),
+        ),
+        (Value::str("size"), Value::Int(e.size as i64)),
+        (
+            Value::str("description"),
+            Value::Bytes(Bytes::from(e.description.clone())),
+        ),
+    ];
+    for (k, v) in zeo_proto::extension_from_bytes(&e.extension) {
+        match items.iter_mut().find(|(key, _)| *key == k) {
+            Some(slot) => slot.1 = v,
+            None => items.push((k, v)),
+        }
+    }
+    Value::Dict(items)
+}
+
+/// `undoInfo`'s specification as a filter: a transaction passes when, for every key of
+/// the spec, its undo dict has an equal value (`desc.get(k) == v`). `None` and an empty
+/// dict select everything.
+///
+/// A `ZopeUndo.Prefix` value (Zope's undo screen) matches the path prefix of a text
+/// value. Python 3 ZODB stores user and description as bytes and `Prefix` then raises
+/// `TypeError`; here bytes are read as UTF-8 so that the filter works as Zope intends.
+fn undo_filter(spec: Value) -> Option<zodb::UndoFilter> {
+    let items = match spec {
+        Value::Dict(items) if !items.is_empty() => items,
+        _ => return None,
+    };
+    Some(Box::new(move |entry: &zodb::UndoEntry| {
+        let desc = undo_dict(entry);
+        let Value::Dict(desc) = desc else {
+            return false;
+        };
+        items.iter().all(|(k, v)| {
+            let found = desc.iter().find(|(dk, _)| py_eq(dk, k)).map(|(_, dv)| dv);
+            match v {
+                Value::Object {
+                    module,
+                    name,
+                    state,
+                } if module == "ZopeUndo.Prefix" && name == "Prefix" => {
+                    let text = match found {
+                        Some(Value::Str(s)) => s.clone(),
+                        Some(Value::Bytes(b)) => String::from_utf8_lossy(b).into_owned(),
+                        _ => return false,
+                    };
+                    prefix_matches(state, &text)
+                }
+                _ => py_eq(found.unwrap_or(&Value::None), v),
+            }
+        })
+    }))
+}
+
+/// `ZopeUndo.Prefix.__eq__`: the leading path segments of `other` (its last segment cut
+/// at the last space, which separates a logged user name) equal the prefix's path.
+fn prefix_matches(state: &Value, other: &str) -> bool {
+    let path: Vec<&str> = match state.get("path").and_then(Value::as_seq) {
+        Some(p) => p.iter().filter_map(Value::as_str).collect(),
+        None => return false,
+    };
+    let length = state
+        .get("length")
+        .and_then(Value::as_int)
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(path.len());
+    let mut segments: Vec<&str> = other.split('/').collect();
+    if let Some(last) = segments.last_mut() {
+        if let Some(i) = last.rfind(' ') {
+            *last = &last[..i];
+        }
+    }
+    segments.truncate(length);
+    segments == path
+}
+
+/// Python's `==` for the values an undo dict and a spec hold.
+fn py_eq(a: &Value, b: &Value) -> bool {
+    fn num(v: &Value) -> Option<f64> {
+        match v {
+            Value::Int(i) => Some(*i as f64),
+            Value::Bool(b) => Some(*b as i64 as f64),
+            Value::Float(f) => Some(*f),
+            _ => None,
+        }
+    }
+    match (a, b) {
+        (Value::Int(x), Value::Int(y)) => x == y,
+        (Value::Tuple(x), Value::Tuple(y))
+        | (Value::List(x), Value::List(y))
+        | (Value::Set(x), Value::Set(y)) => {
+            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q))
+        }
+        (Value::Dict(x), Value::Dict(y)) => {
+            x.len() == y.len()
+                && x.iter().all(|(k, v)| {
+                    y.iter()
+                        .find(|(k2, _)| py_eq(k, k2))
+                        .is_some_and(|(_, v2)| py_eq(v, v2))
+                })
+        }
+        _ => match (num(a), num(b)) {
+            (Some(x), Some(y)) => x == y,
+            _ => a == b,
+        },
+    }
 }
 
 /// `loadBefore`, retried if an invalidation overtook it (see [`Outbox::send_load_reply`]).
@@ -1031,6 +1421,11 @@ fn info_dict(handle: &StorageHandle) -> Value {
             Value::Bool(info.supports_record_iternext),
         ),
         ("interfaces", Value::Tuple(interfaces)),
+        // Our extensions, for zeors clients (proxies); stock clients ignore unknown keys.
+        (
+            "zeors_extensions",
+            Value::Tuple(vec![Value::str("changed_since")]),
+        ),
     ])
 }
 

@@ -111,11 +111,20 @@ pub struct NoCallbacks;
 #[async_trait]
 impl Callbacks for NoCallbacks {}
 
+/// Runs in the connection's reader when a reply arrives, before any later message is
+/// handled: the way to act on a reply in exact order with the callbacks around it.
+pub type ReplyHook = Box<dyn FnOnce(&Result<Value, RemoteError>) + Send>;
+
+struct Pending {
+    tx: oneshot::Sender<Reply>,
+    hook: Option<ReplyHook>,
+}
+
 struct Inner {
     address: Address,
     encoding: Encoding,
     out: mpsc::UnboundedSender<Bytes>,
-    calls: Mutex<HashMap<i64, oneshot::Sender<Reply>>>,
+    calls: Mutex<HashMap<i64, Pending>>,
     next_msgid: AtomicI64,
     closed: AtomicBool,
     closed_tx: watch::Sender<bool>,
@@ -258,12 +267,35 @@ impl Connection {
 
     /// A two-way call; returns the reply and what it reflects.
     pub async fn call_with_seen(&self, name: &str, args: Vec<Value>) -> Result<Reply, ClientError> {
+        self.call_inner(name, args, None).await
+    }
+
+    /// A two-way call whose `hook` runs in the reader, in order with callbacks, as soon
+    /// as the reply arrives (see [`ReplyHook`]).
+    pub async fn call_with_hook(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        hook: ReplyHook,
+    ) -> Result<Value, ClientError> {
+        self.call_inner(name, args, Some(hook))
+            .await?
+            .result
+            .map_err(ClientError::Remote)
+    }
+
+    async fn call_inner(
+        &self,
+        name: &str,
+        args: Vec<Value>,
+        hook: Option<ReplyHook>,
+    ) -> Result<Reply, ClientError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(ClientError::Disconnected);
         }
         let msgid = self.inner.next_msgid.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.inner.calls.lock().insert(msgid, tx);
+        self.inner.calls.lock().insert(msgid, Pending { tx, hook });
         let payload =
             message::encode_call(self.inner.encoding, &Value::Int(msgid), false, name, args);
         if self.inner.out.send(frame::frame(&payload)).is_err()
@@ -504,7 +536,7 @@ async fn dispatch(inner: &Inner, callbacks: &dyn Callbacks, msg: Message) {
         let Some(msgid) = msg.msgid.as_int() else {
             return;
         };
-        let Some(tx) = inner.calls.lock().remove(&msgid) else {
+        let Some(pending) = inner.calls.lock().remove(&msgid) else {
             return;
         };
         let result = if msg.is_exception() {
@@ -526,8 +558,11 @@ async fn dispatch(inner: &Inner, callbacks: &dyn Callbacks, msg: Message) {
         } else {
             Ok(msg.args)
         };
+        if let Some(hook) = pending.hook {
+            hook(&result);
+        }
         let seen = Tid(inner.last_invalidation.load(Ordering::Acquire));
-        let _ = tx.send(Reply { result, seen });
+        let _ = pending.tx.send(Reply { result, seen });
         return;
     }
     let args: Vec<Value> = match msg.args {
@@ -571,4 +606,57 @@ async fn dispatch(inner: &Inner, callbacks: &dyn Callbacks, msg: Message) {
         }
         other => tracing::debug!(callback = other, "ignoring unknown callback"),
     }
+}
+
+/// Exponential backoff between reconnection attempts, with jitter so that many proxies
+/// do not hammer a recovering server in lock step.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    current: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            current: min,
+            min,
+            max,
+        }
+    }
+
+    /// The delay before the next attempt; doubles each time up to `max`.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let jitter = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64 % (base.as_millis() as u64 / 4 + 1))
+            .unwrap_or(0);
+        base + Duration::from_millis(jitter)
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+/// Tries each address in turn (failover) and returns the first registered connection.
+pub async fn connect_any(
+    addresses: &[Address],
+    opts: &ConnectOptions,
+    callbacks: impl Fn() -> Arc<dyn Callbacks>,
+) -> Result<Connection, ClientError> {
+    let mut last = ClientError::Disconnected;
+    for address in addresses {
+        match Connection::connect(address, opts, callbacks()).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) => {
+                tracing::debug!(%address, error = %e, "connection attempt failed");
+                last = e;
+            }
+        }
+    }
+    Err(last)
 }

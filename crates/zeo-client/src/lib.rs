@@ -12,5 +12,6 @@
 mod connection;
 
 pub use connection::{
-    Address, Callbacks, ClientError, ConnectOptions, Connection, NoCallbacks, RemoteError, Reply,
+    connect_any, Address, Backoff, Callbacks, ClientError, ConnectOptions, Connection, NoCallbacks,
+    RemoteError, Reply, ReplyHook,
 };

@@ -333,6 +333,9 @@ enum Global {
     FrozenSet,
     /// `builtins.bytes`: Python 3 pickles `b''` as `bytes()` in protocols < 3.
     Bytes,
+    /// `builtins.dict`, applied by REDUCE to a sequence of pairs: how a `dict` subclass
+    /// pickles itself when it defines `__reduce__` (transaction extensions may be one).
+    Dict,
     /// `zodbpickle.binary`, the Python 2 bytes type.
     Binary,
     /// `_codecs.encode`: Python 3 pickles non-empty bytes as `encode(text, 'latin1')` in
@@ -349,6 +352,7 @@ impl Global {
             Global::Set => ("builtins", "set"),
             Global::FrozenSet => ("builtins", "frozenset"),
             Global::Bytes => ("builtins", "bytes"),
+            Global::Dict => ("builtins", "dict"),
             Global::Binary => ("zodbpickle", "binary"),
             Global::CodecsEncode => ("_codecs", "encode"),
             Global::Prefix => ("ZopeUndo.Prefix", "Prefix"),
@@ -361,6 +365,7 @@ impl Global {
             ("builtins" | "__builtin__", "set") => Global::Set,
             ("builtins" | "__builtin__", "frozenset") => Global::FrozenSet,
             ("builtins" | "__builtin__", "bytes") => Global::Bytes,
+            ("builtins" | "__builtin__", "dict") => Global::Dict,
             ("zodbpickle", "binary") => Global::Binary,
             ("_codecs", "encode") => Global::CodecsEncode,
             ("ZopeUndo.Prefix", "Prefix") => Global::Prefix,
@@ -977,6 +982,22 @@ impl Machine<'_> {
                 // Hashing charges every element, so copying a memoized list into a set
                 // any number of times stays within the budget.
                 self.new_set(&items, global == Global::FrozenSet)
+            }
+            (Global::Dict, []) => self.node(Node::Dict(DictNode::default())),
+            (Global::Dict, [Node::List(pairs) | Node::Tuple(pairs)]) => {
+                let mut items = Vec::with_capacity(pairs.len() * 2);
+                for &pair in pairs {
+                    match &self.nodes[pair] {
+                        Node::Tuple(kv) | Node::List(kv) if kv.len() == 2 => {
+                            items.extend_from_slice(kv)
+                        }
+                        _ => return malformed("dict() of an item that is not a pair"),
+                    }
+                }
+                let id = self.new_node(Node::Dict(DictNode::default()))?;
+                self.set_items(id, &items)?;
+                self.stack.push(id);
+                Ok(())
             }
             (Global::Bytes | Global::Binary, []) => self.leaf(Value::Bytes(Bytes::new())),
             (Global::Bytes | Global::Binary, [Node::Leaf(Value::Bytes(b))]) => {
@@ -1714,6 +1735,13 @@ mod tests {
             (hex("8003636275696c74696e730a66726f7a656e7365740a5d4b076185522e"), set(vec![i(7)])),
             (wire("80 02 63 '__builtin__' 0a 'set' 0a 4b 01 4b 01 86 85 52 2e"), set(vec![i(1)])),
             (wire("80 02 63 '__builtin__' 0a 'frozenset' 0a 29 52 2e"), set(vec![])),
+            // A dict subclass with __reduce__ returning (dict, (tuple(items),)), as
+            // ZODB's IteratorStorage test sends for a transaction extension; dict().
+            (
+                hex("80 03 63 62 75 69 6c 74 69 6e 73 0a 64 69 63 74 0a 71 00 58 03 00 00 00 66 6f 6f 71 01 4b 01 86 71 02 85 71 03 85 71 04 52 71 05 2e"),
+                d(vec![(s("foo"), i(1))]),
+            ),
+            (wire("80 03 63 'builtins' 0a 'dict' 0a 29 52 2e"), d(vec![])),
             // A repeated key replaces the value in place; 1, 1.0 and True are one key.
             (
                 hex("80 03 7d 28 4b 01 4b 0a 4b 02 4b 14 88 4b 1e 47 3f f0 00 00 00 00 00 00 4b 28 75 2e"),

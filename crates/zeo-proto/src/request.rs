@@ -145,6 +145,12 @@ pub enum Request {
         label: String,
     },
     Ping,
+    /// zeors extension (advertised in `get_info` as `zeors_extensions`): every oid changed
+    /// after `tid`, without the invalidation queue's window. Lets a zeors proxy catch up
+    /// after a long outage without walking the transaction log.
+    ChangedSince {
+        tid: Tid,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -348,6 +354,7 @@ fn method_name(name: &str) -> Option<&'static str> {
         "server_status",
         "set_client_label",
         "ping",
+        "zeors_changed_since",
     ];
     NAMES.iter().copied().find(|n| *n == name)
 }
@@ -514,6 +521,7 @@ impl Request {
                 label: a.string(0)?,
             },
             "ping" => Request::Ping,
+            "zeors_changed_since" => Request::ChangedSince { tid: a.tid(0)? },
             _ => return Err(RequestError::UnknownMethod(name.to_string())),
         })
     }

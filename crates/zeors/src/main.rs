@@ -60,6 +60,45 @@ struct ServeArgs {
     /// Log filter, e.g. `info`, `debug`, `zeors=debug,server=debug`. Overrides RUST_LOG.
     #[arg(long)]
     log_level: Option<String>,
+
+    /// Proxy mode: serve the storage of this upstream ZEO server (HOST:PORT or socket
+    /// path) through a persistent cache instead of a Data.fs. Repeat for failover.
+    #[arg(long = "upstream", value_name = "ADDRESS")]
+    upstreams: Vec<String>,
+
+    /// Proxy mode: name of the storage on the upstream server.
+    #[arg(long, default_value = "1")]
+    upstream_storage: String,
+
+    /// Proxy mode: directory of the persistent cache.
+    #[arg(long, default_value = "var/cache")]
+    cache_dir: PathBuf,
+
+    /// Proxy mode: size bound of the cache, e.g. 500MB, 20GB.
+    #[arg(long, default_value = "1GB", value_parser = parse_size)]
+    cache_size: u64,
+}
+
+/// Parses sizes the way zeo.conf writes them: a number with an optional KB/MB/GB/TB suffix.
+fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = [
+        ("TB", 1u64 << 40),
+        ("GB", 1 << 30),
+        ("MB", 1 << 20),
+        ("KB", 1 << 10),
+        ("B", 1),
+    ]
+    .iter()
+    .find_map(|(suffix, m)| t.strip_suffix(suffix).map(|n| (n.trim().to_string(), *m)))
+    .unwrap_or((t.clone(), 1));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("not a size: {s:?} (examples: 500MB, 20GB)"))?;
+    if !(n.is_finite() && n > 0.0) {
+        return Err(format!("size must be positive: {s:?}"));
+    }
+    Ok((n * mult as f64) as u64)
 }
 
 fn init_logging(level: Option<&str>) {
@@ -107,6 +146,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ..Default::default()
     };
 
+    if !args.upstreams.is_empty() {
+        return serve_proxy(args, config).await;
+    }
     if let Some(dir) = args.filename.parent() {
         if !dir.as_os_str().is_empty() && !args.read_only {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -128,7 +170,50 @@ async fn serve(args: ServeArgs) -> Result<()> {
         vec![(args.storage_name.clone(), Arc::new(storage))];
 
     let server = server::Server::new(config, storages).await?;
-    for address in &args.addresses {
+    run_server(server, &args.addresses).await
+}
+
+/// Proxy mode: the storage is a ZEO client of the upstream server, with a persistent cache.
+async fn serve_proxy(args: ServeArgs, config: server::ServerConfig) -> Result<()> {
+    let cache = proxy::cache::CacheConfig {
+        dir: args.cache_dir.clone(),
+        max_bytes: args.cache_size,
+        invalidation_log_size: 100_000,
+    };
+    let mut pconfig = proxy::ProxyConfig::new(
+        args.upstreams
+            .iter()
+            .map(|a| zeo_client::Address(a.clone()))
+            .collect(),
+        cache,
+    );
+    pconfig.storage = args.upstream_storage.clone();
+    pconfig.read_only = args.read_only;
+    let storage =
+        Arc::new(proxy::UpstreamStorage::open(pconfig).context("opening the proxy storage")?);
+    let cached = zodb::Storage::last_transaction(&*storage) != zodb::Tid::ZERO;
+    let storages: Vec<(String, Arc<dyn zodb::Storage>)> =
+        vec![(args.storage_name.clone(), storage.clone())];
+    let server = server::Server::new(config, storages).await?;
+    // Serve only once we know where upstream stands; with a warm cache, start serving
+    // it after a short wait even if upstream is unreachable.
+    info!(upstream = ?args.upstreams, cache = %args.cache_dir.display(), "proxy mode: connecting upstream");
+    if cached {
+        if !storage.wait_ready(Duration::from_secs(10)).await {
+            tracing::warn!("upstream not reachable yet; serving from the cache meanwhile");
+        }
+    } else {
+        while !storage.wait_ready(Duration::from_secs(30)).await {
+            tracing::warn!(
+                "waiting for the upstream server (the cache is empty, nothing to serve yet)"
+            );
+        }
+    }
+    run_server(server, &args.addresses).await
+}
+
+async fn run_server(server: server::Server, addresses: &[String]) -> Result<()> {
+    for address in addresses {
         let listener = server::Listener::bind(address)
             .await
             .with_context(|| format!("listening on {address}"))?;

@@ -15,8 +15,9 @@ pub mod timestamp;
 pub use error::StorageError;
 pub use ids::{Oid, Tid};
 pub use storage::{
-    Conflict, HistoryEntry, InvalidationSink, LoadBefore, Loaded, Storage, StorageInfo,
-    Transaction, TransactionMeta, TxnKey, TxnOp, Vote,
+    tid_from_undo_id, undo_id, Conflict, CurrentRecord, DataRecord, HistoryEntry, InvalidationSink,
+    LoadBefore, Loaded, RecordIterator, Storage, StorageInfo, Transaction, TransactionInfo,
+    TransactionIterator, TransactionMeta, TxnKey, TxnOp, UndoEntry, UndoFilter, Vote,
 };
 
 /// Result type used by storages.

@@ -6,7 +6,7 @@
 //! FileStorage writes the transaction in one go, and the upstream (proxy) storage forwards it
 //! to the server behind it in one burst of pipelined messages.
 
-use crate::{Oid, Result, Tid};
+use crate::{Oid, Result, StorageError, Tid};
 use async_trait::async_trait;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -130,6 +130,137 @@ pub enum Vote {
     Conflicts(Vec<Conflict>),
 }
 
+/// One entry of `undoLog` / `undoInfo`: an undoable transaction, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UndoEntry {
+    pub tid: Tid,
+    pub user: Vec<u8>,
+    pub description: Vec<u8>,
+    /// Pickled extension dict (empty for an empty dict), as stored in the transaction.
+    pub extension: Vec<u8>,
+    /// Size of the transaction record in bytes.
+    pub size: u64,
+}
+
+impl UndoEntry {
+    /// The undo id handed to clients: base64 of the tid without the newline, as
+    /// Python's FileStorage makes it (`b'BA1A02769Ko='`).
+    pub fn id(&self) -> Vec<u8> {
+        undo_id(self.tid)
+    }
+}
+
+/// Decides which transactions `undo_log` lists (`undoInfo`'s specification).
+pub type UndoFilter = Box<dyn Fn(&UndoEntry) -> bool + Send + Sync>;
+
+const BASE64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Base64 of the tid, padded, without a newline (`encodebytes(tid).rstrip()`).
+pub fn undo_id(tid: Tid) -> Vec<u8> {
+    let b = tid.to_bytes();
+    let mut out = Vec::with_capacity(12);
+    for chunk in b.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |acc, (i, &x)| acc | (x as u32) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(BASE64[(n >> (18 - 6 * i) & 63) as usize]);
+            } else {
+                out.push(b'=');
+            }
+        }
+    }
+    out
+}
+
+/// The tid of an undo id (`decodebytes(id + b'\n')`); whitespace is ignored, as Python's
+/// decoder does. `None` unless it decodes to exactly 8 bytes.
+pub fn tid_from_undo_id(id: &[u8]) -> Option<Tid> {
+    let mut bits = 0u32;
+    let mut nbits = 0;
+    let mut out = Vec::with_capacity(9);
+    for &c in id {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            b'=' => break,
+            c if c.is_ascii_whitespace() => continue,
+            _ => return None,
+        };
+        bits = (bits << 6) | v as u32;
+        nbits += 6;
+        if nbits >= 8 {
+            nbits -= 8;
+            out.push((bits >> nbits) as u8);
+            bits &= (1 << nbits) - 1;
+        }
+        if out.len() > 8 {
+            return None;
+        }
+    }
+    Tid::from_slice(&out)
+}
+
+/// A transaction as iteration reports it (`IStorageTransactionInformation`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransactionInfo {
+    pub tid: Tid,
+    /// The status byte: `b' '` committed, `b'p'` packed.
+    pub status: u8,
+    pub user: Vec<u8>,
+    pub description: Vec<u8>,
+    /// Pickled extension dict (empty for an empty dict).
+    pub extension: Vec<u8>,
+}
+
+/// A data record as iteration reports it (`IStorageRecordInformation`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DataRecord {
+    pub oid: Oid,
+    /// The record's serial.
+    pub tid: Tid,
+    /// The pickle, back pointers resolved; `None` when the object has no state (its
+    /// creation undone, or deleted).
+    pub data: Option<Bytes>,
+    /// For a back pointer: the tid of the record it points at (one level only, as
+    /// Python's iterator reports it).
+    pub data_txn: Option<Tid>,
+}
+
+/// A forward iterator over transactions, seeing the storage as it was when it was made.
+#[async_trait]
+pub trait TransactionIterator: Send + Sync {
+    /// The next transaction, `None` at the end.
+    async fn next_transaction(&mut self) -> Result<Option<TransactionInfo>>;
+
+    /// A new iterator over the data records of the transaction last returned by
+    /// [`next_transaction`](Self::next_transaction); it stays valid when this iterator
+    /// moves on, and may be made several times.
+    fn records(&self) -> Result<Box<dyn RecordIterator>>;
+}
+
+/// An iterator over the data records of one transaction.
+#[async_trait]
+pub trait RecordIterator: Send + Sync {
+    /// The next record, `None` at the end.
+    async fn next_record(&mut self) -> Result<Option<DataRecord>>;
+}
+
+/// One step of `record_iternext` (`IStorageCurrentRecordIteration`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CurrentRecord {
+    pub oid: Oid,
+    pub tid: Tid,
+    pub data: Bytes,
+    /// The next oid in the storage, `None` after the last.
+    pub next: Option<Oid>,
+}
+
 /// Receives every committed transaction, in tid order, before its data becomes visible to
 /// loads. The server's invalidation hub implements it.
 pub trait InvalidationSink: Send + Sync {
@@ -192,4 +323,60 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Flushes and releases resources (index file, locks). Called once at shutdown.
     async fn close(&self) -> Result<()>;
+
+    /// Undoable transactions, newest first: those at positions `first..last` (counted
+    /// among the transactions `filter` accepts), with Python's normalisation of a
+    /// negative `last` (`-n` means `n` entries). Storages without undo say so.
+    async fn undo_log(
+        &self,
+        _first: i64,
+        _last: i64,
+        _filter: Option<UndoFilter>,
+    ) -> Result<Vec<UndoEntry>> {
+        Err(StorageError::Unsupported("undo"))
+    }
+
+    /// Iterates over the transactions with `start <= tid <= stop` (both inclusive,
+    /// `None` unbounded), as committed when the iterator is made.
+    async fn iterator(
+        &self,
+        _start: Option<Tid>,
+        _stop: Option<Tid>,
+    ) -> Result<Box<dyn TransactionIterator>> {
+        Err(StorageError::Unsupported("iteration"))
+    }
+
+    /// The current record of the first oid `>= next` (from the start when `None`).
+    /// Errors: [`StorageError::PosKey`] when that object has no current state, and
+    /// [`StorageError::Value`] when there is no such oid.
+    async fn record_iternext(&self, _next: Option<Oid>) -> Result<CurrentRecord> {
+        Err(StorageError::Unsupported("record iteration"))
+    }
+
+    /// Packs away history before `pack_time` (POSIX seconds) and the objects not
+    /// reachable from the root then. Returns when done; commits continue meanwhile.
+    async fn pack(&self, _pack_time: f64) -> Result<()> {
+        Err(StorageError::Unsupported("pack"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn undo_ids_are_python_base64() {
+        // encodebytes(bytes.fromhex('040d416f7df07d22')).rstrip() == b'BA1Bb33wfSI='
+        let tid = Tid(0x040d_416f_7df0_7d22);
+        assert_eq!(undo_id(tid), b"BA1Bb33wfSI=".to_vec());
+        assert_eq!(tid_from_undo_id(b"BA1Bb33wfSI="), Some(tid));
+        assert_eq!(tid_from_undo_id(b"BA1Bb33wfSI=\n"), Some(tid));
+        assert_eq!(tid_from_undo_id(b"BA1Bb33w"), None);
+        assert_eq!(tid_from_undo_id(b"BA1Bb33wfSI=AAAA"), Some(tid));
+        assert_eq!(tid_from_undo_id(b"BA1Bb33wfSIAAA=="), None);
+        assert_eq!(tid_from_undo_id(b"!!!!"), None);
+        for t in [0u64, 1, u64::MAX, 0x03f5_9458_1777_7777] {
+            assert_eq!(tid_from_undo_id(&undo_id(Tid(t))), Some(Tid(t)));
+        }
+    }
 }

@@ -1,6 +1,9 @@
 //! Storage-level tests (over real files and the simulated file).
 
 mod crash;
+mod fuzz;
+mod history;
+mod pack;
 mod recovery;
 mod storage;
 

@@ -758,7 +758,7 @@ async fn async_trait_round_trip() {
     let info = s.info();
     assert_eq!(
         (info.length, info.size, info.supports_undo),
-        (2, fs.core().size(), false)
+        (2, fs.core().size(), true)
     );
     assert!(info
         .interfaces

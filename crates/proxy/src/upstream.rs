@@ -1,0 +1,848 @@
+//! The upstream storage: a [`Storage`] served from a persistent cache and an upstream
+//! ZEO server.
+//!
+//! ## Consistency
+//! Everything that changes the proxy's view of upstream — invalidation callbacks, the
+//! reply to a forwarded `tpc_finish`, the catch-up after a (re)connect — goes through
+//! one `apply` step, in upstream tid order, under one lock. `apply` first hands the
+//! transaction to the server's invalidation hub (so downstream clients are told before
+//! anything can read the new state), then updates the cache, then publishes the new last
+//! tid. Loads read the last tid *before* looking in the cache and report it as their
+//! snapshot; the server refuses to send a "current" reply older than an invalidation it
+//! already queued for that client, and the load is simply redone.
+//!
+//! Loads that miss are sent upstream on the one connection that also carries the
+//! invalidations, pipelined (any number in flight). ZEO orders a connection's replies and
+//! callbacks, and the client reader hands us both in that order, so a reply tells exactly
+//! which upstream transactions it reflects (`seen`); the cache refuses to keep as
+//! current a revision that a later invalidation already ended.
+//!
+//! ## Restarts and reconnects
+//! The cache records the last upstream tid it has applied. After connecting, the proxy
+//! asks upstream what changed since (`getInvalidations`), or, when upstream's queue does
+//! not reach that far, walks upstream's transaction log from that tid, and applies it
+//! all before serving anything new from upstream. Downstream clients stay connected
+//! throughout and receive ordinary invalidations. Invalidation callbacks that arrive
+//! during the catch-up are held and applied after it, in order.
+
+use crate::cache::{Cache, CacheConfig};
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+use zeo_client::{
+    connect_any, Address, Backoff, Callbacks, ClientError, ConnectOptions, Connection,
+};
+use zeo_proto::Value;
+use zodb::{
+    Conflict, HistoryEntry, InvalidationSink, LoadBefore, Loaded, Oid, Storage, StorageError,
+    StorageInfo, Tid, Transaction, TxnKey, TxnOp, Vote,
+};
+
+/// Settings of proxy mode.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// Upstream servers, tried in order (failover).
+    pub upstreams: Vec<Address>,
+    /// Storage name to register with upstream.
+    pub storage: String,
+    /// Register read-only upstream (and refuse downstream writes).
+    pub read_only: bool,
+    pub cache: CacheConfig,
+    pub connect_timeout: Duration,
+    /// How often the cache is made durable.
+    pub flush_interval: Duration,
+    /// How many oids to fetch from upstream at a time.
+    pub oid_batch: usize,
+}
+
+impl ProxyConfig {
+    pub fn new(upstreams: Vec<Address>, cache: CacheConfig) -> ProxyConfig {
+        ProxyConfig {
+            upstreams,
+            storage: "1".into(),
+            read_only: false,
+            cache,
+            connect_timeout: Duration::from_secs(10),
+            flush_interval: Duration::from_secs(1),
+            oid_batch: 100,
+        }
+    }
+}
+
+/// A storage that proxies an upstream ZEO server through a persistent cache.
+pub struct UpstreamStorage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ProxyConfig,
+    cache: Arc<Cache>,
+    sink: OnceLock<Arc<dyn InvalidationSink>>,
+    /// Serializes the application of upstream transactions.
+    apply_lock: Mutex<()>,
+    last_tid: AtomicU64,
+    /// The caught-up upstream connection, if any.
+    link: RwLock<Option<Connection>>,
+    ready: watch::Sender<bool>,
+    upstream_info: Mutex<UpstreamInfo>,
+    /// Upstream is zeors and can list changed oids since any tid.
+    upstream_lists_changes: AtomicBool,
+    oids: tokio::sync::Mutex<VecDeque<Oid>>,
+    commit: Mutex<Option<Forwarded>>,
+    shutdown: watch::Sender<bool>,
+}
+
+#[derive(Default, Clone)]
+struct UpstreamInfo {
+    length: u64,
+    size: u64,
+    name: String,
+    supports_undo: bool,
+}
+
+/// A downstream transaction forwarded upstream (between vote and finish/abort).
+struct Forwarded {
+    key: TxnKey,
+    conn: Connection,
+    /// Operations already sent upstream (re-votes after conflicts send only the new ones).
+    sent: usize,
+    /// Oids stored, in order, with their data (for the invalidation and the cache).
+    stored: Vec<(Oid, Option<Bytes>)>,
+    /// Oids whose committed data differs from what was sent (resolved upstream, undone).
+    changed: Vec<Oid>,
+}
+
+/// Holds invalidation callbacks while a new connection catches up.
+#[derive(Default)]
+struct Gate {
+    open: bool,
+    held: Vec<(Tid, Vec<Oid>)>,
+}
+
+impl UpstreamStorage {
+    /// Opens the cache. Nothing is sent upstream until the server attaches its sink.
+    pub fn open(config: ProxyConfig) -> Result<UpstreamStorage, StorageError> {
+        if config.upstreams.is_empty() {
+            return Err(StorageError::Value(
+                "proxy mode needs at least one upstream address".into(),
+            ));
+        }
+        let cache = Cache::open(config.cache.clone()).map_err(|e| {
+            StorageError::Io(std::io::Error::other(format!(
+                "opening the proxy cache: {e}"
+            )))
+        })?;
+        let last = cache.last_tid();
+        info!(last_tid = %last, dir = %config.cache.dir.display(), "opened proxy cache");
+        let (ready, _) = watch::channel(false);
+        let (shutdown, _) = watch::channel(false);
+        Ok(UpstreamStorage {
+            inner: Arc::new(Inner {
+                config,
+                cache: Arc::new(cache),
+                sink: OnceLock::new(),
+                apply_lock: Mutex::new(()),
+                last_tid: AtomicU64::new(last.0),
+                link: RwLock::new(None),
+                ready,
+                upstream_info: Mutex::new(UpstreamInfo::default()),
+                upstream_lists_changes: AtomicBool::new(false),
+                oids: tokio::sync::Mutex::new(VecDeque::new()),
+                commit: Mutex::new(None),
+                shutdown,
+            }),
+        })
+    }
+
+    /// Waits until upstream is connected and caught up, up to `timeout`. Returns whether
+    /// it is.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.inner.ready.subscribe();
+        let fut = async {
+            while !*rx.borrow_and_update() {
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+            true
+        };
+        tokio::time::timeout(timeout, fut).await.unwrap_or(false)
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.inner.link.read().is_some()
+    }
+
+    pub fn cache_stats(&self) -> crate::cache::CacheStats {
+        self.inner.cache.stats()
+    }
+}
+
+impl Inner {
+    fn last_tid(&self) -> Tid {
+        Tid(self.last_tid.load(Ordering::Acquire))
+    }
+
+    fn link(&self) -> Result<Connection, StorageError> {
+        self.link.read().clone().ok_or_else(|| {
+            StorageError::Disconnected("the upstream server is not connected".into())
+        })
+    }
+
+    /// Applies one upstream transaction (see the module docs for the order of steps).
+    /// `whole_set` marks a catch-up summary of many transactions.
+    fn apply(&self, tid: Tid, oids: &[Oid], committer: Option<TxnKey>, whole_set: bool) {
+        let _guard = self.apply_lock.lock();
+        if tid <= self.last_tid() {
+            debug!(%tid, "upstream transaction already applied");
+            return;
+        }
+        if let Some(sink) = self.sink.get() {
+            sink.invalidate(tid, oids, committer);
+        }
+        if whole_set {
+            self.cache.invalidate_many(tid, oids);
+        } else {
+            self.cache.invalidate(tid, oids);
+        }
+        self.last_tid.store(tid.0, Ordering::Release);
+    }
+
+    /// Brings the cache up to date with upstream over a fresh connection.
+    async fn catch_up(
+        self: &Arc<Self>,
+        conn: &Connection,
+        gate: &Arc<Mutex<Gate>>,
+    ) -> Result<(), ClientError> {
+        let info = conn.get_info().await?;
+        self.update_info(&info, true);
+        let upstream_tid = conn.registered_tid;
+        let ours = self.last_tid();
+        if ours > upstream_tid {
+            error!(cache = %ours, upstream = %upstream_tid,
+                   "upstream is behind the proxy cache (restored from an older backup?); refusing it");
+            return Err(ClientError::Disconnected);
+        }
+        if ours == Tid::ZERO {
+            // Nothing cached: just adopt upstream's position.
+            self.apply(upstream_tid, &[], None, true);
+        } else if ours < upstream_tid {
+            self.replay_since(conn, ours, upstream_tid).await?;
+        }
+        // Now apply what arrived meanwhile, and let callbacks through directly.
+        let mut g = gate.lock();
+        for (tid, oids) in std::mem::take(&mut g.held) {
+            self.apply(tid, &oids, None, false);
+        }
+        g.open = true;
+        Ok(())
+    }
+
+    /// Applies every upstream transaction after `since`.
+    async fn replay_since(
+        self: &Arc<Self>,
+        conn: &Connection,
+        since: Tid,
+        upstream_tid: Tid,
+    ) -> Result<(), ClientError> {
+        if let Some((tid, oids)) = conn.get_invalidations(since).await? {
+            info!(since = %since, to = %tid, oids = oids.len(), "caught up from upstream's invalidation queue");
+            self.apply(tid, &oids, None, true);
+            return Ok(());
+        }
+        if self.upstream_lists_changes.load(Ordering::Relaxed) {
+            let v = conn
+                .call("zeors_changed_since", vec![Value::from(since)])
+                .await?;
+            if let Some((tid, oids)) = parse_tid_oids(&v) {
+                info!(since = %since, to = %tid, oids = oids.len(), "caught up with upstream's change list");
+                self.apply(tid, &oids, None, true);
+                return Ok(());
+            }
+        }
+        match self.replay_by_iteration(conn, since).await {
+            Ok(n) => {
+                info!(since = %since, transactions = n, "caught up by walking upstream's transaction log");
+                if self.last_tid() < upstream_tid {
+                    self.apply(upstream_tid, &[], None, true);
+                }
+                Ok(())
+            }
+            Err(ClientError::Remote(e)) => {
+                warn!(error = ?e, "upstream cannot list what changed; dropping every current cache entry");
+                let _guard = self.apply_lock.lock();
+                self.cache.drop_current(upstream_tid);
+                if let Some(sink) = self.sink.get() {
+                    // Downstream clients cannot be told which objects changed either;
+                    // an empty invalidation at least moves them to the new tid, and
+                    // their next loads of changed objects reach upstream through us.
+                    sink.invalidate(upstream_tid, &[], None);
+                }
+                self.last_tid.store(upstream_tid.0, Ordering::Release);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Walks upstream's transactions after `since` with the iterator calls and applies
+    /// each. Only oids are kept; the records' data is dropped (upstream sends it anyway).
+    async fn replay_by_iteration(
+        self: &Arc<Self>,
+        conn: &Connection,
+        since: Tid,
+    ) -> Result<usize, ClientError> {
+        let start = Tid(since.0 + 1);
+        let iid = conn
+            .call("iterator_start", vec![Value::from(start), Value::None])
+            .await?;
+        let mut count = 0;
+        loop {
+            let txn = conn.call("iterator_next", vec![iid.clone()]).await?;
+            let Some(tid) = txn
+                .as_seq()
+                .and_then(|s| s.first())
+                .and_then(|t| t.as_bytes())
+                .and_then(|b| Tid::from_slice(b))
+            else {
+                break;
+            };
+            let riid = conn
+                .call("iterator_record_start", vec![iid.clone(), Value::from(tid)])
+                .await?;
+            let mut oids = Vec::new();
+            loop {
+                let rec = conn
+                    .call("iterator_record_next", vec![riid.clone()])
+                    .await?;
+                match rec
+                    .as_seq()
+                    .and_then(|s| s.first())
+                    .and_then(|o| o.as_bytes())
+                    .and_then(|b| Oid::from_slice(b))
+                {
+                    Some(oid) => oids.push(oid),
+                    None => break,
+                }
+            }
+            self.apply(tid, &oids, None, false);
+            count += 1;
+        }
+        let _ = conn.send_oneway("iterator_gc", vec![Value::List(vec![iid])]);
+        Ok(count)
+    }
+
+    fn update_info(&self, info: &Value, full: bool) {
+        let mut ui = self.upstream_info.lock();
+        if let Some(n) = info.get("length").and_then(Value::as_int) {
+            ui.length = n.max(0) as u64;
+        }
+        if let Some(n) = info.get("size").and_then(Value::as_int) {
+            ui.size = n.max(0) as u64;
+        }
+        if full {
+            if let Some(name) = info.get("name").and_then(Value::as_str) {
+                ui.name = name.to_string();
+            }
+            ui.supports_undo = info.get("supportsUndo").map(Value::truthy).unwrap_or(false);
+            let lists = info
+                .get("zeors_extensions")
+                .and_then(Value::as_seq)
+                .map(|s| s.iter().any(|v| v.as_str() == Some("changed_since")))
+                .unwrap_or(false);
+            self.upstream_lists_changes.store(lists, Ordering::Relaxed);
+        }
+    }
+
+    /// Connects, catches up and keeps the link, reconnecting with backoff, until shutdown.
+    async fn run_link(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let opts = ConnectOptions {
+            storage: self.config.storage.clone(),
+            read_only: self.config.read_only,
+            connect_timeout: self.config.connect_timeout,
+            ..Default::default()
+        };
+        let mut failures = 0u32;
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let gate = Arc::new(Mutex::new(Gate::default()));
+            let weak = Arc::downgrade(&self);
+            let make = || -> Arc<dyn Callbacks> {
+                Arc::new(LinkCallbacks {
+                    inner: weak.clone(),
+                    gate: gate.clone(),
+                })
+            };
+            match connect_any(&self.config.upstreams, &opts, make).await {
+                Ok(conn) => match self.catch_up(&conn, &gate).await {
+                    Ok(()) => {
+                        backoff.reset();
+                        failures = 0;
+                        info!(upstream = %conn.address(), last_tid = %self.last_tid(), "upstream connected and caught up");
+                        *self.link.write() = Some(conn.clone());
+                        self.ready.send_replace(true);
+                        tokio::select! {
+                            _ = conn.closed() => warn!(upstream = %conn.address(), "upstream connection lost; reconnecting"),
+                            _ = shutdown.changed() => {}
+                        }
+                        *self.link.write() = None;
+                        self.ready.send_replace(false);
+                        conn.close();
+                    }
+                    Err(e) => {
+                        warn!(upstream = %conn.address(), error = %e, "catching up with upstream failed");
+                        conn.close();
+                    }
+                },
+                Err(e) => {
+                    failures += 1;
+                    if failures == 1 || failures.is_multiple_of(30) {
+                        warn!(error = %e, attempts = failures, "cannot reach any upstream server");
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
+    /// Makes the cache durable at a steady pace.
+    async fn run_flusher(self: Arc<Self>) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.config.flush_interval) => {}
+                _ = shutdown.changed() => break,
+            }
+            let cache = self.cache.clone();
+            match tokio::task::spawn_blocking(move || cache.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => error!(error = %e, "flushing the proxy cache failed"),
+                Err(e) => error!(error = %e, "cache flush task failed"),
+            }
+        }
+    }
+}
+
+/// Callbacks of one upstream connection.
+struct LinkCallbacks {
+    inner: Weak<Inner>,
+    gate: Arc<Mutex<Gate>>,
+}
+
+#[async_trait]
+impl Callbacks for LinkCallbacks {
+    async fn invalidate_transaction(&self, tid: Tid, oids: Vec<Oid>) {
+        let Some(inner) = self.inner.upgrade() else {
+            return;
+        };
+        let mut gate = self.gate.lock();
+        if !gate.open {
+            gate.held.push((tid, oids));
+            return;
+        }
+        inner.apply(tid, &oids, None, false);
+    }
+
+    async fn info(&self, info: Value) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.update_info(&info, false);
+        }
+    }
+}
+
+fn parse_tid_oids(v: &Value) -> Option<(Tid, Vec<Oid>)> {
+    let s = v.as_seq()?;
+    let tid = Tid::from_slice(s.first()?.as_bytes()?)?;
+    let oids = s
+        .get(1)?
+        .as_seq()?
+        .iter()
+        .filter_map(|o| o.as_bytes().and_then(|b| Oid::from_slice(b)))
+        .collect();
+    Some((tid, oids))
+}
+
+fn client_txn_id(key: TxnKey) -> Value {
+    Value::Int((key & 0x3fff_ffff_ffff_ffff) as i64)
+}
+
+#[async_trait]
+impl Storage for UpstreamStorage {
+    fn info(&self) -> StorageInfo {
+        let ui = self.inner.upstream_info.lock().clone();
+        StorageInfo {
+            length: ui.length,
+            size: ui.size,
+            name: format!("proxy of {} ({})", self.inner.config.upstreams[0], ui.name),
+            supports_undo: false,
+            supports_record_iternext: false,
+            interfaces: vec![
+                ("ZODB.interfaces", "IStorageRestoreable"),
+                ("ZODB.interfaces", "IExternalGC"),
+                ("ZODB.interfaces", "IStorage"),
+            ],
+        }
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.inner.config.read_only
+    }
+
+    fn last_transaction(&self) -> Tid {
+        self.inner.last_tid()
+    }
+
+    fn attach(&self, sink: Arc<dyn InvalidationSink>) {
+        if self.inner.sink.set(sink).is_err() {
+            warn!("proxy storage attached twice; keeping the first sink");
+            return;
+        }
+        tokio::spawn(self.inner.clone().run_link());
+        tokio::spawn(self.inner.clone().run_flusher());
+    }
+
+    async fn load_before(&self, oid: Oid, before: Tid) -> zodb::Result<LoadBefore> {
+        let inner = &self.inner;
+        let snapshot = inner.last_tid();
+        let cache = inner.cache.clone();
+        let hit = tokio::task::spawn_blocking(move || cache.load_before(oid, before))
+            .await
+            .map_err(|e| StorageError::Io(std::io::Error::other(e)))?;
+        if let Some(rev) = hit {
+            return Ok(LoadBefore {
+                revision: Some(Loaded {
+                    data: rev.data,
+                    start: rev.start,
+                    end: rev.end,
+                }),
+                snapshot,
+            });
+        }
+        let conn = inner.link()?;
+        let (answer, seen) = conn
+            .load_before(oid, before)
+            .await
+            .map_err(StorageError::from)?;
+        match answer {
+            Some((data, start, end)) => {
+                let cache = inner.cache.clone();
+                let stored = data.clone();
+                tokio::task::spawn_blocking(move || cache.store(oid, start, end, stored, seen));
+                Ok(LoadBefore {
+                    revision: Some(Loaded { data, start, end }),
+                    snapshot: seen,
+                })
+            }
+            None => Ok(LoadBefore {
+                revision: None,
+                snapshot: seen,
+            }),
+        }
+    }
+
+    async fn load_serial(&self, oid: Oid, serial: Tid) -> zodb::Result<Bytes> {
+        let cache = self.inner.cache.clone();
+        if let Ok(Some(data)) =
+            tokio::task::spawn_blocking(move || cache.load_serial(oid, serial)).await
+        {
+            return Ok(data);
+        }
+        let conn = self.inner.link()?;
+        Ok(conn.load_serial(oid, serial).await?)
+    }
+
+    async fn history(&self, oid: Oid, size: usize) -> zodb::Result<Vec<HistoryEntry>> {
+        let conn = self.inner.link()?;
+        let v = conn
+            .call("history", vec![Value::from(oid), Value::Int(size as i64)])
+            .await?;
+        let entries = v
+            .as_seq()
+            .unwrap_or(&[])
+            .iter()
+            .filter_map(history_entry)
+            .collect();
+        Ok(entries)
+    }
+
+    async fn new_oids(&self, count: usize) -> zodb::Result<Vec<Oid>> {
+        if self.inner.config.read_only {
+            return Err(StorageError::ReadOnly);
+        }
+        let mut pool = self.inner.oids.lock().await;
+        while pool.len() < count {
+            let conn = self.inner.link()?;
+            pool.extend(
+                conn.new_oids(self.inner.config.oid_batch.max(count))
+                    .await?,
+            );
+        }
+        Ok(pool.drain(..count).collect())
+    }
+
+    async fn vote(&self, txn: &Transaction) -> zodb::Result<Vote> {
+        if self.inner.config.read_only {
+            return Err(StorageError::ReadOnly);
+        }
+        let taken = {
+            let mut slot = self.inner.commit.lock();
+            match slot.take() {
+                Some(f) if f.key == txn.key && f.conn.is_connected() => Some(f),
+                _ => None,
+            }
+        };
+        let id = client_txn_id(txn.key);
+        let mut fwd = match taken {
+            Some(f) => f,
+            None => {
+                let conn = self.inner.link()?;
+                let ext = Value::Dict(zeo_proto::extension_from_bytes(&txn.meta.extension));
+                conn.send_oneway(
+                    "tpc_begin",
+                    vec![
+                        id.clone(),
+                        Value::Bytes(Bytes::from(txn.meta.user.clone())),
+                        Value::Bytes(Bytes::from(txn.meta.description.clone())),
+                        ext,
+                        txn.meta.tid.map(Value::from).unwrap_or(Value::None),
+                        Value::Str((txn.meta.status as char).to_string()),
+                    ],
+                )?;
+                Forwarded {
+                    key: txn.key,
+                    conn,
+                    sent: 0,
+                    stored: Vec::new(),
+                    changed: Vec::new(),
+                }
+            }
+        };
+        for op in &txn.ops[fwd.sent.min(txn.ops.len())..] {
+            let (name, args) = match op {
+                TxnOp::Store { oid, serial, data } => {
+                    fwd.stored.push((*oid, Some(data.clone())));
+                    (
+                        "storea",
+                        vec![
+                            Value::from(*oid),
+                            Value::from(*serial),
+                            Value::Bytes(data.clone()),
+                            id.clone(),
+                        ],
+                    )
+                }
+                TxnOp::CheckCurrent { oid, serial } => (
+                    "checkCurrentSerialInTransaction",
+                    vec![Value::from(*oid), Value::from(*serial), id.clone()],
+                ),
+                TxnOp::Delete { oid, serial } => (
+                    "deleteObject",
+                    vec![Value::from(*oid), Value::from(*serial), id.clone()],
+                ),
+                TxnOp::Restore {
+                    oid,
+                    serial,
+                    data,
+                    prev_txn,
+                } => (
+                    "restorea",
+                    vec![
+                        Value::from(*oid),
+                        Value::from(*serial),
+                        data.clone().map(Value::Bytes).unwrap_or(Value::None),
+                        prev_txn.map(Value::from).unwrap_or(Value::None),
+                        id.clone(),
+                    ],
+                ),
+                TxnOp::Undo { transaction_id } => (
+                    "undoa",
+                    vec![
+                        Value::Bytes(Bytes::from(transaction_id.clone())),
+                        id.clone(),
+                    ],
+                ),
+            };
+            fwd.conn.send_oneway(name, args)?;
+        }
+        fwd.sent = txn.ops.len();
+        let result = fwd.conn.call("vote", vec![id.clone()]).await;
+        let items = match result {
+            Ok(v) => v,
+            Err(e) => {
+                // Upstream has dropped its side of the transaction already.
+                return Err(e.into());
+            }
+        };
+        let mut conflicts = Vec::new();
+        let mut changed = Vec::new();
+        for item in items.as_seq().unwrap_or(&[]) {
+            match item {
+                Value::Bytes(b) => changed.extend(Oid::from_slice(b)),
+                Value::Dict(_) => {
+                    let oid = item
+                        .get("oid")
+                        .and_then(Value::as_bytes)
+                        .and_then(|b| Oid::from_slice(b));
+                    let serials = item.get("serials").and_then(Value::as_seq);
+                    let tid_at = |i: usize| {
+                        serials
+                            .and_then(|s| s.get(i))
+                            .and_then(Value::as_bytes)
+                            .and_then(|b| Tid::from_slice(b))
+                    };
+                    let data = item
+                        .get("data")
+                        .and_then(Value::as_bytes)
+                        .cloned()
+                        .unwrap_or_default();
+                    if let (Some(oid), Some(committed), Some(read)) = (oid, tid_at(0), tid_at(1)) {
+                        conflicts.push(Conflict {
+                            oid,
+                            committed,
+                            read,
+                            data,
+                        });
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !conflicts.is_empty() {
+            // Upstream keeps the transaction open for the client's resolution and re-vote.
+            *self.inner.commit.lock() = Some(fwd);
+            return Ok(Vote::Conflicts(conflicts));
+        }
+        fwd.changed = changed.clone();
+        *self.inner.commit.lock() = Some(fwd);
+        Ok(Vote::Ok { changed })
+    }
+
+    async fn finish(&self, key: TxnKey) -> zodb::Result<Tid> {
+        let fwd = match self.inner.commit.lock().take() {
+            Some(f) if f.key == key => f,
+            other => {
+                *self.inner.commit.lock() = other;
+                return Err(StorageError::Transaction(
+                    "finish without a voted transaction".into(),
+                ));
+            }
+        };
+        let oids: Vec<Oid> = fwd.stored.iter().map(|(o, _)| *o).collect();
+        let weak = Arc::downgrade(&self.inner);
+        let stored = fwd.stored;
+        let changed = fwd.changed;
+        // Applied in the reader, in order with upstream's callbacks: upstream does not
+        // send us an invalidation for our own commit, this reply is its place in the order.
+        let hook: zeo_client::ReplyHook = Box::new(move |result| {
+            let (Some(inner), Ok(v)) = (weak.upgrade(), result) else {
+                return;
+            };
+            let Some(tid) = v.as_bytes().and_then(|b| Tid::from_slice(b)) else {
+                return;
+            };
+            inner.apply(tid, &oids, Some(key), false);
+            // Keep what was committed as the new current revisions, off the reader (a
+            // store may have to evict). If a later invalidation overtakes it, the cache
+            // refuses it, since it was seen at `tid`.
+            let cache = inner.cache.clone();
+            tokio::task::spawn_blocking(move || {
+                for (oid, data) in stored {
+                    if let Some(data) = data {
+                        if !changed.contains(&oid) {
+                            cache.store(oid, tid, None, data, tid);
+                        }
+                    }
+                }
+            });
+        });
+        let v = fwd
+            .conn
+            .call_with_hook("tpc_finish", vec![client_txn_id(key)], hook)
+            .await?;
+        v.as_bytes()
+            .and_then(|b| Tid::from_slice(b))
+            .ok_or_else(|| {
+                StorageError::Disconnected(format!(
+                    "unexpected tpc_finish reply from upstream: {v:?}"
+                ))
+            })
+    }
+
+    async fn abort(&self, key: TxnKey) {
+        let fwd = {
+            let mut slot = self.inner.commit.lock();
+            match slot.take() {
+                Some(f) if f.key == key => Some(f),
+                other => {
+                    *slot = other;
+                    None
+                }
+            }
+        };
+        if let Some(f) = fwd {
+            if let Err(e) = f.conn.call("tpc_abort", vec![client_txn_id(key)]).await {
+                debug!(error = %e, "upstream tpc_abort failed");
+            }
+        }
+    }
+
+    async fn recent_transactions(&self, count: usize) -> zodb::Result<Vec<(Tid, Vec<Oid>)>> {
+        Ok(self.inner.cache.recent_transactions(count))
+    }
+
+    async fn invalidations_since(&self, tid: Tid) -> zodb::Result<Option<(Tid, Vec<Oid>)>> {
+        Ok(self.inner.cache.invalidations_since(tid))
+    }
+
+    async fn close(&self) -> zodb::Result<()> {
+        self.inner.shutdown.send_replace(true);
+        if let Some(conn) = self.inner.link.write().take() {
+            conn.close();
+        }
+        let cache = self.inner.cache.clone();
+        tokio::task::spawn_blocking(move || cache.flush())
+            .await
+            .map_err(|e| StorageError::Io(std::io::Error::other(e)))?
+            .map_err(|e| StorageError::Io(std::io::Error::other(e.to_string())))
+    }
+}
+
+/// Rebuilds a history entry from the dict upstream sent (extension keys merged in).
+fn history_entry(v: &Value) -> Option<HistoryEntry> {
+    let Value::Dict(items) = v else { return None };
+    let tid = v
+        .get("tid")
+        .and_then(Value::as_bytes)
+        .and_then(|b| Tid::from_slice(b))?;
+    let bytes_of = |k: &str| match v.get(k) {
+        Some(Value::Bytes(b)) => b.to_vec(),
+        Some(Value::Str(s)) => s.as_bytes().to_vec(),
+        _ => Vec::new(),
+    };
+    const KNOWN: [&str; 6] = ["time", "tid", "serial", "user_name", "description", "size"];
+    let ext: Vec<(Value, Value)> = items
+        .iter()
+        .filter(|(k, _)| !k.as_str().is_some_and(|k| KNOWN.contains(&k)))
+        .cloned()
+        .collect();
+    Some(HistoryEntry {
+        tid,
+        user: bytes_of("user_name"),
+        description: bytes_of("description"),
+        extension: zeo_proto::extension_to_bytes(&Value::Dict(ext)),
+        size: v.get("size").and_then(Value::as_int).unwrap_or(0).max(0) as u64,
+    })
+}
