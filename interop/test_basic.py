@@ -257,3 +257,29 @@ def test_server_status_and_ruok(server):
     (n,) = struct.unpack(">I", data[:4])
     answer = json.loads(data[4 : 4 + n])
     assert "1" in answer and "connections" in answer["1"]
+
+
+def test_unix_socket_and_sigint(make_server, tmp_path):
+    import signal
+
+    sock = tmp_path / "zeo.sock"
+    server = make_server("-a", str(sock))
+    d = db(server)
+    with d.transaction() as conn:
+        conn.root()["via"] = "tcp"
+    d.close()
+    from ZEO.ClientStorage import ClientStorage
+    import ZODB
+
+    d = ZODB.DB(ClientStorage(str(sock), wait_timeout=10))
+    with d.transaction() as conn:
+        assert conn.root()["via"] == "tcp"
+        conn.root()["via"] = "unix"
+    d.close()
+    assert server.stop(signal.SIGINT) == 0
+    assert not sock.exists(), "the socket file is removed on shutdown"
+    server.start()
+    d = db(server)
+    with d.transaction() as conn:
+        assert conn.root()["via"] == "unix"
+    d.close()

@@ -29,7 +29,7 @@ use crate::cache::{Cache, CacheConfig};
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -95,6 +95,8 @@ struct Inner {
     upstream_lists_changes: AtomicBool,
     oids: tokio::sync::Mutex<VecDeque<Oid>>,
     commit: Mutex<Option<Forwarded>>,
+    /// Upstream loads in flight, with the requests waiting for each.
+    inflight: Mutex<HashMap<(Oid, Tid), Vec<FetchWaiter>>>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -105,6 +107,8 @@ struct UpstreamInfo {
     name: String,
     supports_undo: bool,
 }
+
+type FetchWaiter = tokio::sync::oneshot::Sender<Result<Fetched, StorageError>>;
 
 /// A downstream transaction forwarded upstream (between vote and finish/abort).
 struct Forwarded {
@@ -155,6 +159,7 @@ impl UpstreamStorage {
                 upstream_lists_changes: AtomicBool::new(false),
                 oids: tokio::sync::Mutex::new(VecDeque::new()),
                 commit: Mutex::new(None),
+                inflight: Mutex::new(HashMap::new()),
                 shutdown,
             }),
         })
@@ -436,6 +441,72 @@ impl Inner {
     }
 }
 
+/// What upstream answered to `loadBefore`: the revision, and the tid it reflects.
+type Fetched = (Option<(Bytes, Tid, Option<Tid>)>, Tid);
+
+/// The error a waiter of a shared fetch gets (errors are not `Clone`).
+fn share_error(e: &StorageError) -> StorageError {
+    match e {
+        StorageError::PosKey(oid) => StorageError::PosKey(*oid),
+        StorageError::Disconnected(m) => StorageError::Disconnected(m.clone()),
+        other => StorageError::Remote {
+            class_path: "ZODB.POSException.StorageError".into(),
+            message: other.to_string(),
+        },
+    }
+}
+
+impl Inner {
+    /// `loadBefore` upstream, shared: concurrent misses of the same revision (several
+    /// front-ends warming up on the same pages) cross the slow link once. The request
+    /// runs in its own task so that a client disconnecting mid-way cannot strand the
+    /// others waiting for it.
+    async fn fetch(self: &Arc<Self>, oid: Oid, before: Tid) -> Result<Fetched, StorageError> {
+        let key = (oid, before);
+        let waiter = {
+            let mut inflight = self.inflight.lock();
+            match inflight.get_mut(&key) {
+                Some(waiters) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    inflight.insert(key, Vec::new());
+                    None
+                }
+            }
+        };
+        if let Some(rx) = waiter {
+            return rx.await.unwrap_or_else(|_| {
+                Err(StorageError::Disconnected(
+                    "upstream fetch abandoned".into(),
+                ))
+            });
+        }
+        let inner = self.clone();
+        let task = tokio::spawn(async move {
+            let result = match inner.link() {
+                Ok(conn) => conn
+                    .load_before(oid, before)
+                    .await
+                    .map_err(StorageError::from),
+                Err(e) => Err(e),
+            };
+            let waiters = inner.inflight.lock().remove(&key).unwrap_or_default();
+            for w in waiters {
+                let _ = w.send(match &result {
+                    Ok(f) => Ok(f.clone()),
+                    Err(e) => Err(share_error(e)),
+                });
+            }
+            result
+        });
+        task.await
+            .unwrap_or_else(|e| Err(StorageError::Io(std::io::Error::other(e))))
+    }
+}
+
 /// Callbacks of one upstream connection.
 struct LinkCallbacks {
     inner: Weak<Inner>,
@@ -531,11 +602,7 @@ impl Storage for UpstreamStorage {
                 snapshot,
             });
         }
-        let conn = inner.link()?;
-        let (answer, seen) = conn
-            .load_before(oid, before)
-            .await
-            .map_err(StorageError::from)?;
+        let (answer, seen) = inner.fetch(oid, before).await?;
         match answer {
             Some((data, start, end)) => {
                 let cache = inner.cache.clone();
