@@ -116,8 +116,8 @@ class ZeorsMsgpackConformance(ZeorsConformance):
 # Python's FileStorage resolves an undo conflict by running the object's own
 # `_p_resolveConflict` on the server. zeors cannot run Python: it hands such conflicts to
 # the client (ZEO's client-side conflict resolution) for the classes known to resolve
-# (BTrees buckets and sets, BTrees.Length; more with `UndoResolution`), and fails every
-# other one with Python's UndoError. These tests use a test-only class, PCounter, and the
+# (the BTrees package, BTrees.Length included; more with `UndoResolution`), and fails
+# every other one with Python's UndoError. These tests use a test-only class, PCounter, and the
 # multiple-undo ones undo the same object twice in one transaction, which the client
 # cannot resolve (it only sees committed revisions); zeors refuses that with UndoError.
 # interop/test_undo.py covers undo conflict resolution with BTrees instead.

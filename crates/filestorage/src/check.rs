@@ -63,9 +63,7 @@ pub struct CheckReport {
 
 impl CheckReport {
     pub fn is_ok(&self) -> bool {
-        self.format_error.is_none()
-            && self.bad_references.is_empty()
-            && self.unscannable.is_empty()
+        self.format_error.is_none() && self.bad_references.is_empty() && self.unscannable.is_empty()
     }
 }
 

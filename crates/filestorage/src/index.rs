@@ -144,6 +144,20 @@ impl Index {
         }
     }
 
+    /// Sets the positions of a transaction's records, given in file order (the last
+    /// record of an oid wins).
+    ///
+    /// ZODB writes a transaction's new objects in *descending* oid order, and inserting
+    /// them one by one would shift a whole bucket each time (that dominated full scans).
+    /// Sorted (stably, so file order decides among records of one oid), new oids arrive
+    /// in ascending order and are appended.
+    pub fn insert_batch(&mut self, entries: &mut [(Oid, u64)]) {
+        entries.sort_by_key(|e| e.0);
+        for &(oid, pos) in entries.iter() {
+            self.insert(oid, pos);
+        }
+    }
+
     /// The largest oid, `None` when empty (`fsIndex.maxKey()`).
     pub fn max_oid(&self) -> Option<Oid> {
         let (prefix, bucket) = self.buckets.iter().next_back()?;
@@ -286,6 +300,17 @@ mod tests {
         }
         let keys: Vec<u64> = ix.iter().map(|(o, _)| o.0).collect();
         assert!(keys.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn batches_keep_the_last_record_of_an_oid() {
+        let mut ix = Index::new();
+        let mut batch = vec![(Oid(9), 1), (Oid(3), 2), (Oid(9), 3), (Oid(1), 4)];
+        ix.insert_batch(&mut batch);
+        assert_eq!(
+            ix.iter().collect::<Vec<_>>(),
+            vec![(Oid(1), 4), (Oid(3), 2), (Oid(9), 3)]
+        );
     }
 
     #[test]

@@ -9,13 +9,10 @@
 //! file) and runs in bounded memory on files of any size.
 
 use crate::error::{Error, Result};
-use crate::format::{status, DataHeader, DATA_HEADER_LEN, FIRST_TXN_POS};
+use crate::format::{status, DataHeader, DATA_HEADER_LEN, DATA_HEADER_WITH_BACK_LEN, FIRST_TXN_POS};
 use crate::view::{FileView, TxnAt};
 use bytes::Bytes;
 use zodb::{DataRecord, Tid, TransactionInfo};
-
-/// A transaction body no larger than this is read in one go and parsed from memory.
-const BODY_IN_ONE_READ: u64 = 1 << 20;
 
 /// Iterator over the transactions of a view, oldest first.
 #[derive(Debug)]
@@ -127,14 +124,20 @@ impl TxnIter {
 }
 
 /// Iterator over the data records of one transaction.
+///
+/// Records are read through a window of up to [`WINDOW`] bytes of the transaction, so
+/// iterating a file costs about one read per megabyte, whatever the transaction sizes.
 #[derive(Debug)]
 pub struct RecordIter {
     view: FileView,
     txn: TxnAt,
     pos: u64,
-    /// The records region read in one go, for ordinary transactions.
-    body: Option<Bytes>,
+    window: Bytes,
+    window_start: u64,
 }
+
+/// Size of the read-ahead window.
+const WINDOW: u64 = 1 << 20;
 
 impl RecordIter {
     pub fn new(view: FileView, txn: TxnAt) -> RecordIter {
@@ -147,39 +150,57 @@ impl RecordIter {
             view,
             txn,
             pos,
-            body: None,
+            window: Bytes::new(),
+            window_start: 0,
         }
     }
 
-    fn header(&mut self, pos: u64) -> Result<(DataHeader, Option<Bytes>)> {
-        let start = self.txn.records_start();
+    /// `len` bytes at `pos` (inside the records region) from the window, refilled from
+    /// `pos` when needed; `None` when they are more than a window holds.
+    fn bytes(&mut self, pos: u64, len: u64) -> Result<Option<Bytes>> {
         let end = self.txn.records_end();
-        if self.body.is_none() && end - start <= BODY_IN_ONE_READ {
-            let mut buf = vec![0u8; (end - start) as usize];
-            crate::format::read_at(&*self.view.io, &mut buf, start, "transaction records")?;
-            self.body = Some(Bytes::from(buf));
+        if pos.checked_add(len).is_none_or(|e| e > end) {
+            return Err(Error::corrupted(pos, "data record exceeds its transaction"));
         }
-        if let Some(body) = &self.body {
-            let off = (pos - start) as usize;
-            let h = DataHeader::parse_slice(&body[off..])
-                .ok_or_else(|| Error::corrupted(pos, "data record exceeds its transaction"))?;
-            if h.vlen != 0 {
-                return Err(Error::corrupted(pos, "data record with a version"));
+        let in_window = pos >= self.window_start
+            && pos + len <= self.window_start + self.window.len() as u64;
+        if !in_window {
+            if len > WINDOW {
+                return Ok(None);
             }
-            let len = h
-                .record_len()
-                .filter(|&l| pos.checked_add(l).is_some_and(|e| e <= end))
-                .ok_or_else(|| Error::corrupted(pos, "data record exceeds its transaction"))?;
-            let data = (h.plen > 0).then(|| body.slice(off + DATA_HEADER_LEN..off + len as usize));
-            return Ok((h, data));
+            let n = (end - pos).min(WINDOW) as usize;
+            let mut buf = vec![0u8; n];
+            crate::format::read_at(&*self.view.io, &mut buf, pos, "transaction records")?;
+            self.window = Bytes::from(buf);
+            self.window_start = pos;
         }
-        let h = self.view.data_header(pos, end)?;
-        let data = if h.plen > 0 {
-            Some(self.view.inline_data(pos, &h)?)
-        } else {
-            None
+        let off = (pos - self.window_start) as usize;
+        Ok(Some(self.window.slice(off..off + len as usize)))
+    }
+
+    /// The data header at `pos`, the record's length and its inline pickle.
+    fn header(&mut self, pos: u64) -> Result<(DataHeader, u64, Option<Bytes>)> {
+        let avail = (self.txn.records_end() - pos).min(DATA_HEADER_WITH_BACK_LEN as u64);
+        let head = self
+            .bytes(pos, avail)?
+            .ok_or_else(|| Error::corrupted(pos, "data record exceeds its transaction"))?;
+        let h = DataHeader::parse_slice(&head)
+            .ok_or_else(|| Error::corrupted(pos, "data record exceeds its transaction"))?;
+        if h.vlen != 0 {
+            return Err(Error::corrupted(pos, "data record with a version"));
+        }
+        let len = h
+            .record_len()
+            .filter(|&l| pos.checked_add(l).is_some_and(|e| e <= self.txn.records_end()))
+            .ok_or_else(|| Error::corrupted(pos, "data record exceeds its transaction"))?;
+        if h.plen == 0 {
+            return Ok((h, len, None));
+        }
+        let data = match self.bytes(pos + DATA_HEADER_LEN as u64, h.plen)? {
+            Some(d) => d,
+            None => self.view.inline_data(pos, &h)?,
         };
-        Ok((h, data))
+        Ok((h, len, Some(data)))
     }
 
     /// The next record, `None` after the last.
@@ -193,7 +214,7 @@ impl RecordIter {
             return Ok(None);
         }
         let pos = self.pos;
-        let (h, inline) = match self.header(pos) {
+        let (h, len, inline) = match self.header(pos) {
             Ok(r) => r,
             Err(e) => {
                 self.pos = self.txn.records_end();
@@ -210,7 +231,7 @@ impl RecordIter {
                 ),
             ));
         }
-        self.pos = pos + h.record_len().unwrap_or(0).max(1);
+        self.pos = pos + len;
         let (data, data_txn) = match inline {
             Some(d) => (Some(d), None),
             None if h.back == 0 => (None, None),

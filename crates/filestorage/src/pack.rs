@@ -101,12 +101,14 @@ impl Drop for PackGuard<'_> {
     }
 }
 
-/// Positions of interest while scanning the old file.
+/// What phase 1 decided to keep from before the pack time.
 struct Gc {
-    /// oid → position of its revision kept from before the pack time.
-    reachable: Index,
-    /// More kept revisions of some oids (targets of back pointers after the pack time).
-    reach_ex: HashMap<Oid, Vec<u64>>,
+    /// oid → position of its last revision up to the pack time (`oid2curpos`).
+    curpos: Index,
+    /// The oids whose `curpos` revision is reachable; `None` without GC (all are).
+    marked: Option<HashSet<Oid>>,
+    /// More kept revisions: targets of back pointers after the pack time (undo).
+    extra: HashMap<Oid, Vec<u64>>,
     /// First transaction after the pack time.
     packpos: u64,
     /// Old positions that back pointers after the pack time refer to: their new
@@ -116,11 +118,9 @@ struct Gc {
 
 impl Gc {
     fn is_reachable(&self, oid: Oid, pos: u64) -> bool {
-        match self.reachable.get(oid) {
-            Some(p) if p == pos => true,
-            Some(_) => self.reach_ex.get(&oid).is_some_and(|l| l.contains(&pos)),
-            None => false,
-        }
+        let current = self.curpos.get(oid) == Some(pos)
+            && self.marked.as_ref().is_none_or(|m| m.contains(&oid));
+        current || self.extra.get(&oid).is_some_and(|l| l.contains(&pos))
     }
 }
 
@@ -253,32 +253,32 @@ fn refs_at(
     Ok(())
 }
 
-/// `findReachableAtPacktime`: marks everything reachable from `roots` (oids) at the pack
+/// `findReachableAtPacktime`: marks everything reachable from `todo` (oids) at the pack
 /// time. A reference to an object that does not exist then fails the pack, as in Python.
 fn mark_from(
     view: &FileView,
     scanner: &mut RefScanner,
-    oid2curpos: &Index,
-    reachable: &mut Index,
+    curpos: &Index,
+    marked: &mut HashSet<Oid>,
     mut todo: Vec<Oid>,
 ) -> Result<()> {
     let mut refs = Vec::new();
     while let Some(oid) = todo.pop() {
-        if reachable.get(oid).is_some() {
+        if marked.contains(&oid) {
             continue;
         }
-        let Some(pos) = oid2curpos.get(oid) else {
-            if oid == Oid::ROOT && oid2curpos.is_empty() {
+        let Some(pos) = curpos.get(oid) else {
+            if oid == Oid::ROOT && curpos.is_empty() {
                 // Packing to a time before the root existed.
                 continue;
             }
             tracing::error!(%oid, "pack: a reachable object references {oid}, which does not exist at the pack time");
             return Err(StorageError::PosKey(oid));
         };
-        reachable.insert(oid, pos);
+        marked.insert(oid);
         refs.clear();
         refs_at(view, scanner, oid, pos, &mut refs).map_err(StorageError::Corrupted)?;
-        todo.extend(refs.iter().filter(|o| reachable.get(**o).is_none()));
+        todo.extend(refs.iter().filter(|o| !marked.contains(o)));
     }
     Ok(())
 }
@@ -287,24 +287,41 @@ fn mark_from(
 fn find_reachable(view: &FileView, pack_time: Tid, gc: bool, name: &str) -> Result<Option<Gc>> {
     let err = |e: Error| crate::storage::corrupted(name, e);
     let mut r = SeqReader::new(&*view.io, view.end());
-    let mut oid2curpos = Index::new();
+    let mut curpos = Index::new();
     let mut ltid = Tid::ZERO;
+    // A transaction's records are applied together, sorted by oid (see
+    // `Index::insert_batch`); `None` removes the oid (a record without state).
+    let mut txn: Vec<(Oid, Option<u64>)> = Vec::new();
+    let mut txn_pos = 0;
+    let apply = |txn: &mut Vec<(Oid, Option<u64>)>, curpos: &mut Index| {
+        txn.sort_by_key(|e| e.0);
+        for &(oid, pos) in txn.iter() {
+            match pos {
+                Some(p) => curpos.insert(oid, p),
+                None => {
+                    curpos.remove(oid);
+                }
+            }
+        }
+        txn.clear();
+    };
     let (packpos, all_packed) = scan_records(
         &mut r,
         FIRST_TXN_POS,
         view.end(),
         Some(pack_time),
         &mut ltid,
-        |_, _, pos, d| {
-            if d.plen > 0 || d.back != 0 {
-                oid2curpos.insert(d.oid, pos);
-            } else {
-                oid2curpos.remove(d.oid);
+        |tpos, _, pos, d| {
+            if tpos != txn_pos {
+                apply(&mut txn, &mut curpos);
+                txn_pos = tpos;
             }
+            txn.push((d.oid, (d.plen > 0 || d.back != 0).then_some(pos)));
             Ok(())
         },
     )
     .map_err(err)?;
+    apply(&mut txn, &mut curpos);
     if all_packed && packpos < view.end() {
         let next = r.txn_header(packpos).map_err(err)?;
         if next.status == status::PACKED {
@@ -312,65 +329,43 @@ fn find_reachable(view: &FileView, pack_time: Tid, gc: bool, name: &str) -> Resu
         }
     }
     let mut scanner = RefScanner::new();
-    let mut reachable = Index::new();
-    if gc {
-        mark_from(
-            view,
-            &mut scanner,
-            &oid2curpos,
-            &mut reachable,
-            vec![Oid::ROOT],
-        )?;
-    } else {
-        reachable = oid2curpos.clone();
+    let mut marked = gc.then(HashSet::new);
+    if let Some(m) = &mut marked {
+        mark_from(view, &mut scanner, &curpos, m, vec![Oid::ROOT])?;
     }
-    // findReachableFromFuture: back pointers after the pack time into the packed part.
-    let mut reach_ex: HashMap<Oid, Vec<u64>> = HashMap::new();
+    // findReachableFromFuture: revisions before the pack time that back pointers after it
+    // bring back are kept, with what they reference.
+    let mut extra: HashMap<Oid, Vec<u64>> = HashMap::new();
     let mut extra_roots: Vec<(Oid, u64)> = Vec::new();
     let mut back_targets = HashSet::new();
-    scan_records(
-        &mut r,
-        packpos,
-        view.end(),
-        None,
-        &mut ltid,
-        |_, _, _, d| {
-            if d.back != 0 {
-                back_targets.insert(d.back);
+    scan_records(&mut r, packpos, view.end(), None, &mut ltid, |_, _, _, d| {
+        if d.back != 0 {
+            back_targets.insert(d.back);
+        }
+        if d.back != 0 && d.back < packpos {
+            let kept = curpos.get(d.oid) == Some(d.back)
+                && marked.as_ref().is_none_or(|m| m.contains(&d.oid));
+            let l = extra.entry(d.oid).or_default();
+            if !kept && !l.contains(&d.back) {
+                l.push(d.back);
+                extra_roots.push((d.oid, d.back));
             }
-            if d.back != 0 && d.back < packpos {
-                match reachable.get(d.oid) {
-                    Some(p) if p == d.back => {}
-                    Some(_) => {
-                        let l = reach_ex.entry(d.oid).or_default();
-                        if !l.contains(&d.back) {
-                            l.push(d.back);
-                            extra_roots.push((d.oid, d.back));
-                        }
-                    }
-                    None => {
-                        reachable.insert(d.oid, d.back);
-                        extra_roots.push((d.oid, d.back));
-                    }
-                }
-            }
-            Ok(())
-        },
-    )
+        }
+        Ok(())
+    })
     .map_err(err)?;
-    if gc {
+    if let Some(m) = &mut marked {
         let mut refs = Vec::new();
         for (oid, pos) in extra_roots {
             refs.clear();
             refs_at(view, &mut scanner, oid, pos, &mut refs).map_err(StorageError::Corrupted)?;
-            let todo = refs.clone();
-            mark_from(view, &mut scanner, &oid2curpos, &mut reachable, todo)?;
+            mark_from(view, &mut scanner, &curpos, m, refs.clone())?;
         }
     }
-    drop(oid2curpos);
     Ok(Some(Gc {
-        reachable,
-        reach_ex,
+        curpos,
+        marked,
+        extra,
         packpos,
         back_targets,
     }))
@@ -496,11 +491,13 @@ fn record_data(
 /// Phase 2: the transactions before `packpos` that hold reachable records.
 fn copy_to_packtime(view: &FileView, gc: &Gc, out: &mut Output) -> crate::error::Result<()> {
     let mut r = SeqReader::new(&*view.io, gc.packpos);
+    let mut batch = Vec::new();
     let mut pos = FIRST_TXN_POS;
     while pos < gc.packpos {
         let h = r.txn_header(pos)?;
         let tend = pos + h.tlen;
         let mut tpos_new: Option<u64> = None;
+        batch.clear();
         let mut p = pos + h.header_len();
         if h.status == status::UNDONE {
             p = tend;
@@ -542,7 +539,7 @@ fn copy_to_packtime(view: &FileView, gc: &Gc, out: &mut Output) -> crate::error:
                         }
                     }
                 }
-                out.index.insert(d.oid, here);
+                batch.push((d.oid, here));
                 if gc.back_targets.contains(&p) {
                     out.moved.insert(p, here);
                 }
@@ -551,6 +548,7 @@ fn copy_to_packtime(view: &FileView, gc: &Gc, out: &mut Output) -> crate::error:
         }
         if let Some(t) = tpos_new {
             out.end_txn(t)?;
+            out.index.insert_batch(&mut batch);
         }
         pos = tend + 8;
     }
@@ -607,9 +605,7 @@ fn copy_rest(
                 tindex.push((d.oid, here));
             }
         }
-        for (oid, here) in tindex {
-            out.index.insert(oid, here);
-        }
+        out.index.insert_batch(&mut tindex);
         out.end_txn(tpos)?;
         out.copied_after += 1;
         pos = t.next();

@@ -228,6 +228,7 @@ pub fn scan(
     let mut pos = start;
     let mut last_tid = ltid;
     let mut transactions = 0;
+    let mut batch = Vec::new();
     let tail = loop {
         if pos == size {
             break None;
@@ -265,9 +266,9 @@ pub fn scan(
                 }
             }
         }
-        for &(oid, rpos, _) in &good.records {
-            index.insert(oid, rpos);
-        }
+        batch.clear();
+        batch.extend(good.records.iter().map(|&(oid, rpos, _)| (oid, rpos)));
+        index.insert_batch(&mut batch);
         last_tid = h.tid;
         transactions += 1;
         pos += h.tlen + 8;
@@ -403,9 +404,8 @@ pub fn verify(io: &dyn FileIo) -> std::result::Result<VerifySummary, String> {
             }
             data_records += 1;
         }
-        for &(oid, rpos, _) in &good.records {
-            index.insert(oid, rpos);
-        }
+        let mut batch: Vec<(Oid, u64)> = good.records.iter().map(|&(o, p, _)| (o, p)).collect();
+        index.insert_batch(&mut batch);
         last_tid = h.tid;
         transactions += 1;
         pos += h.tlen + 8;

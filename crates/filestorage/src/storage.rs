@@ -16,7 +16,7 @@
 
 use crate::commit::{self, CommittedState, Policy, Prepare};
 use crate::error::Error;
-use crate::format::{status, Magic, FIRST_TXN_POS, MAGIC_FS30};
+use crate::format::{self, status, Magic, FIRST_TXN_POS, MAGIC_FS30};
 use crate::index::Index;
 use crate::io::FileIo;
 use crate::iter::TxnIter;
@@ -427,12 +427,21 @@ impl FileStorageCore {
         Ok((FileView::new(live.io.clone(), live.data_end), pos))
     }
 
-    /// The pickle of the record of `oid` at `pos`, following back pointers; `PosKey` when
-    /// the object has no state there.
-    fn data(&self, v: &FileView, oid: Oid, pos: u64) -> Result<Bytes> {
-        match v.resolve(oid, pos).map_err(|e| self.err(e))? {
-            Some((data, _)) => Ok(data),
-            None => Err(StorageError::PosKey(oid)),
+    /// The data of a record read with [`FileView::record_with_data`]: inline, or
+    /// through its back pointer; `PosKey` when the object has no state there.
+    fn data_of(
+        &self,
+        v: &FileView,
+        oid: Oid,
+        h: &format::DataHeader,
+        inline: Option<Bytes>,
+    ) -> Result<Bytes> {
+        match inline {
+            Some(d) => Ok(d),
+            None => match v.load_back(oid, h.back).map_err(|e| self.err(e))? {
+                Some(d) => Ok(d),
+                None => Err(StorageError::PosKey(oid)),
+            },
         }
     }
 
@@ -441,10 +450,10 @@ impl FileStorageCore {
         let snapshot = self.last_transaction();
         let (v, mut pos) = self.lookup(oid)?;
         let mut end = None;
-        let h = loop {
-            let h = v.record(oid, pos).map_err(|e| self.err(e))?;
+        let (h, inline) = loop {
+            let (h, inline) = v.record_with_data(oid, pos).map_err(|e| self.err(e))?;
             if h.tid < before {
-                break h;
+                break (h, inline);
             }
             end = Some(h.tid);
             pos = v.prev_of(pos, &h).map_err(|e| self.err(e))?;
@@ -455,7 +464,7 @@ impl FileStorageCore {
                 });
             }
         };
-        let data = self.data(&v, oid, pos)?;
+        let data = self.data_of(&v, oid, &h, inline)?;
         Ok(LoadBefore {
             revision: Some(Loaded {
                 data,
@@ -469,17 +478,17 @@ impl FileStorageCore {
     /// The current revision: `(data, serial)`.
     pub fn load(&self, oid: Oid) -> Result<(Bytes, Tid)> {
         let (v, pos) = self.lookup(oid)?;
-        let h = v.record(oid, pos).map_err(|e| self.err(e))?;
-        Ok((self.data(&v, oid, pos)?, h.tid))
+        let (h, inline) = v.record_with_data(oid, pos).map_err(|e| self.err(e))?;
+        Ok((self.data_of(&v, oid, &h, inline)?, h.tid))
     }
 
     /// The data of revision `serial` of `oid`.
     pub fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Bytes> {
         let (v, mut pos) = self.lookup(oid)?;
         loop {
-            let h = v.record(oid, pos).map_err(|e| self.err(e))?;
+            let (h, inline) = v.record_with_data(oid, pos).map_err(|e| self.err(e))?;
             if h.tid == serial {
-                return self.data(&v, oid, pos);
+                return self.data_of(&v, oid, &h, inline);
             }
             if h.tid < serial {
                 return Err(StorageError::PosKey(oid));
@@ -795,11 +804,10 @@ impl FileStorageCore {
                 tracing::error!(name = self.name, tid = %s.tid, "the invalidation sink panicked");
             }
         }
+        let mut tindex = s.tindex;
         {
             let mut live = self.live.write();
-            for &(oid, pos) in &s.tindex {
-                live.index.insert(oid, pos);
-            }
+            live.index.insert_batch(&mut tindex);
             live.snap_end = s.end;
             live.snap_tid = s.tid;
         }

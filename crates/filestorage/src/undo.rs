@@ -9,8 +9,9 @@
 //!   application conflict resolution on the server. zeors cannot run Python, so such a
 //!   record either becomes a [`Conflict`] handed to the client — which resolves it with its
 //!   own classes (ZEO's client-side conflict resolution) and stores the result — when the
-//!   object's class is one known to resolve ([`UndoResolution`]), or fails as Python does
-//!   when resolution fails: `UndoError("Some data were modified by a later transaction")`.
+//!   object's class is one known to resolve ([`UndoResolution`]: the BTrees classes), or
+//!   fails as Python does when resolution fails: `UndoError("Some data were modified by a
+//!   later transaction")`.
 //!   Failed records are collected and raised together as `MultipleUndoErrors`, with
 //!   Python's "second chance" for a later record of the same oid.
 
@@ -24,10 +25,12 @@ use zodb::{Conflict, Oid, StorageError, Tid, UndoEntry, UndoFilter};
 /// Which classes' undo conflicts are offered to the client for resolution.
 ///
 /// The built-in rule covers the classes of the ZODB stack that define
-/// `_p_resolveConflict`: BTrees buckets and sets (not the interior `BTree`/`TreeSet` nodes)
-/// and `BTrees.Length.Length`. More can be added as `module.Class` names, or prefixes
-/// ending in `*`. For any other class a changed object makes the undo fail with Python's
-/// `UndoError`, which is also what the client would get if it could not resolve.
+/// `_p_resolveConflict`: every class of the `BTrees` package (buckets and sets resolve;
+/// a tree or tree set resolves while it holds a single inline bucket) and so
+/// `BTrees.Length.Length`. More can be added as `module.Class` names, or prefixes ending
+/// in `*`. For any other class a changed object makes the undo fail with Python's
+/// `UndoError`. When the client cannot resolve an offered conflict it raises
+/// `ConflictError` where Python's server-side resolution would give `UndoError`.
 #[derive(Debug, Clone, Default)]
 pub struct UndoResolution {
     pub extra: Vec<String>,
@@ -36,12 +39,7 @@ pub struct UndoResolution {
 impl UndoResolution {
     /// Whether records of class `module.name` are offered to the client.
     pub fn resolvable(&self, module: &str, name: &str) -> bool {
-        if module == "BTrees.Length" && name == "Length" {
-            return true;
-        }
-        if module.starts_with("BTrees.")
-            && (name.ends_with("Bucket") || (name.ends_with("Set") && !name.ends_with("TreeSet")))
-        {
+        if module.starts_with("BTrees.") {
             return true;
         }
         let full = format!("{module}.{name}");
@@ -310,9 +308,9 @@ mod tests {
         assert!(r.resolvable("BTrees.OOBTree", "OOBucket"));
         assert!(r.resolvable("BTrees.IIBTree", "IISet"));
         assert!(r.resolvable("BTrees.Length", "Length"));
-        assert!(!r.resolvable("BTrees.OOBTree", "OOBTree"));
-        assert!(!r.resolvable("BTrees.OOBTree", "OOTreeSet"));
+        assert!(r.resolvable("BTrees.OOBTree", "OOBTree"));
         assert!(!r.resolvable("persistent.mapping", "PersistentMapping"));
+        assert!(!r.resolvable("BTreesX.y", "OOBucket"));
         let r = UndoResolution {
             extra: vec!["my.app.Counter".into(), "other.*".into()],
         };

@@ -23,7 +23,11 @@ fn python() -> PathBuf {
 
 fn run_py(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
     let mut cmd = Command::new(python());
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python").join(script));
+    cmd.arg(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/python")
+            .join(script),
+    );
     for a in args {
         cmd.arg(a);
     }
@@ -101,8 +105,13 @@ fn rust_dump(path: &Path) -> String {
                     Err(_) => "ERROR".into(),
                 };
                 let refs = if refs.is_empty() { "-".into() } else { refs };
-                writeln!(out, "F {} {} {refs}", hex(&r.oid.to_bytes()), hex(&r.tid.to_bytes()))
-                    .unwrap();
+                writeln!(
+                    out,
+                    "F {} {} {refs}",
+                    hex(&r.oid.to_bytes()),
+                    hex(&r.tid.to_bytes())
+                )
+                .unwrap();
             }
         }
     }
@@ -148,7 +157,10 @@ fn iteration_undo_log_and_references_match_python() {
     let (p, _) = build(dir.path());
     let theirs = run_py("history_dump.py", &[&p]);
     assert!(theirs.lines().count() > 700, "suspiciously small dump");
-    assert!(theirs.contains(" None -"), "no undone creation in the sample");
+    assert!(
+        theirs.contains(" None -"),
+        "no undone creation in the sample"
+    );
     assert_same_lines(&rust_dump(&p), &theirs, "history dump");
 }
 
@@ -168,7 +180,10 @@ fn pack_gives_the_same_file_contents_as_python_pack() {
 
     let core = FileStorageCore::open(&ours, Options::default()).unwrap();
     let outcome = core
-        .pack(zodb::timestamp::tid_from_unix(pack_time), PackOptions::default())
+        .pack(
+            zodb::timestamp::tid_from_unix(pack_time),
+            PackOptions::default(),
+        )
         .unwrap();
     assert!(matches!(outcome, PackOutcome::Packed(_)), "{outcome:?}");
     core.close().unwrap();
@@ -183,7 +198,10 @@ fn pack_gives_the_same_file_contents_as_python_pack() {
     assert!(after.starts_with("USED_INDEX True"), "{}", &after[..40]);
     assert!(after.ends_with("FSTEST OK\n"));
     let reachable = |s: &str| -> Vec<String> {
-        s.lines().filter(|l| l.starts_with("S ")).map(String::from).collect()
+        s.lines()
+            .filter(|l| l.starts_with("S "))
+            .map(String::from)
+            .collect()
     };
     assert_eq!(reachable(&after), reachable(&before));
     // Garbage was collected.

@@ -97,6 +97,11 @@ struct Inner {
     commit: Mutex<Option<Forwarded>>,
     /// Upstream loads in flight, with the requests waiting for each.
     inflight: Mutex<HashMap<(Oid, Tid), Vec<FetchWaiter>>>,
+    /// Bytes over the upstream link, across reconnects.
+    traffic: Arc<zeo_client::Traffic>,
+    /// Loads answered from the cache / fetched upstream.
+    hits: AtomicU64,
+    misses: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
 
@@ -160,6 +165,9 @@ impl UpstreamStorage {
                 oids: tokio::sync::Mutex::new(VecDeque::new()),
                 commit: Mutex::new(None),
                 inflight: Mutex::new(HashMap::new()),
+                traffic: Arc::new(zeo_client::Traffic::default()),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
                 shutdown,
             }),
         })
@@ -373,6 +381,7 @@ impl Inner {
             storage: self.config.storage.clone(),
             read_only: self.config.read_only,
             connect_timeout: self.config.connect_timeout,
+            traffic: Some(self.traffic.clone()),
             ..Default::default()
         };
         let mut failures = 0u32;
@@ -593,6 +602,7 @@ impl Storage for UpstreamStorage {
             .await
             .map_err(|e| StorageError::Io(std::io::Error::other(e)))?;
         if let Some(rev) = hit {
+            inner.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(LoadBefore {
                 revision: Some(Loaded {
                     data: rev.data,
@@ -602,6 +612,7 @@ impl Storage for UpstreamStorage {
                 snapshot,
             });
         }
+        inner.misses.fetch_add(1, Ordering::Relaxed);
         let (answer, seen) = inner.fetch(oid, before).await?;
         match answer {
             Some((data, start, end)) => {
@@ -872,6 +883,67 @@ impl Storage for UpstreamStorage {
 
     async fn invalidations_since(&self, tid: Tid) -> zodb::Result<Option<(Tid, Vec<Oid>)>> {
         Ok(self.inner.cache.invalidations_since(tid))
+    }
+
+    fn metrics(&self) -> Vec<zodb::StorageMetric> {
+        let inner = &self.inner;
+        let cache = inner.cache.stats();
+        let m = |name, help, counter, value: u64| zodb::StorageMetric {
+            name,
+            help,
+            counter,
+            value: value as f64,
+        };
+        vec![
+            m(
+                "cache_hits",
+                "Loads answered from the proxy cache.",
+                true,
+                inner.hits.load(Ordering::Relaxed),
+            ),
+            m(
+                "cache_misses",
+                "Loads fetched from upstream.",
+                true,
+                inner.misses.load(Ordering::Relaxed),
+            ),
+            m(
+                "cache_evictions",
+                "Records evicted from the proxy cache.",
+                true,
+                cache.evictions,
+            ),
+            m(
+                "cache_bytes",
+                "Bytes of the proxy cache on disk.",
+                false,
+                cache.bytes,
+            ),
+            m(
+                "cache_entries",
+                "Records in the proxy cache.",
+                false,
+                cache.entries,
+            ),
+            m(
+                "upstream_bytes_received",
+                "Bytes received from upstream.",
+                true,
+                inner.traffic.bytes_in.load(Ordering::Relaxed),
+            ),
+            m(
+                "upstream_bytes_sent",
+                "Bytes sent to upstream.",
+                true,
+                inner.traffic.bytes_out.load(Ordering::Relaxed),
+            ),
+            m(
+                "upstream_connected",
+                "1 when the upstream link is up and caught up.",
+                false,
+                inner.link.read().is_some() as u64,
+            ),
+        ]
     }
 
     async fn close(&self) -> zodb::Result<()> {

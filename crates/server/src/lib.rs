@@ -11,9 +11,11 @@
 
 pub mod hub;
 mod listener;
+pub mod metrics;
 pub mod outbox;
 mod session;
 pub mod stats;
+pub mod tls;
 
 pub use listener::Listener;
 
@@ -80,6 +82,7 @@ pub(crate) struct Shared {
     pub next_session: AtomicU64,
     pub next_txn: AtomicU64,
     pub shutdown: watch::Receiver<bool>,
+    pub metrics: Arc<metrics::ServerMetrics>,
 }
 
 /// A ZEO server over a set of named storages.
@@ -126,6 +129,7 @@ impl Server {
                 next_session: AtomicU64::new(1),
                 next_txn: AtomicU64::new(1),
                 shutdown,
+                metrics: Arc::new(metrics::ServerMetrics::default()),
             }),
             shutdown_tx,
             tasks: Mutex::new(Vec::new()),
@@ -137,6 +141,17 @@ impl Server {
         let shared = self.shared.clone();
         let handle = tokio::spawn(listener::accept_loop(listener, shared));
         self.tasks.lock().push(handle);
+    }
+
+    /// Serves Prometheus metrics on `listener` (`GET /metrics`) in the background.
+    pub fn serve_metrics(&self, listener: tokio::net::TcpListener) {
+        let handle = tokio::spawn(metrics::serve(listener, self.shared.clone()));
+        self.tasks.lock().push(handle);
+    }
+
+    /// The metrics text, as the endpoint would serve it.
+    pub fn render_metrics(&self) -> String {
+        metrics::render(&self.shared)
     }
 
     pub fn storage(&self, name: &str) -> Option<Arc<StorageHandle>> {

@@ -5,10 +5,15 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinSet;
 
+/// How long a client may take to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A bound listening socket.
 pub enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener, std::path::PathBuf),
+    /// TCP with TLS from the first byte.
+    Tls(TcpListener, tokio_rustls::TlsAcceptor),
 }
 
 impl Listener {
@@ -21,7 +26,12 @@ impl Listener {
                 // A stale socket from an earlier run; a live server would hold the pid file.
                 std::fs::remove_file(&path)?;
             }
-            Ok(Listener::Unix(UnixListener::bind(&path)?, path))
+            let listener = UnixListener::bind(&path)?;
+            // Local-only deployments control who may connect with the socket's
+            // permissions: owner and group.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+            Ok(Listener::Unix(listener, path))
         } else {
             let addr = if address.contains(':') {
                 address.to_string()
@@ -32,10 +42,24 @@ impl Listener {
         }
     }
 
+    /// Wraps a TCP listener in TLS (unix sockets rely on file permissions instead).
+    pub fn with_tls(self, acceptor: tokio_rustls::TlsAcceptor) -> std::io::Result<Listener> {
+        match self {
+            Listener::Tcp(l) => Ok(Listener::Tls(l, acceptor)),
+            Listener::Unix(_, path) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("TLS on the unix socket {} is not supported", path.display()),
+            )),
+            other => Ok(other),
+        }
+    }
+
     /// The bound address, for logs and for tests that bind port 0.
     pub fn local_addr(&self) -> String {
         match self {
-            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Tcp(l) | Listener::Tls(l, _) => {
+                l.local_addr().map(|a| a.to_string()).unwrap_or_default()
+            }
             Listener::Unix(_, p) => p.display().to_string(),
         }
     }
@@ -49,12 +73,24 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
         tokio::select! {
             _ = shutdown.changed() => break,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-            accepted = accept(&listener) => match accepted {
+            accepted = accept(&listener) => match accepted.inspect(|_| {
+                shared.metrics.connections_accepted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }) {
                 Ok((Accepted::Tcp(stream), peer)) => {
                     sessions.spawn(session::run(stream, peer, shared.clone()));
                 }
                 Ok((Accepted::Unix(stream), peer)) => {
                     sessions.spawn(session::run(stream, peer, shared.clone()));
+                }
+                Ok((Accepted::Tls(stream, acceptor), peer)) => {
+                    let shared = shared.clone();
+                    sessions.spawn(async move {
+                        match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => session::run(tls, peer, shared).await,
+                            Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
+                        }
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -74,6 +110,7 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
 enum Accepted {
     Tcp(tokio::net::TcpStream),
     Unix(tokio::net::UnixStream),
+    Tls(tokio::net::TcpStream, tokio_rustls::TlsAcceptor),
 }
 
 async fn accept(listener: &Listener) -> std::io::Result<(Accepted, String)> {
@@ -86,6 +123,11 @@ async fn accept(listener: &Listener) -> std::io::Result<(Accepted, String)> {
         Listener::Unix(l, path) => {
             let (s, _) = l.accept().await?;
             Ok((Accepted::Unix(s), path.display().to_string()))
+        }
+        Listener::Tls(l, acceptor) => {
+            let (s, addr) = l.accept().await?;
+            let _ = s.set_nodelay(true);
+            Ok((Accepted::Tls(s, acceptor.clone()), addr.to_string()))
         }
     }
 }

@@ -89,7 +89,12 @@ where
 
     let (outbox, rx) = Outbox::new(encoding, shared.config.max_queued_bytes);
     let outbox = Arc::new(outbox);
-    let mut writer = tokio::spawn(write_loop(wr, rx, Arc::downgrade(&outbox)));
+    let mut writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        Arc::downgrade(&outbox),
+        shared.metrics.clone(),
+    ));
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     debug!(session = id, %peer, ?encoding, "connected");
     let mut session = Session {
@@ -268,7 +273,11 @@ impl Session {
                 }
                 Event::Read(Ok(0)) => return Close::PeerClosed,
                 Event::Read(Err(e)) => return Close::Io(e),
-                Event::Read(Ok(_)) => {
+                Event::Read(Ok(n)) => {
+                    self.shared
+                        .metrics
+                        .bytes_in
+                        .fetch_add(n as u64, Ordering::Relaxed);
                     if let Err(close) = self.handle_buffered(&mut buf, max_frame).await {
                         return close;
                     }
@@ -697,9 +706,14 @@ impl Session {
         let key = open.txn.key;
         let handle = handle.clone();
         let session = self.id;
+        let metrics = self.shared.metrics.clone();
         let task = tokio::spawn(async move {
             handle.stats.waiting.fetch_add(1, Ordering::Relaxed);
+            let waiting_since = std::time::Instant::now();
             let guard = handle.commit_lock.clone().lock_owned().await;
+            metrics
+                .commit_lock_wait
+                .observe(waiting_since.elapsed().as_secs_f64());
             handle.stats.waiting.fetch_sub(1, Ordering::Relaxed);
             *handle.stats.lock_time.lock() = Some(zodb::timestamp::now_unix());
             handle.hub.begin_commit(key, session);
@@ -1482,6 +1496,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     outbox: Weak<Outbox>,
+    metrics: Arc<crate::metrics::ServerMetrics>,
 ) {
     let mut batch = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
@@ -1517,6 +1532,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             report_write_failure(&outbox, e);
             return;
         }
+        metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
         if let Some(o) = outbox.upgrade() {
             o.written(n);
         }

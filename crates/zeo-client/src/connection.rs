@@ -31,6 +31,15 @@ pub struct ConnectOptions {
     pub connect_timeout: Duration,
     /// Largest reply accepted.
     pub max_message_size: usize,
+    /// Where to count the bytes this connection moves (shared across reconnects).
+    pub traffic: Option<Arc<Traffic>>,
+}
+
+/// Bytes moved over a link, for monitoring (e.g. a proxy's upstream link).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
 }
 
 impl Default for ConnectOptions {
@@ -40,6 +49,7 @@ impl Default for ConnectOptions {
             read_only: false,
             connect_timeout: Duration::from_secs(10),
             max_message_size: zeo_proto::frame::DEFAULT_MAX_FRAME,
+            traffic: None,
         }
     }
 }
@@ -207,13 +217,15 @@ impl Connection {
             closed_tx,
             last_invalidation: AtomicU64::new(0),
         });
-        tokio::spawn(write_loop(wr, rx));
+        let traffic = opts.traffic.clone().unwrap_or_default();
+        tokio::spawn(write_loop(wr, rx, traffic.clone()));
         tokio::spawn(read_loop(
             rd,
             buf,
             inner.clone(),
             callbacks,
             opts.max_message_size,
+            traffic,
         ));
 
         let mut conn = Connection {
@@ -473,7 +485,11 @@ async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
-async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedReceiver<Bytes>) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    traffic: Arc<Traffic>,
+) {
     let mut batch = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
         batch.extend_from_slice(&first);
@@ -486,6 +502,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, mut rx: mpsc::UnboundedRec
         if wr.write_all(&batch).await.is_err() {
             return;
         }
+        traffic
+            .bytes_out
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
         batch.clear();
     }
     let _ = wr.shutdown().await;
@@ -497,6 +516,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     inner: Arc<Inner>,
     callbacks: Arc<dyn Callbacks>,
     max: usize,
+    traffic: Arc<Traffic>,
 ) {
     let limits = Limits::default();
     let mut closed_rx = inner.closed_tx.subscribe();
@@ -522,7 +542,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         tokio::select! {
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) | Err(_) => break,
-                Ok(_) => {}
+                Ok(n) => {
+                    traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                }
             },
             _ = closed_rx.changed() => break,
         }

@@ -13,5 +13,5 @@ mod connection;
 
 pub use connection::{
     connect_any, Address, Backoff, Callbacks, ClientError, ConnectOptions, Connection, NoCallbacks,
-    RemoteError, Reply, ReplyHook,
+    RemoteError, Reply, ReplyHook, Traffic,
 };

@@ -16,8 +16,9 @@ pub use error::StorageError;
 pub use ids::{Oid, Tid};
 pub use storage::{
     tid_from_undo_id, undo_id, Conflict, CurrentRecord, DataRecord, HistoryEntry, InvalidationSink,
-    LoadBefore, Loaded, RecordIterator, Storage, StorageInfo, Transaction, TransactionInfo,
-    TransactionIterator, TransactionMeta, TxnKey, TxnOp, UndoEntry, UndoFilter, Vote,
+    LoadBefore, Loaded, RecordIterator, Storage, StorageInfo, StorageMetric, Transaction,
+    TransactionInfo, TransactionIterator, TransactionMeta, TxnKey, TxnOp, UndoEntry, UndoFilter,
+    Vote,
 };
 
 /// Result type used by storages.

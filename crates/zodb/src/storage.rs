@@ -324,6 +324,11 @@ pub trait Storage: Send + Sync + 'static {
     /// Flushes and releases resources (index file, locks). Called once at shutdown.
     async fn close(&self) -> Result<()>;
 
+    /// Storage-specific figures for the metrics endpoint (cache hits, upstream bytes...).
+    fn metrics(&self) -> Vec<StorageMetric> {
+        Vec::new()
+    }
+
     /// Undoable transactions, newest first: those at positions `first..last` (counted
     /// among the transactions `filter` accepts), with Python's normalisation of a
     /// negative `last` (`-n` means `n` entries). Storages without undo say so.
@@ -379,4 +384,15 @@ mod tests {
             assert_eq!(tid_from_undo_id(&undo_id(Tid(t))), Some(Tid(t)));
         }
     }
+}
+
+/// One figure a storage reports for monitoring.
+#[derive(Debug, Clone)]
+pub struct StorageMetric {
+    /// Metric name without the `zeors_` prefix, e.g. `cache_hits`.
+    pub name: &'static str,
+    pub help: &'static str,
+    /// Counters only go up; gauges go both ways.
+    pub counter: bool,
+    pub value: f64,
 }

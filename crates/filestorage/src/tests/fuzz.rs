@@ -31,12 +31,26 @@ fn sample_file() -> Vec<u8> {
             1,
             vec![
                 store(0, Tid::ZERO, &obj(&[1, 2], "root")),
-                store(1, Tid::ZERO, &record("BTrees.OOBTree", "OOBucket", &[], "b")),
+                store(
+                    1,
+                    Tid::ZERO,
+                    &record("BTrees.OOBTree", "OOBucket", &[], "b"),
+                ),
                 store(2, Tid::ZERO, &obj(&[1], "two")),
             ],
         ),
     );
-    let t2 = commit(&core, &txn(2, vec![store(1, t1, &record("BTrees.OOBTree", "OOBucket", &[2], "b2"))]));
+    let t2 = commit(
+        &core,
+        &txn(
+            2,
+            vec![store(
+                1,
+                t1,
+                &record("BTrees.OOBTree", "OOBucket", &[2], "b2"),
+            )],
+        ),
+    );
     core.vote(&txn(3, vec![undo(t2)])).unwrap();
     core.finish(3).unwrap();
     let t4 = commit(&core, &txn(4, vec![store(3, Tid::ZERO, &obj(&[], "new"))]));
@@ -52,7 +66,14 @@ fn exercise(bytes: Vec<u8>) {
     let Ok(core) = FileStorageCore::open_io(sim, "fuzz", read_only()) else {
         return;
     };
-    let oids: Vec<Oid> = core.live.read().index.iter().map(|(o, _)| o).take(50).collect();
+    let oids: Vec<Oid> = core
+        .live
+        .read()
+        .index
+        .iter()
+        .map(|(o, _)| o)
+        .take(50)
+        .collect();
     for oid in oids {
         let _ = core.load(oid);
         let _ = core.load_before(oid, Tid::MAX);
@@ -67,7 +88,11 @@ fn exercise(bytes: Vec<u8>) {
     let _ = core.undo_log(0, 100, None);
     let _ = core.recent_transactions(100);
     let _ = core.invalidations_since(Tid(1));
-    for (start, stop) in [(None, None), (Some(Tid(1 << 58)), None), (Some(Tid::MAX), None)] {
+    for (start, stop) in [
+        (None, None),
+        (Some(Tid(1 << 58)), None),
+        (Some(Tid::MAX), None),
+    ] {
         let Ok(mut it) = core.iterator(start, stop) else {
             continue;
         };

@@ -59,7 +59,10 @@ fn small_db(dir: &Path) -> (PathBuf, FileStorageCore) {
     for v in 2..5 {
         commit(
             &core,
-            &txn(v, vec![store(1, serial(&core, 1), &obj(&[2], &format!("one v{v}")))]),
+            &txn(
+                v,
+                vec![store(1, serial(&core, 1), &obj(&[2], &format!("one v{v}")))],
+            ),
         );
     }
     (path, core)
@@ -92,7 +95,10 @@ fn pack_now_keeps_only_reachable_current_revisions() {
     assert_eq!(v.index, core.live.read().index);
     assert!(!sibling(&path, ".pack").exists());
     // Commits go on, new oids do not reuse collected ones while open.
-    let t = commit(&core, &txn(9, vec![store(1, serial(&core, 1), &obj(&[2], "after"))]));
+    let t = commit(
+        &core,
+        &txn(9, vec![store(1, serial(&core, 1), &obj(&[2], "after"))]),
+    );
     assert!(core.new_oids(1).unwrap()[0] > Oid(3));
     core.close().unwrap();
     let reopened = open(&path);
@@ -108,11 +114,20 @@ fn history_after_the_pack_time_is_kept_exactly() {
     let pack_time = core.last_transaction();
     // After the pack time: changes, an undo (back pointer into the packed part), a
     // creation and its undo, a deletion.
-    let t5 = commit(&core, &txn(5, vec![store(1, serial(&core, 1), &obj(&[2], "v5"))]));
+    let t5 = commit(
+        &core,
+        &txn(5, vec![store(1, serial(&core, 1), &obj(&[2], "v5"))]),
+    );
     let (t6, _) = commit_changed(&core, &txn(6, vec![undo(t5)]));
     let t7 = commit(
         &core,
-        &txn(7, vec![store(0, serial(&core, 0), &obj(&[1, 4], "root2")), store(4, Tid::ZERO, &obj(&[], "four"))]),
+        &txn(
+            7,
+            vec![
+                store(0, serial(&core, 0), &obj(&[1, 4], "root2")),
+                store(4, Tid::ZERO, &obj(&[], "four")),
+            ],
+        ),
     );
     commit_changed(&core, &txn(8, vec![undo(t7)]));
     // Everything observable as of times after the pack time must not change, for every
@@ -124,7 +139,12 @@ fn history_after_the_pack_time_is_kept_exactly() {
             expected_after.push((o, at, core.load_before(Oid(o), at).map(|l| l.revision).ok()));
         }
     }
-    let undo_log: Vec<Tid> = core.undo_log(0, 100, None).unwrap().iter().map(|e| e.tid).collect();
+    let undo_log: Vec<Tid> = core
+        .undo_log(0, 100, None)
+        .unwrap()
+        .iter()
+        .map(|e| e.tid)
+        .collect();
     packed(core.pack(pack_time, PackOptions::default()).unwrap());
     for (o, at, expected) in expected_after {
         let got = core.load_before(Oid(o), at).map(|l| l.revision).ok();
@@ -132,7 +152,12 @@ fn history_after_the_pack_time_is_kept_exactly() {
     }
     assert!(matches!(core.load(Oid(3)), Err(StorageError::PosKey(_))));
     // Transactions after the pack time can still be undone; the undo log ends at the pack.
-    let after: Vec<Tid> = core.undo_log(0, 100, None).unwrap().iter().map(|e| e.tid).collect();
+    let after: Vec<Tid> = core
+        .undo_log(0, 100, None)
+        .unwrap()
+        .iter()
+        .map(|e| e.tid)
+        .collect();
     assert_eq!(after, undo_log[..4].to_vec());
     assert_eq!(t6, after[2]);
     commit_changed(&core, &txn(9, vec![undo(t6)]));
@@ -140,7 +165,10 @@ fn history_after_the_pack_time_is_kept_exactly() {
     // The undo record kept its back pointer, rewritten.
     let mut it = core.iterator(Some(t6), Some(t6)).unwrap();
     let (t, _) = it.next_txn().unwrap().unwrap();
-    let r = crate::iter::RecordIter::new(core.view(), t).next_record().unwrap().unwrap();
+    let r = crate::iter::RecordIter::new(core.view(), t)
+        .next_record()
+        .unwrap()
+        .unwrap();
     assert!(r.data_txn.is_some());
     verify(&path);
     // Packing again to the same time: nothing to do.
@@ -209,10 +237,19 @@ fn commits_and_loads_continue_during_pack() {
     let core = Arc::new(open(&path));
     // A database worth packing: a root referencing 200 objects with 20 revisions each.
     let refs: Vec<u64> = (1..=200).collect();
-    commit(&core, &txn(0, vec![store(0, Tid::ZERO, &obj(&refs, "root"))]));
+    commit(
+        &core,
+        &txn(0, vec![store(0, Tid::ZERO, &obj(&refs, "root"))]),
+    );
     for round in 0..20u64 {
         let ops = (1..=200u64)
-            .map(|o| store(o, serial(&core, o), &obj(&[], &format!("{o} r{round} {}", "x".repeat(200)))))
+            .map(|o| {
+                store(
+                    o,
+                    serial(&core, o),
+                    &obj(&[], &format!("{o} r{round} {}", "x".repeat(200))),
+                )
+            })
             .collect();
         commit(&core, &txn(round + 1, ops));
     }
@@ -224,7 +261,10 @@ fn commits_and_loads_continue_during_pack() {
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) || n < 20 {
                 let o = 1 + n % 200;
-                let t = txn(1000 + n, vec![store(o, serial(&core, o), &obj(&[], &format!("late {n}")))]);
+                let t = txn(
+                    1000 + n,
+                    vec![store(o, serial(&core, o), &obj(&[], &format!("late {n}")))],
+                );
                 match core.vote(&t).unwrap() {
                     Vote::Ok { .. } => {
                         std::thread::yield_now();
@@ -257,7 +297,8 @@ fn commits_and_loads_continue_during_pack() {
     for _ in 0..3 {
         std::thread::sleep(std::time::Duration::from_millis(20));
         // Later pack times while the writer goes on.
-        core.pack(core.last_transaction(), PackOptions::default()).unwrap();
+        core.pack(core.last_transaction(), PackOptions::default())
+            .unwrap();
     }
     stop.store(true, Ordering::Relaxed);
     let n = writer.join().unwrap();
@@ -267,7 +308,10 @@ fn commits_and_loads_continue_during_pack() {
     // Every late commit is there: the last one of each object is current.
     for k in n.saturating_sub(200)..n {
         let o = 1 + k % 200;
-        assert_eq!(&core.load(Oid(o)).unwrap().0[..], &obj(&[], &format!("late {k}"))[..]);
+        assert_eq!(
+            &core.load(Oid(o)).unwrap().0[..],
+            &obj(&[], &format!("late {k}"))[..]
+        );
     }
     let v = verify(&path);
     assert_eq!(v.index, core.live.read().index);

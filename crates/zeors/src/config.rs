@@ -1,0 +1,600 @@
+//! `zeo.conf`: what `runzeo -C` reads, checked key by key.
+//!
+//! Accepts the sections and keys of ZEO's schema (`<zeo>`, storage sections, `<eventlog>`,
+//! `<runner>`), so an operator's existing file works unchanged; anything zeors does not know
+//! is an error naming the file and line, never silently ignored. A few keys that only make
+//! sense for the Python implementation are accepted with a warning.
+
+use crate::zconfig::{self, Section};
+use anyhow::{anyhow, bail, Result};
+use std::path::{Path, PathBuf};
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default)]
+pub struct ZeoConf {
+    pub zeo: ZeoSection,
+    pub storages: Vec<StorageConf>,
+    pub log: Option<LogConf>,
+    pub warnings: Vec<String>,
+}
+
+/// The `<zeo>` section.
+#[derive(Debug, Clone, Default)]
+pub struct ZeoSection {
+    pub addresses: Vec<String>,
+    pub read_only: bool,
+    pub invalidation_queue_size: Option<usize>,
+    pub transaction_timeout: Option<f64>,
+    pub pid_filename: Option<PathBuf>,
+    pub msgpack: Option<bool>,
+    pub ssl: Option<SslConf>,
+}
+
+/// `<ssl>` inside `<zeo>`: server certificate, and the CA that client certificates
+/// must be signed by.
+#[derive(Debug, Clone)]
+pub struct SslConf {
+    pub certificate: PathBuf,
+    pub key: Option<PathBuf>,
+    pub authenticate: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StorageConf {
+    pub name: String,
+    pub kind: StorageKind,
+}
+
+#[derive(Debug, Clone)]
+pub enum StorageKind {
+    File {
+        path: PathBuf,
+        blob_dir: Option<PathBuf>,
+        read_only: bool,
+        quota: Option<u64>,
+        pack_gc: bool,
+        pack_keep_old: bool,
+    },
+    /// `<zeoclient>` / `<clientstorage>`: proxy mode.
+    Upstream {
+        servers: Vec<String>,
+        storage: String,
+        cache_dir: PathBuf,
+        cache_size: u64,
+        read_only: bool,
+        blob_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConf {
+    /// `None`: standard error.
+    pub path: Option<PathBuf>,
+    pub level: String,
+}
+
+struct Checker<'a> {
+    section: &'a Section,
+    known: &'static [&'static str],
+    ignored: &'static [&'static str],
+}
+
+impl<'a> Checker<'a> {
+    fn check(&self, warnings: &mut Vec<String>) -> Result<()> {
+        for (key, _, line) in &self.section.keys {
+            if self.ignored.contains(&key.as_str()) {
+                warnings.push(format!(
+                    "{}:{line}: `{key}` in <{}> has no effect in zeors; ignored",
+                    self.section.file.display(),
+                    self.section.kind
+                ));
+            } else if !self.known.contains(&key.as_str()) {
+                bail!(
+                    "{}:{line}: unknown key `{key}` in <{}> (known: {})",
+                    self.section.file.display(),
+                    self.section.kind,
+                    self.known.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn str(&self, key: &str) -> Option<&'a str> {
+        self.section.value(key).map(|(_, v, _)| v.as_str())
+    }
+
+    fn err(&self, key: &str, what: &str) -> anyhow::Error {
+        let line = self
+            .section
+            .value(key)
+            .map(|v| v.2)
+            .unwrap_or(self.section.line);
+        anyhow!("{}:{line}: `{key}` {what}", self.section.file.display())
+    }
+
+    fn bool(&self, key: &str, default: bool) -> Result<bool> {
+        match self.str(key) {
+            None => Ok(default),
+            Some(v) => parse_bool(v).ok_or_else(|| self.err(key, "must be true or false")),
+        }
+    }
+
+    fn opt_bool(&self, key: &str) -> Result<Option<bool>> {
+        self.str(key).map(|_| self.bool(key, false)).transpose()
+    }
+
+    fn float(&self, key: &str) -> Result<Option<f64>> {
+        match self.str(key) {
+            None => Ok(None),
+            Some(v) => v
+                .parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(Some)
+                .ok_or_else(|| self.err(key, "must be a number")),
+        }
+    }
+
+    fn size(&self, key: &str) -> Result<Option<u64>> {
+        match self.str(key) {
+            None => Ok(None),
+            Some(v) => crate::parse_size(v)
+                .map(Some)
+                .map_err(|e| self.err(key, &e)),
+        }
+    }
+
+    fn path(&self, key: &str) -> Option<PathBuf> {
+        self.str(key).map(PathBuf::from)
+    }
+}
+
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" | "yes" | "on" | "1" => Some(true),
+        "false" | "no" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Reads and checks a `zeo.conf`.
+pub fn load(path: &Path) -> Result<ZeoConf> {
+    let (root, warnings) = zconfig::parse_file(path)?;
+    from_root(&root, warnings)
+}
+
+pub fn from_root(root: &Section, mut warnings: Vec<String>) -> Result<ZeoConf> {
+    if let Some((key, _, line)) = root.keys.first() {
+        bail!(
+            "{}:{line}: `{key}` outside any section",
+            root.file.display()
+        );
+    }
+    let mut conf = ZeoConf::default();
+    let mut saw_zeo = false;
+    let mut unnamed = 0;
+    for section in &root.sections {
+        let here = || format!("{}:{}", section.file.display(), section.line);
+        match section.kind.as_str() {
+            "zeo" => {
+                if saw_zeo {
+                    bail!("{}: a second <zeo> section", here());
+                }
+                saw_zeo = true;
+                conf.zeo = zeo_section(section, &mut warnings)?;
+            }
+            "filestorage" | "zeoclient" | "clientstorage" => {
+                let name = match &section.name {
+                    Some(n) => n.clone(),
+                    None => {
+                        unnamed += 1;
+                        if unnamed > 1 {
+                            bail!("{}: only one storage section may be unnamed", here());
+                        }
+                        "1".to_string()
+                    }
+                };
+                if conf.storages.iter().any(|s| s.name == name) {
+                    bail!("{}: a second storage named {name:?}", here());
+                }
+                let kind = if section.kind == "filestorage" {
+                    filestorage_section(section, &mut warnings)?
+                } else {
+                    upstream_section(section, &name, &mut warnings)?
+                };
+                conf.storages.push(StorageConf { name, kind });
+            }
+            "eventlog" | "logger" => conf.log = Some(eventlog_section(section, &mut warnings)?),
+            "runner" => warnings.push(format!(
+                "{}: <runner> (zdaemon) is not used by zeors; run it under your service manager",
+                here()
+            )),
+            "mappingstorage" | "demostorage" | "blobstorage" | "zlibstorage" | "beforestorage"
+            | "relstorage" => {
+                bail!(
+                    "{}: storage type <{}> is not supported by zeors (filestorage or zeoclient)",
+                    here(),
+                    section.kind
+                )
+            }
+            other => bail!("{}: unknown section <{other}>", here()),
+        }
+    }
+    if !saw_zeo {
+        bail!("{}: no <zeo> section", root.file.display());
+    }
+    if conf.storages.is_empty() {
+        bail!(
+            "{}: no storage section (<filestorage> or <zeoclient>)",
+            root.file.display()
+        );
+    }
+    conf.warnings = warnings;
+    Ok(conf)
+}
+
+fn zeo_section(s: &Section, warnings: &mut Vec<String>) -> Result<ZeoSection> {
+    let c = Checker {
+        section: s,
+        known: &[
+            "address",
+            "read-only",
+            "invalidation-queue-size",
+            "invalidation-age",
+            "transaction-timeout",
+            "pid-filename",
+            "client-conflict-resolution",
+            "msgpack",
+        ],
+        ignored: &[
+            "monitor-address",
+            "authentication-protocol",
+            "authentication-database",
+            "authentication-realm",
+        ],
+    };
+    c.check(warnings)?;
+    if let Some(false) = c.opt_bool("client-conflict-resolution")? {
+        // The default of the Python server is to resolve on the server with the
+        // application's classes, which zeors cannot load; clients resolve instead.
+        warnings.push(format!(
+            "{}:{}: conflicts are always resolved by the clients with zeors (client-conflict-resolution)",
+            s.file.display(),
+            s.value("client-conflict-resolution").map(|v| v.2).unwrap_or(s.line)
+        ));
+    }
+    // zeors always answers clients older than the queue from the storage itself, as
+    // `invalidation-age` asks the Python server to; the value only needs to be valid.
+    c.float("invalidation-age")?;
+    let queue = match c.str("invalidation-queue-size") {
+        None => None,
+        Some(v) => Some(
+            v.parse::<usize>()
+                .map_err(|_| c.err("invalidation-queue-size", "must be an integer"))?,
+        ),
+    };
+    let mut ssl = None;
+    for sub in &s.sections {
+        if sub.kind != "ssl" {
+            bail!(
+                "{}:{}: unknown section <{}> in <zeo>",
+                sub.file.display(),
+                sub.line,
+                sub.kind
+            );
+        }
+        let sc = Checker {
+            section: sub,
+            known: &["certificate", "key", "authenticate", "password-function"],
+            ignored: &[],
+        };
+        sc.check(warnings)?;
+        if sc.str("password-function").is_some() {
+            bail!(
+                "{}:{}: password-function needs Python; use an unencrypted key file",
+                sub.file.display(),
+                sub.line
+            );
+        }
+        ssl = Some(SslConf {
+            certificate: sc.path("certificate").ok_or_else(|| {
+                anyhow!(
+                    "{}:{}: <ssl> needs a certificate",
+                    sub.file.display(),
+                    sub.line
+                )
+            })?,
+            key: sc.path("key"),
+            authenticate: sc.path("authenticate"),
+        });
+    }
+    Ok(ZeoSection {
+        addresses: s.values("address").map(|(_, v, _)| v.clone()).collect(),
+        read_only: c.bool("read-only", false)?,
+        invalidation_queue_size: queue,
+        transaction_timeout: c.float("transaction-timeout")?,
+        pid_filename: c.path("pid-filename"),
+        msgpack: c.opt_bool("msgpack")?,
+        ssl,
+    })
+}
+
+fn no_subsections(s: &Section) -> Result<()> {
+    if let Some(sub) = s.sections.first() {
+        bail!(
+            "{}:{}: unknown section <{}> in <{}>",
+            sub.file.display(),
+            sub.line,
+            sub.kind,
+            s.kind
+        );
+    }
+    Ok(())
+}
+
+fn filestorage_section(s: &Section, warnings: &mut Vec<String>) -> Result<StorageKind> {
+    let c = Checker {
+        section: s,
+        known: &[
+            "path",
+            "blob-dir",
+            "create",
+            "read-only",
+            "quota",
+            "pack-gc",
+            "pack-keep-old",
+            "name",
+        ],
+        ignored: &["packer"],
+    };
+    c.check(warnings)?;
+    no_subsections(s)?;
+    if c.bool("create", false)? {
+        // Python empties the file on every start with `create true`; refuse rather than
+        // destroy a database because of a leftover setting.
+        bail!(
+            "{}: `create true` would empty the storage at every start; remove it",
+            s.file.display()
+        );
+    }
+    Ok(StorageKind::File {
+        path: c.path("path").ok_or_else(|| {
+            anyhow!(
+                "{}:{}: <filestorage> needs a path",
+                s.file.display(),
+                s.line
+            )
+        })?,
+        blob_dir: c.path("blob-dir"),
+        read_only: c.bool("read-only", false)?,
+        quota: c.size("quota")?,
+        pack_gc: c.bool("pack-gc", true)?,
+        pack_keep_old: c.bool("pack-keep-old", true)?,
+    })
+}
+
+fn upstream_section(s: &Section, name: &str, warnings: &mut Vec<String>) -> Result<StorageKind> {
+    let c = Checker {
+        section: s,
+        known: &[
+            "server",
+            "storage",
+            "cache-size",
+            "cache-path",
+            "name",
+            "client",
+            "var",
+            "blob-dir",
+            "shared-blob-dir",
+            "blob-cache-size",
+            "blob-cache-size-check",
+            "read-only",
+            "wait",
+            "wait-timeout",
+        ],
+        ignored: &[
+            "min-disconnect-poll",
+            "max-disconnect-poll",
+            "read-only-fallback",
+            "drop-cache-rather-verify",
+            "client-label",
+            "server-sync",
+            "username",
+            "password",
+            "realm",
+        ],
+    };
+    c.check(warnings)?;
+    no_subsections(s)?;
+    let servers: Vec<String> = s.values("server").map(|(_, v, _)| v.clone()).collect();
+    if servers.is_empty() {
+        bail!(
+            "{}:{}: <{}> needs at least one `server`",
+            s.file.display(),
+            s.line,
+            s.kind
+        );
+    }
+    // The stock client keeps its persistent cache in `var/client-storage.zec` (or
+    // `cache-path`); ours is a directory next to where that file would be.
+    let storage = c.str("storage").unwrap_or("1").to_string();
+    let cache_dir = if let Some(p) = c.path("cache-path") {
+        PathBuf::from(format!("{}.zeors-cache", p.display()))
+    } else {
+        let var = c.path("var").unwrap_or_else(|| PathBuf::from("var"));
+        let client = c.str("client").unwrap_or(name);
+        var.join(format!("{client}-{storage}.zeors-cache"))
+    };
+    Ok(StorageKind::Upstream {
+        servers,
+        storage,
+        cache_dir,
+        cache_size: c.size("cache-size")?.unwrap_or(20 << 20),
+        read_only: c.bool("read-only", false)?,
+        blob_dir: c.path("blob-dir"),
+    })
+}
+
+fn eventlog_section(s: &Section, warnings: &mut Vec<String>) -> Result<LogConf> {
+    let c = Checker {
+        section: s,
+        known: &["level", "name", "propagate"],
+        ignored: &[],
+    };
+    c.check(warnings)?;
+    let mut conf = LogConf {
+        path: None,
+        level: level_filter(c.str("level").unwrap_or("INFO")),
+    };
+    for sub in &s.sections {
+        match sub.kind.as_str() {
+            "logfile" => {
+                let lc = Checker {
+                    section: sub,
+                    known: &[
+                        "path",
+                        "level",
+                        "format",
+                        "dateformat",
+                        "max-size",
+                        "old-files",
+                        "when",
+                        "interval",
+                    ],
+                    ignored: &[],
+                };
+                lc.check(warnings)?;
+                if let Some(path) = lc.str("path") {
+                    conf.path = match path {
+                        "STDERR" | "STDOUT" => None,
+                        p => Some(PathBuf::from(p)),
+                    };
+                }
+                if let Some(level) = lc.str("level") {
+                    conf.level = level_filter(level);
+                }
+            }
+            "syslog" | "email-notifier" | "http-logger" => warnings.push(format!(
+                "{}:{}: <{}> logging is not supported by zeors; ignored",
+                sub.file.display(),
+                sub.line,
+                sub.kind
+            )),
+            other => bail!(
+                "{}:{}: unknown section <{other}> in <eventlog>",
+                sub.file.display(),
+                sub.line
+            ),
+        }
+    }
+    Ok(conf)
+}
+
+/// ZConfig logger levels as a tracing filter.
+fn level_filter(level: &str) -> String {
+    match level.to_ascii_uppercase().as_str() {
+        "CRITICAL" | "FATAL" | "ERROR" => "error",
+        "WARN" | "WARNING" => "warn",
+        "INFO" => "info",
+        "DEBUG" | "BLATHER" => "debug",
+        "TRACE" | "ALL" | "NOTSET" => "trace",
+        _ => "info",
+    }
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conf(text: &str) -> Result<ZeoConf> {
+        let (root, w) = zconfig::parse_str(text, "zeo.conf")?;
+        from_root(&root, w)
+    }
+
+    #[test]
+    fn a_typical_buildout_zeo_conf() {
+        let c = conf(
+            "%define INSTANCE /srv/zeo\n<zeo>\n  address 8100\n  read-only false\n  invalidation-queue-size 100\n  pid-filename $INSTANCE/var/ZEO.pid\n  transaction-timeout 30\n</zeo>\n<filestorage 1>\n  path $INSTANCE/var/filestorage/Data.fs\n  blob-dir $INSTANCE/var/blobstorage\n  pack-gc false\n</filestorage>\n<eventlog>\n  level info\n  <logfile>\n    path $INSTANCE/var/log/zeoserver.log\n    format %(asctime)s %(message)s\n  </logfile>\n</eventlog>\n<runner>\n  program $INSTANCE/bin/runzeo\n</runner>\n",
+        )
+        .unwrap();
+        assert_eq!(c.zeo.addresses, ["8100"]);
+        assert_eq!(c.zeo.transaction_timeout, Some(30.0));
+        assert_eq!(c.storages.len(), 1);
+        match &c.storages[0].kind {
+            StorageKind::File { path, pack_gc, .. } => {
+                assert_eq!(path, &PathBuf::from("/srv/zeo/var/filestorage/Data.fs"));
+                assert!(!pack_gc);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            c.log.unwrap().path,
+            Some(PathBuf::from("/srv/zeo/var/log/zeoserver.log"))
+        );
+        assert!(c.warnings.iter().any(|w| w.contains("runner")));
+    }
+
+    #[test]
+    fn proxy_conf_with_zeoclient() {
+        let c = conf(
+            "<zeo>\n address 127.0.0.1:8100\n</zeo>\n<zeoclient main>\n server remote:8100\n server backup:8100\n storage 1\n cache-size 20GB\n var /var/cache/zeo\n client proxy\n</zeoclient>\n",
+        )
+        .unwrap();
+        match &c.storages[0].kind {
+            StorageKind::Upstream {
+                servers,
+                cache_dir,
+                cache_size,
+                ..
+            } => {
+                assert_eq!(servers.len(), 2);
+                assert_eq!(*cache_size, 20 << 30);
+                assert_eq!(
+                    cache_dir,
+                    &PathBuf::from("/var/cache/zeo/proxy-1.zeors-cache")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.storages[0].name, "main");
+    }
+
+    #[test]
+    fn unknown_keys_and_sections_are_errors_with_lines() {
+        let e = conf(
+            "<zeo>\n address 1\n bogus-key 1\n</zeo>\n<filestorage>\n path x\n</filestorage>\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("zeo.conf:3"), "{e}");
+        let e = conf("<zeo>\n address 1\n</zeo>\n<filestorage>\n path x\n</filestorage>\n<weird>\n</weird>\n").unwrap_err();
+        assert!(e.to_string().contains("unknown section <weird>"), "{e}");
+        let e = conf(
+            "<zeo>\n address 1\n read-only maybe\n</zeo>\n<filestorage>\n path x\n</filestorage>\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(":3"), "{e}");
+        assert!(conf("<zeo>\n address 1\n</zeo>\n").is_err());
+    }
+
+    #[test]
+    fn several_storages_and_unnamed_rules() {
+        let c = conf("<zeo>\n address 1\n</zeo>\n<filestorage>\n path a\n</filestorage>\n<filestorage 2>\n path b\n</filestorage>\n").unwrap();
+        assert_eq!(
+            c.storages
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>(),
+            ["1", "2"]
+        );
+        assert!(conf("<zeo>\n address 1\n</zeo>\n<filestorage>\n path a\n</filestorage>\n<filestorage 1>\n path b\n</filestorage>\n").is_err());
+    }
+
+    #[test]
+    fn ssl_section() {
+        let c = conf("<zeo>\n address 1\n <ssl>\n  certificate server.pem\n  key server_key.pem\n  authenticate clients.pem\n </ssl>\n</zeo>\n<filestorage>\n path a\n</filestorage>\n").unwrap();
+        let ssl = c.zeo.ssl.unwrap();
+        assert_eq!(ssl.authenticate, Some(PathBuf::from("clients.pem")));
+    }
+}

@@ -1,0 +1,437 @@
+//! `zeors serve`: builds the storages and the server from flags or a `zeo.conf`, sets up
+//! logging, the pid file and signals, and runs until SIGTERM or SIGINT.
+
+use crate::config::{self, LogConf, StorageKind, ZeoConf};
+use crate::logfile::LogFile;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// Read this ZConfig file, as `runzeo -C` does (`<zeo>`, `<filestorage>`,
+    /// `<zeoclient>`, `<eventlog>`). Flags given as well override it.
+    #[arg(short = 'C', long = "configure", value_name = "ZEO.CONF")]
+    configure: Option<PathBuf>,
+
+    /// Address to listen on: HOST:PORT, PORT (all interfaces) or a unix socket PATH
+    /// (anything containing "/"). Repeatable. Default: 127.0.0.1:8100.
+    #[arg(short = 'a', long = "address")]
+    addresses: Vec<String>,
+
+    /// Data.fs to serve (created if missing). Default: var/Data.fs.
+    #[arg(short = 'f', long = "filename")]
+    filename: Option<PathBuf>,
+
+    /// Name clients use to select the storage (`ClientStorage(storage=...)`).
+    #[arg(long = "storage-name", default_value = "1")]
+    storage_name: String,
+
+    /// Serve read-only: writable registrations are refused.
+    #[arg(long)]
+    read_only: bool,
+
+    /// Seconds a client may hold the commit lock between vote and finish before it is
+    /// disconnected and its transaction aborted. Default: no limit (as runzeo).
+    #[arg(short = 't', long = "transaction-timeout", value_name = "SECONDS")]
+    transaction_timeout: Option<f64>,
+
+    /// Transactions remembered for clients reconnecting with a cache. Default: 100.
+    #[arg(long)]
+    invalidation_queue_size: Option<usize>,
+
+    /// Speak msgpack instead of pickle (as `msgpack true` in zeo.conf).
+    #[arg(long)]
+    msgpack: bool,
+
+    /// TLS: the server's PEM certificate (chain); enables TLS on TCP addresses.
+    #[arg(long, value_name = "PEM")]
+    tls_certificate: Option<PathBuf>,
+
+    /// TLS: the server's PEM private key, if not in the certificate file.
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+
+    /// TLS: require client certificates signed by this CA (file or directory).
+    #[arg(long, value_name = "PEM")]
+    tls_authenticate: Option<PathBuf>,
+
+    /// Serve Prometheus metrics at http://ADDRESS/metrics (off by default).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_address: Option<String>,
+
+    /// Write the process id here while running.
+    #[arg(long = "pid-file", value_name = "PATH")]
+    pid_file: Option<PathBuf>,
+
+    /// Log filter, e.g. `info`, `debug`, `zeors=debug,server=debug`. Overrides RUST_LOG
+    /// and the level in zeo.conf.
+    #[arg(long)]
+    log_level: Option<String>,
+
+    /// Proxy mode: serve the storage of this upstream ZEO server (HOST:PORT or socket
+    /// path) through a persistent cache instead of a Data.fs. Repeat for failover.
+    #[arg(long = "upstream", value_name = "ADDRESS")]
+    upstreams: Vec<String>,
+
+    /// Proxy mode: name of the storage on the upstream server.
+    #[arg(long, default_value = "1")]
+    upstream_storage: String,
+
+    /// Proxy mode: directory of the persistent cache.
+    #[arg(long, default_value = "var/cache")]
+    cache_dir: PathBuf,
+
+    /// Proxy mode: size bound of the cache, e.g. 500MB, 20GB.
+    #[arg(long, default_value = "1GB", value_parser = crate::parse_size)]
+    cache_size: u64,
+}
+
+/// Everything needed to start, whether it came from flags or a file.
+struct Plan {
+    addresses: Vec<String>,
+    server: server::ServerConfig,
+    storages: Vec<config::StorageConf>,
+    log: LogConf,
+    pid_file: Option<PathBuf>,
+    metrics_address: Option<String>,
+    tls: Option<server::tls::TlsSettings>,
+    warnings: Vec<String>,
+}
+
+fn plan(args: &ServeArgs) -> Result<Plan> {
+    let conf = match &args.configure {
+        Some(path) => config::load(path)?,
+        None => ZeoConf {
+            storages: vec![config::StorageConf {
+                name: args.storage_name.clone(),
+                kind: if args.upstreams.is_empty() {
+                    StorageKind::File {
+                        path: args
+                            .filename
+                            .clone()
+                            .unwrap_or_else(|| PathBuf::from("var/Data.fs")),
+                        blob_dir: None,
+                        read_only: false,
+                        quota: None,
+                        pack_gc: true,
+                        pack_keep_old: true,
+                    }
+                } else {
+                    StorageKind::Upstream {
+                        servers: args.upstreams.clone(),
+                        storage: args.upstream_storage.clone(),
+                        cache_dir: args.cache_dir.clone(),
+                        cache_size: args.cache_size,
+                        read_only: false,
+                        blob_dir: None,
+                    }
+                },
+            }],
+            ..Default::default()
+        },
+    };
+    if args.configure.is_some() && (args.filename.is_some() || !args.upstreams.is_empty()) {
+        bail!("give storages either in zeo.conf or with -f/--upstream, not both");
+    }
+    let addresses = if !args.addresses.is_empty() {
+        args.addresses.clone()
+    } else if !conf.zeo.addresses.is_empty() {
+        conf.zeo.addresses.clone()
+    } else {
+        vec!["127.0.0.1:8100".to_string()]
+    };
+    let msgpack_env = std::env::var("ZEO_MSGPACK")
+        .map(|v| !v.is_empty())
+        .unwrap_or(false);
+    let msgpack = args.msgpack || conf.zeo.msgpack.unwrap_or(msgpack_env);
+    let timeout = args.transaction_timeout.or(conf.zeo.transaction_timeout);
+    let server = server::ServerConfig {
+        read_only: args.read_only || conf.zeo.read_only,
+        encoding: if msgpack {
+            zeo_proto::Encoding::Msgpack
+        } else {
+            zeo_proto::Encoding::Pickle
+        },
+        transaction_timeout: match timeout {
+            Some(t) if t > 0.0 && t.is_finite() => Some(Duration::from_secs_f64(t)),
+            Some(0.0) => None,
+            Some(t) => bail!("transaction timeout must be a positive number of seconds, not {t}"),
+            None => None,
+        },
+        invalidation_queue_size: args
+            .invalidation_queue_size
+            .or(conf.zeo.invalidation_queue_size)
+            .unwrap_or(100),
+        ..Default::default()
+    };
+    let tls = match (&args.tls_certificate, conf.zeo.ssl) {
+        (Some(cert), _) => Some(server::tls::TlsSettings {
+            certificate: cert.clone(),
+            key: args.tls_key.clone(),
+            authenticate: args.tls_authenticate.clone(),
+        }),
+        (None, Some(ssl)) => Some(server::tls::TlsSettings {
+            certificate: ssl.certificate,
+            key: ssl.key,
+            authenticate: ssl.authenticate,
+        }),
+        (None, None) => None,
+    };
+    let mut log = conf.log.clone().unwrap_or(LogConf {
+        path: None,
+        level: "info".into(),
+    });
+    if let Some(level) = &args.log_level {
+        log.level = level.clone();
+    } else if conf.log.is_none() {
+        if let Ok(env) = std::env::var("RUST_LOG") {
+            log.level = env;
+        }
+    }
+    Ok(Plan {
+        addresses,
+        server,
+        storages: conf.storages,
+        log,
+        pid_file: args.pid_file.clone().or(conf.zeo.pid_filename),
+        metrics_address: args.metrics_address.clone(),
+        tls,
+        warnings: conf.warnings,
+    })
+}
+
+/// Runs `zeors serve`.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let plan = plan(&args)?;
+    let logfile = init_logging(&plan.log)?;
+    for w in &plan.warnings {
+        warn!("{w}");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let pid = PidFile::create(plan.pid_file.as_deref())?;
+    let result = rt.block_on(serve(plan, logfile));
+    drop(pid);
+    result
+}
+
+fn init_logging(log: &LogConf) -> Result<Option<LogFile>> {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&log.level).unwrap_or_else(|_| EnvFilter::new("info"));
+    match &log.path {
+        None => {
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+            Ok(None)
+        }
+        Some(path) => {
+            let file = LogFile::open(path)
+                .with_context(|| format!("opening log file {}", path.display()))?;
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(file.clone())
+                .init();
+            Ok(Some(file))
+        }
+    }
+}
+
+/// Opens one storage from its configuration.
+fn open_storage(conf: &config::StorageConf, server_read_only: bool) -> Result<Opened> {
+    match &conf.kind {
+        StorageKind::File {
+            path,
+            blob_dir,
+            read_only,
+            quota,
+            pack_gc,
+            pack_keep_old,
+        } => {
+            if blob_dir.is_some() {
+                bail!("storage {:?}: blob-dir is not supported yet", conf.name);
+            }
+            if !pack_gc {
+                // Packing with garbage collection where the operator turned it off could
+                // delete objects only reachable through cross-database references.
+                bail!(
+                    "storage {:?}: pack-gc false is not supported yet",
+                    conf.name
+                );
+            }
+            let read_only = *read_only || server_read_only;
+            if let Some(dir) = path.parent() {
+                if !dir.as_os_str().is_empty() && !read_only {
+                    std::fs::create_dir_all(dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                }
+            }
+            let storage = filestorage::FileStorage::open(
+                path,
+                filestorage::Options {
+                    read_only,
+                    // runzeo creates a missing Data.fs too (FileStorage opens with "a+").
+                    create: !read_only,
+                    quota: *quota,
+                    // Data durable before the status byte can flip: safe against any
+                    // write-back order.
+                    sync_on_vote: true,
+                    pack_discard_old: !*pack_keep_old,
+                    ..Default::default()
+                },
+            )
+            .with_context(|| format!("opening {}", path.display()))?;
+            info!(path = %path.display(), name = %conf.name, "opened FileStorage");
+            Ok(Opened::File(Arc::new(storage)))
+        }
+        StorageKind::Upstream {
+            servers,
+            storage,
+            cache_dir,
+            cache_size,
+            read_only,
+            blob_dir,
+        } => {
+            if blob_dir.is_some() {
+                bail!(
+                    "storage {:?}: blob-dir is not supported yet in proxy mode",
+                    conf.name
+                );
+            }
+            let cache = proxy::cache::CacheConfig {
+                dir: cache_dir.clone(),
+                max_bytes: *cache_size,
+                invalidation_log_size: proxy::cache::DEFAULT_INVALIDATION_LOG_SIZE,
+            };
+            let mut pconfig = proxy::ProxyConfig::new(
+                servers
+                    .iter()
+                    .map(|a| zeo_client::Address(a.clone()))
+                    .collect(),
+                cache,
+            );
+            pconfig.storage = storage.clone();
+            pconfig.read_only = *read_only || server_read_only;
+            let storage =
+                proxy::UpstreamStorage::open(pconfig).context("opening the proxy storage")?;
+            info!(name = %conf.name, upstream = ?servers, cache = %cache_dir.display(), "proxy storage");
+            Ok(Opened::Proxy(Arc::new(storage)))
+        }
+    }
+}
+
+enum Opened {
+    File(Arc<filestorage::FileStorage>),
+    Proxy(Arc<proxy::UpstreamStorage>),
+}
+
+async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
+    let mut storages: Vec<(String, Arc<dyn zodb::Storage>)> = Vec::new();
+    let mut proxies = Vec::new();
+    for conf in &plan.storages {
+        match open_storage(conf, plan.server.read_only)? {
+            Opened::File(s) => storages.push((conf.name.clone(), s)),
+            Opened::Proxy(p) => {
+                proxies.push(p.clone());
+                storages.push((conf.name.clone(), p));
+            }
+        }
+    }
+    let server = server::Server::new(plan.server, storages).await?;
+    // A proxy serves only once it knows where upstream stands; with a warm cache it
+    // starts after a short wait even if upstream is unreachable, serving the cache.
+    for p in &proxies {
+        let cached = zodb::Storage::last_transaction(&**p) != zodb::Tid::ZERO;
+        if cached {
+            if !p.wait_ready(Duration::from_secs(10)).await {
+                warn!("upstream not reachable yet; serving from the cache meanwhile");
+            }
+        } else {
+            while !p.wait_ready(Duration::from_secs(30)).await {
+                warn!("waiting for the upstream server (the cache is empty, nothing to serve yet)");
+            }
+        }
+    }
+    let acceptor = match &plan.tls {
+        Some(t) => Some(server::tls::acceptor(t).context("setting up TLS")?),
+        None => None,
+    };
+    for address in &plan.addresses {
+        let mut listener = server::Listener::bind(address)
+            .await
+            .with_context(|| format!("listening on {address}"))?;
+        if let Some(acceptor) = &acceptor {
+            if !address.contains('/') {
+                listener = listener.with_tls(acceptor.clone())?;
+            }
+        }
+        server.serve(listener);
+    }
+    if let Some(address) = &plan.metrics_address {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("metrics endpoint on {address}"))?;
+        info!(%address, "serving metrics at /metrics");
+        server.serve_metrics(listener);
+    }
+    wait_for_signal(logfile).await?;
+    info!("shutting down");
+    server.shutdown().await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT; SIGHUP and SIGUSR2 reopen the log file (log rotation).
+async fn wait_for_signal(logfile: Option<LogFile>) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut usr2 = signal(SignalKind::user_defined2())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received"); return Ok(()) }
+            _ = int.recv() => { info!("SIGINT received"); return Ok(()) }
+            _ = hup.recv() => reopen(&logfile),
+            _ = usr2.recv() => reopen(&logfile),
+        }
+    }
+}
+
+fn reopen(logfile: &Option<LogFile>) {
+    if let Some(f) = logfile {
+        match f.reopen() {
+            Ok(()) => info!("log file reopened"),
+            Err(e) => eprintln!("zeors: reopening the log file failed: {e}"),
+        }
+    }
+}
+
+/// The pid file, removed when dropped.
+struct PidFile(Option<PathBuf>);
+
+impl PidFile {
+    fn create(path: Option<&Path>) -> Result<PidFile> {
+        let Some(path) = path else {
+            return Ok(PidFile(None));
+        };
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing pid file {}", path.display()))?;
+        Ok(PidFile(Some(path.to_path_buf())))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
