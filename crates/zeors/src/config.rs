@@ -592,6 +592,14 @@ mod tests {
     }
 
     #[test]
+    fn the_example_in_the_repository_is_valid() {
+        let c = conf(include_str!("../../../zeo.conf.example")).unwrap();
+        assert_eq!(c.zeo.addresses.len(), 2);
+        assert_eq!(c.zeo.transaction_timeout, Some(30.0));
+        assert_eq!(c.storages.len(), 1);
+    }
+
+    #[test]
     fn ssl_section() {
         let c = conf("<zeo>\n address 1\n <ssl>\n  certificate server.pem\n  key server_key.pem\n  authenticate clients.pem\n </ssl>\n</zeo>\n<filestorage>\n path a\n</filestorage>\n").unwrap();
         let ssl = c.zeo.ssl.unwrap();
