@@ -59,6 +59,11 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PEM")]
     tls_authenticate: Option<PathBuf>,
 
+    /// Output queued for one client (replies, invalidations) before it is considered
+    /// stuck and disconnected.
+    #[arg(long, default_value = "256MB", value_parser = crate::parse_size)]
+    max_client_queue: u64,
+
     /// Serve Prometheus metrics at http://ADDRESS/metrics (off by default).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_address: Option<String>,
@@ -166,6 +171,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
             .invalidation_queue_size
             .or(conf.zeo.invalidation_queue_size)
             .unwrap_or(100),
+        max_queued_bytes: args.max_client_queue as usize,
         ..Default::default()
     };
     let tls = match (&args.tls_certificate, conf.zeo.ssl) {
