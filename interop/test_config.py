@@ -222,3 +222,38 @@ def test_tls_with_client_certificates(tmp_path):
     assert server.stop() == 0
     log = (tmp_path / "zeors.log").read_text()
     assert "TLS handshake failed" in log
+
+
+def test_sighup_reopens_the_log_file(tmp_path):
+    port = free_port()
+    conf = tmp_path / "zeo.conf"
+    log = tmp_path / "zeo.log"
+    conf.write_text(
+        f"""
+<zeo>
+  address 127.0.0.1:{port}
+</zeo>
+<filestorage>
+  path {tmp_path}/Data.fs
+</filestorage>
+<eventlog>
+  level debug
+  <logfile>
+    path {log}
+  </logfile>
+</eventlog>
+"""
+    )
+    server = zeors(conf, port, tmp_path)
+    use(port, "1", "a", 1)
+    rotated = tmp_path / "zeo.log.1"
+    log.rename(rotated)
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.time() + 10
+    while time.time() < deadline and not log.exists():
+        time.sleep(0.05)
+    assert log.exists(), "SIGHUP did not reopen the log file"
+    use(port, "1", "b", 2)
+    assert server.stop() == 0
+    assert "listening" in rotated.read_text()
+    assert "registered" in log.read_text() or "connected" in log.read_text()
