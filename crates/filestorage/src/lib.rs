@@ -7,10 +7,14 @@
 //!
 //! Modules: [`format`](mod@format) (record layouts), [`index`] (the in-memory oid index),
 //! [`index_file`] (Python's `.index` file), [`scan`] (open-time scan, torn-tail detection,
-//! a strict checker), `commit` (turning a transaction into bytes, conflict rules),
-//! [`io`] (the file abstraction) and [`sim`] (a file that simulates power loss).
+//! a strict checker), [`view`] (bounds-checked reads of committed data), [`iter`]
+//! (transaction and record iteration), [`undo`] (undo log and transactional undo),
+//! [`pack`] (pack with garbage collection), [`check`] (the offline `fstest`/`fsrefs`
+//! checks), `commit` (turning a transaction into bytes, conflict rules), [`io`] (the file
+//! abstraction) and [`sim`] (a file that simulates power loss). Record pickles are read
+//! by [`zodb::refs`].
 //!
-//! Not yet implemented: undo, pack, iteration, blobs.
+//! Not yet implemented: blobs.
 //!
 //! ## Design in brief
 //! - **Index**: Python's `fsIndex` layout (6-byte prefix → sorted 2-byte suffixes with
@@ -178,12 +182,18 @@ impl Storage for FileStorage {
         self.core.attach(sink)
     }
 
+    // Loads read on the calling thread. A load is an index lookup and one or two
+    // positioned reads that the page cache nearly always serves; handing each to the
+    // blocking pool cost more than the read itself (two thread switches per load, the
+    // bulk of the server's CPU time under load, measured with perf). A cold read from
+    // disk stalls one runtime worker for the duration of that read, as the Python
+    // server's single thread would be stalled.
     async fn load_before(&self, oid: Oid, before: Tid) -> Result<LoadBefore> {
-        self.blocking(move |c| c.load_before(oid, before)).await
+        self.core.load_before(oid, before)
     }
 
     async fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Bytes> {
-        self.blocking(move |c| c.load_serial(oid, serial)).await
+        self.core.load_serial(oid, serial)
     }
 
     async fn history(&self, oid: Oid, size: usize) -> Result<Vec<HistoryEntry>> {
@@ -257,8 +267,11 @@ impl Storage for FileStorage {
             return Err(StorageError::Value("Invalid pack time".into()));
         }
         let tid = zodb::timestamp::tid_from_unix(pack_time);
-        self.blocking(move |c| c.pack(tid, PackOptions::default()).map(|_| ()))
-            .await
+        self.blocking(move |c| {
+            let gc = !c.pack_without_gc;
+            c.pack(tid, PackOptions { gc }).map(|_| ())
+        })
+        .await
     }
 }
 
