@@ -50,6 +50,17 @@ pub(crate) struct Policy<'a> {
     pub quota: Option<u64>,
     /// Which undo conflicts go to the client.
     pub resolution: Option<&'a UndoResolution>,
+    /// A pack is running: undo is refused, as Python disables it then (an undo committed
+    /// during the pack could bring back revisions whose referents the pack drops).
+    pub undo_disabled: bool,
+}
+
+/// The error for an undo while a pack runs, Python's words.
+pub(crate) fn undo_disabled() -> StorageError {
+    StorageError::Undo {
+        reason: "Undo is currently disabled for database maintenance.<p>".into(),
+        oid: None,
+    }
 }
 
 /// A transaction ready to be written at its position.
@@ -275,6 +286,9 @@ pub(crate) fn prepare(
                 });
             }
             TxnOp::Undo { transaction_id } => {
+                if policy.undo_disabled {
+                    return Err(undo_disabled());
+                }
                 let undone =
                     zodb::tid_from_undo_id(transaction_id).ok_or_else(|| StorageError::Undo {
                         reason: "Invalid transaction id".into(),
@@ -621,7 +635,7 @@ mod tests {
                 200,
                 &Policy {
                     quota: Some(100),
-                    resolution: None
+                    ..Policy::default()
                 },
                 &state(),
                 &mut max

@@ -8,7 +8,12 @@
 //! sequentially, so buckets are dense: a lookup first tries `keys[suffix] == suffix`
 //! (one comparison), then falls back to a binary search. New oids append at the end of
 //! the last bucket.
+//!
+//! A bucket read from a `.index` file stays in the file's own byte form (as Python's
+//! `fsBucket` does) until it is first modified: opening a large storage then costs one
+//! read of the file and no per-entry work.
 
+use bytes::Bytes;
 use std::collections::BTreeMap;
 use zodb::Oid;
 
@@ -25,12 +30,47 @@ pub fn pos_from_48(p: &Pos48) -> u64 {
     u64::from_be_bytes([0, 0, p[0], p[1], p[2], p[3], p[4], p[5]])
 }
 
-/// The entries of one 6-byte prefix: `keys` strictly ascending, `positions` in step.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Bucket {
-    keys: Vec<u16>,
-    positions: Vec<Pos48>,
+fn pos_from_slice(p: &[u8]) -> u64 {
+    u64::from_be_bytes([0, 0, p[0], p[1], p[2], p[3], p[4], p[5]])
 }
+
+/// How a bucket holds its entries.
+#[derive(Debug, Clone)]
+enum Repr {
+    /// `keys` strictly ascending, `positions` in step.
+    Owned {
+        keys: Vec<u16>,
+        positions: Vec<Pos48>,
+    },
+    /// `fsBucket.toString()` form, as in the `.index` file: n big-endian 2-byte keys
+    /// (strictly ascending, checked when made) then n 6-byte positions.
+    Raw(Bytes),
+}
+
+/// The entries of one 6-byte prefix.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    repr: Repr,
+}
+
+impl Default for Bucket {
+    fn default() -> Self {
+        Bucket {
+            repr: Repr::Owned {
+                keys: Vec::new(),
+                positions: Vec::new(),
+            },
+        }
+    }
+}
+
+impl PartialEq for Bucket {
+    fn eq(&self, other: &Bucket) -> bool {
+        self.len() == other.len() && (0..self.len()).all(|i| self.entry(i) == other.entry(i))
+    }
+}
+
+impl Eq for Bucket {}
 
 impl Bucket {
     /// Builds a bucket from parallel vectors; `None` unless the keys are strictly
@@ -39,64 +79,161 @@ impl Bucket {
         if keys.len() != positions.len() || keys.windows(2).any(|w| w[0] >= w[1]) {
             return None;
         }
-        Some(Bucket { keys, positions })
+        Some(Bucket {
+            repr: Repr::Owned { keys, positions },
+        })
     }
 
-    pub fn keys(&self) -> &[u16] {
-        &self.keys
+    /// A bucket over the `fsBucket.toString()` bytes of the `.index` file, without
+    /// copying them; `None` unless the length is a multiple of 8 and the keys are
+    /// strictly ascending.
+    pub fn from_string_form(data: Bytes) -> Option<Bucket> {
+        if !data.len().is_multiple_of(8) {
+            return None;
+        }
+        let n = data.len() / 8;
+        let keys = &data[..2 * n];
+        let ascending = keys
+            .chunks_exact(2)
+            .map(|k| u16::from_be_bytes([k[0], k[1]]))
+            .try_fold(None, |prev: Option<u16>, k| match prev {
+                Some(p) if p >= k => Err(()),
+                _ => Ok(Some(k)),
+            })
+            .is_ok();
+        ascending.then_some(Bucket {
+            repr: Repr::Raw(data),
+        })
     }
 
-    pub fn positions(&self) -> &[Pos48] {
-        &self.positions
+    /// Appends the `fsBucket.toString()` form (what the `.index` file stores).
+    pub fn write_string_form(&self, out: &mut Vec<u8>) {
+        match &self.repr {
+            Repr::Raw(data) => out.extend_from_slice(data),
+            Repr::Owned { keys, positions } => {
+                for k in keys {
+                    out.extend_from_slice(&k.to_be_bytes());
+                }
+                for p in positions {
+                    out.extend_from_slice(p);
+                }
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.keys.len()
+        match &self.repr {
+            Repr::Owned { keys, .. } => keys.len(),
+            Repr::Raw(data) => data.len() / 8,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
+        self.len() == 0
+    }
+
+    fn key(&self, i: usize) -> u16 {
+        match &self.repr {
+            Repr::Owned { keys, .. } => keys[i],
+            Repr::Raw(data) => u16::from_be_bytes([data[2 * i], data[2 * i + 1]]),
+        }
+    }
+
+    fn position(&self, i: usize) -> u64 {
+        match &self.repr {
+            Repr::Owned { positions, .. } => pos_from_48(&positions[i]),
+            Repr::Raw(data) => {
+                let at = 2 * (data.len() / 8) + 6 * i;
+                pos_from_slice(&data[at..at + 6])
+            }
+        }
+    }
+
+    /// Entry `i` as `(suffix, position)`.
+    fn entry(&self, i: usize) -> (u16, u64) {
+        (self.key(i), self.position(i))
     }
 
     fn find(&self, suffix: u16) -> Result<usize, usize> {
         let direct = suffix as usize;
-        if self.keys.get(direct) == Some(&suffix) {
+        if direct < self.len() && self.key(direct) == suffix {
             return Ok(direct);
         }
-        self.keys.binary_search(&suffix)
+        match &self.repr {
+            Repr::Owned { keys, .. } => keys.binary_search(&suffix),
+            Repr::Raw(_) => {
+                let (mut lo, mut hi) = (0, self.len());
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    match self.key(mid).cmp(&suffix) {
+                        std::cmp::Ordering::Less => lo = mid + 1,
+                        std::cmp::Ordering::Greater => hi = mid,
+                        std::cmp::Ordering::Equal => return Ok(mid),
+                    }
+                }
+                Err(lo)
+            }
+        }
     }
 
     fn get(&self, suffix: u16) -> Option<u64> {
-        self.find(suffix)
-            .ok()
-            .map(|i| pos_from_48(&self.positions[i]))
+        self.find(suffix).ok().map(|i| self.position(i))
+    }
+
+    /// The vectors, converting a bucket still in its file form.
+    fn owned(&mut self) -> (&mut Vec<u16>, &mut Vec<Pos48>) {
+        if let Repr::Raw(data) = &self.repr {
+            let n = data.len() / 8;
+            let (ks, ps) = data.split_at(2 * n);
+            let keys = ks
+                .chunks_exact(2)
+                .map(|k| u16::from_be_bytes([k[0], k[1]]))
+                .collect();
+            let positions = ps
+                .chunks_exact(6)
+                .map(|p| [p[0], p[1], p[2], p[3], p[4], p[5]])
+                .collect();
+            self.repr = Repr::Owned { keys, positions };
+        }
+        match &mut self.repr {
+            Repr::Owned { keys, positions } => (keys, positions),
+            Repr::Raw(_) => unreachable!("converted above"),
+        }
     }
 
     /// Returns true if the key is new.
     fn insert(&mut self, suffix: u16, pos: Pos48) -> bool {
-        match self.keys.last() {
-            Some(&last) if last < suffix => {
-                self.keys.push(suffix);
-                self.positions.push(pos);
-                return true;
-            }
-            None => {
-                self.keys.push(suffix);
-                self.positions.push(pos);
-                return true;
-            }
-            _ => {}
-        }
-        match self.find(suffix) {
+        let found = self.find(suffix);
+        let (keys, positions) = self.owned();
+        match found {
             Ok(i) => {
-                self.positions[i] = pos;
+                positions[i] = pos;
                 false
             }
-            Err(i) => {
-                self.keys.insert(i, suffix);
-                self.positions.insert(i, pos);
+            Err(i) if i == keys.len() => {
+                keys.push(suffix);
+                positions.push(pos);
                 true
             }
+            Err(i) => {
+                keys.insert(i, suffix);
+                positions.insert(i, pos);
+                true
+            }
+        }
+    }
+
+    fn remove(&mut self, suffix: u16) -> Option<u64> {
+        let i = self.find(suffix).ok()?;
+        let (keys, positions) = self.owned();
+        keys.remove(i);
+        Some(pos_from_48(&positions.remove(i)))
+    }
+
+    fn shrink_to_fit(&mut self) {
+        if let Repr::Owned { keys, positions } = &mut self.repr {
+            keys.shrink_to_fit();
+            positions.shrink_to_fit();
         }
     }
 }
@@ -161,8 +298,8 @@ impl Index {
     /// The largest oid, `None` when empty (`fsIndex.maxKey()`).
     pub fn max_oid(&self) -> Option<Oid> {
         let (prefix, bucket) = self.buckets.iter().next_back()?;
-        let suffix = *bucket.keys.last()?;
-        Some(Oid((prefix << 16) | suffix as u64))
+        let last = bucket.len().checked_sub(1)?;
+        Some(Oid((prefix << 16) | bucket.key(last) as u64))
     }
 
     /// The first entry with an oid `>= from` (`fsIndex.minKey(from)`), for
@@ -177,8 +314,9 @@ impl Index {
             } else {
                 0
             };
-            if let (Some(k), Some(pos)) = (b.keys.get(i), b.positions.get(i)) {
-                return Some((Oid((p << 16) | *k as u64), pos_from_48(pos)));
+            if i < b.len() {
+                let (k, pos) = b.entry(i);
+                return Some((Oid((p << 16) | k as u64), pos));
             }
         }
         None
@@ -188,14 +326,12 @@ impl Index {
     pub fn remove(&mut self, oid: Oid) -> Option<u64> {
         let (prefix, suffix) = split(oid);
         let b = self.buckets.get_mut(&prefix)?;
-        let i = b.find(suffix).ok()?;
-        b.keys.remove(i);
-        let pos = b.positions.remove(i);
-        if b.keys.is_empty() {
+        let pos = b.remove(suffix)?;
+        if b.is_empty() {
             self.buckets.remove(&prefix);
         }
         self.len -= 1;
-        Some(pos_from_48(&pos))
+        Some(pos)
     }
 
     /// Adds a whole bucket, as read from a `.index` file. Prefixes must arrive in
@@ -225,18 +361,17 @@ impl Index {
     /// All entries in oid order.
     pub fn iter(&self) -> impl Iterator<Item = (Oid, u64)> + '_ {
         self.buckets.iter().flat_map(|(prefix, b)| {
-            b.keys
-                .iter()
-                .zip(&b.positions)
-                .map(move |(k, p)| (Oid((prefix << 16) | *k as u64), pos_from_48(p)))
+            (0..b.len()).map(move |i| {
+                let (k, pos) = b.entry(i);
+                (Oid((prefix << 16) | k as u64), pos)
+            })
         })
     }
 
     /// Releases growth slack (after a full scan).
     pub fn shrink_to_fit(&mut self) {
         for b in self.buckets.values_mut() {
-            b.keys.shrink_to_fit();
-            b.positions.shrink_to_fit();
+            b.shrink_to_fit();
         }
     }
 }
@@ -350,6 +485,48 @@ mod tests {
         assert!(ix.push_bucket(2, Bucket::from_parts(vec![1], vec![[0; 6]]).unwrap()));
         assert!(!ix.push_bucket(1, Bucket::default()));
         assert!(!ix.push_bucket(1 << 48, Bucket::default()));
+    }
+
+    #[test]
+    fn string_form_buckets_read_and_convert_on_write() {
+        let mut raw = Vec::new();
+        for k in [1u16, 5, 9] {
+            raw.extend_from_slice(&k.to_be_bytes());
+        }
+        for p in [100u64, 500, 900] {
+            raw.extend_from_slice(&pos_to_48(p));
+        }
+        let b = Bucket::from_string_form(Bytes::from(raw.clone())).unwrap();
+        let mut ix = Index::new();
+        assert!(ix.push_bucket(0, b));
+        assert_eq!(ix.get(Oid(5)), Some(500));
+        assert_eq!(ix.get(Oid(4)), None);
+        assert_eq!(ix.max_oid(), Some(Oid(9)));
+        assert_eq!(ix.first_at_or_after(Oid(6)), Some((Oid(9), 900)));
+        let mut out = Vec::new();
+        ix.buckets().next().unwrap().1.write_string_form(&mut out);
+        assert_eq!(out, raw);
+        let owned = {
+            let mut o = Index::new();
+            for (k, p) in [(1u64, 100u64), (5, 500), (9, 900)] {
+                o.insert(Oid(k), p);
+            }
+            o
+        };
+        assert_eq!(ix, owned);
+        ix.insert(Oid(7), 700);
+        ix.insert(Oid(5), 501);
+        assert_eq!(ix.remove(Oid(1)), Some(100));
+        assert_eq!(
+            ix.iter().collect::<Vec<_>>(),
+            vec![(Oid(5), 501), (Oid(7), 700), (Oid(9), 900)]
+        );
+        // Unsorted or odd-sized forms are refused.
+        assert!(Bucket::from_string_form(Bytes::from_static(&[
+            0, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+        ]))
+        .is_none());
+        assert!(Bucket::from_string_form(Bytes::from_static(&[0, 1, 0])).is_none());
     }
 
     #[test]

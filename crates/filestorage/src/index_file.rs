@@ -11,7 +11,8 @@
 //! The parser is a bounds-checked cursor over the file's bytes: it never panics and never
 //! allocates more than the input holds.
 
-use crate::index::{Bucket, Index, Pos48};
+use crate::index::{Bucket, Index};
+use bytes::Bytes;
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
@@ -139,6 +140,13 @@ impl<'a> Cursor<'a> {
 
 /// Parses a whole `.index` file: `(pos, index)`.
 pub fn parse(b: &[u8]) -> Result<(u64, Index), IndexFileError> {
+    parse_bytes(&Bytes::copy_from_slice(b))
+}
+
+/// [`parse`] over shared bytes: the buckets keep their file form, slices of `file`,
+/// until they are modified (see [`crate::index`]).
+pub fn parse_bytes(file: &Bytes) -> Result<(u64, Index), IndexFileError> {
+    let b: &[u8] = file;
     let mut c = Cursor { b, at: 0 };
     c.start_pickle()?;
     let pos = c.uint()?;
@@ -160,21 +168,11 @@ pub fn parse(b: &[u8]) -> Result<(u64, Index), IndexFileError> {
             return Err(c.bad("expected TUPLE2"));
         }
         c.stop()?;
-        if data.len() % 8 != 0 {
+        if !data.len().is_multiple_of(8) {
             return Err(c.bad("bucket length is not a multiple of 8"));
         }
-        let n = data.len() / 8;
-        let (ks, ps) = data.split_at(2 * n);
-        let keys: Vec<u16> = ks
-            .chunks_exact(2)
-            .map(|k| u16::from_be_bytes([k[0], k[1]]))
-            .collect();
-        let positions: Vec<Pos48> = ps
-            .chunks_exact(6)
-            .map(|p| p.try_into().expect("6 bytes"))
-            .collect();
-        let bucket =
-            Bucket::from_parts(keys, positions).ok_or_else(|| c.bad("bucket keys not sorted"))?;
+        let bucket = Bucket::from_string_form(file.slice_ref(data))
+            .ok_or_else(|| c.bad("bucket keys not sorted"))?;
         let prefix = u64::from_be_bytes([
             0, 0, prefix[0], prefix[1], prefix[2], prefix[3], prefix[4], prefix[5],
         ]);
@@ -187,8 +185,8 @@ pub fn parse(b: &[u8]) -> Result<(u64, Index), IndexFileError> {
 
 /// Reads and parses `path`.
 pub fn load(path: &Path) -> Result<(u64, Index), IndexFileError> {
-    let b = fs::read(path)?;
-    parse(&b)
+    let b = Bytes::from(fs::read(path)?);
+    parse_bytes(&b)
 }
 
 fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
@@ -234,12 +232,7 @@ pub fn serialize(index: &Index, pos: u64) -> Vec<u8> {
         out.extend_from_slice(&[PROTO, 3]);
         put_bytes(&mut out, &prefix.to_be_bytes()[2..]);
         data.clear();
-        for k in bucket.keys() {
-            data.extend_from_slice(&k.to_be_bytes());
-        }
-        for p in bucket.positions() {
-            data.extend_from_slice(p);
-        }
+        bucket.write_string_form(&mut data);
         put_bytes(&mut out, &data);
         out.push(TUPLE2);
         out.push(STOP);

@@ -9,7 +9,9 @@
 //! file) and runs in bounded memory on files of any size.
 
 use crate::error::{Error, Result};
-use crate::format::{status, DataHeader, DATA_HEADER_LEN, DATA_HEADER_WITH_BACK_LEN, FIRST_TXN_POS};
+use crate::format::{
+    status, DataHeader, DATA_HEADER_LEN, DATA_HEADER_WITH_BACK_LEN, FIRST_TXN_POS,
+};
 use crate::view::{FileView, TxnAt};
 use bytes::Bytes;
 use zodb::{DataRecord, Tid, TransactionInfo};
@@ -162,8 +164,8 @@ impl RecordIter {
         if pos.checked_add(len).is_none_or(|e| e > end) {
             return Err(Error::corrupted(pos, "data record exceeds its transaction"));
         }
-        let in_window = pos >= self.window_start
-            && pos + len <= self.window_start + self.window.len() as u64;
+        let in_window =
+            pos >= self.window_start && pos + len <= self.window_start + self.window.len() as u64;
         if !in_window {
             if len > WINDOW {
                 return Ok(None);
@@ -191,7 +193,10 @@ impl RecordIter {
         }
         let len = h
             .record_len()
-            .filter(|&l| pos.checked_add(l).is_some_and(|e| e <= self.txn.records_end()))
+            .filter(|&l| {
+                pos.checked_add(l)
+                    .is_some_and(|e| e <= self.txn.records_end())
+            })
             .ok_or_else(|| Error::corrupted(pos, "data record exceeds its transaction"))?;
         if h.plen == 0 {
             return Ok((h, len, None));

@@ -259,6 +259,7 @@ fn mark_from(
     view: &FileView,
     scanner: &mut RefScanner,
     curpos: &Index,
+    extra: &HashMap<Oid, Vec<u64>>,
     marked: &mut HashSet<Oid>,
     mut todo: Vec<Oid>,
 ) -> Result<()> {
@@ -270,6 +271,11 @@ fn mark_from(
         let Some(pos) = curpos.get(oid) else {
             if oid == Oid::ROOT && curpos.is_empty() {
                 // Packing to a time before the root existed.
+                continue;
+            }
+            if extra.contains_key(&oid) {
+                // No state at the pack time, but revisions that undo after it brings
+                // back are kept (their references are followed as extra roots).
                 continue;
             }
             tracing::error!(%oid, "pack: a reachable object references {oid}, which does not exist at the pack time");
@@ -331,35 +337,49 @@ fn find_reachable(view: &FileView, pack_time: Tid, gc: bool, name: &str) -> Resu
     let mut scanner = RefScanner::new();
     let mut marked = gc.then(HashSet::new);
     if let Some(m) = &mut marked {
-        mark_from(view, &mut scanner, &curpos, m, vec![Oid::ROOT])?;
+        mark_from(
+            view,
+            &mut scanner,
+            &curpos,
+            &HashMap::new(),
+            m,
+            vec![Oid::ROOT],
+        )?;
     }
     // findReachableFromFuture: revisions before the pack time that back pointers after it
     // bring back are kept, with what they reference.
     let mut extra: HashMap<Oid, Vec<u64>> = HashMap::new();
     let mut extra_roots: Vec<(Oid, u64)> = Vec::new();
     let mut back_targets = HashSet::new();
-    scan_records(&mut r, packpos, view.end(), None, &mut ltid, |_, _, _, d| {
-        if d.back != 0 {
-            back_targets.insert(d.back);
-        }
-        if d.back != 0 && d.back < packpos {
-            let kept = curpos.get(d.oid) == Some(d.back)
-                && marked.as_ref().is_none_or(|m| m.contains(&d.oid));
-            let l = extra.entry(d.oid).or_default();
-            if !kept && !l.contains(&d.back) {
-                l.push(d.back);
-                extra_roots.push((d.oid, d.back));
+    scan_records(
+        &mut r,
+        packpos,
+        view.end(),
+        None,
+        &mut ltid,
+        |_, _, _, d| {
+            if d.back != 0 {
+                back_targets.insert(d.back);
             }
-        }
-        Ok(())
-    })
+            if d.back != 0 && d.back < packpos {
+                let kept = curpos.get(d.oid) == Some(d.back)
+                    && marked.as_ref().is_none_or(|m| m.contains(&d.oid));
+                let l = extra.entry(d.oid).or_default();
+                if !kept && !l.contains(&d.back) {
+                    l.push(d.back);
+                    extra_roots.push((d.oid, d.back));
+                }
+            }
+            Ok(())
+        },
+    )
     .map_err(err)?;
     if let Some(m) = &mut marked {
         let mut refs = Vec::new();
         for (oid, pos) in extra_roots {
             refs.clear();
             refs_at(view, &mut scanner, oid, pos, &mut refs).map_err(StorageError::Corrupted)?;
-            mark_from(view, &mut scanner, &curpos, m, refs.clone())?;
+            mark_from(view, &mut scanner, &curpos, &extra, m, refs.clone())?;
         }
     }
     Ok(Some(Gc {
@@ -628,7 +648,32 @@ fn swap_files(path: &Path, pack_path: &Path, old_path: &Path) -> io::Result<()> 
     sync_dir(path)
 }
 
+/// How long pack waits for a gap between commits before it holds new votes back.
+const GAP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl FileStorageCore {
+    /// The commit state at a moment when no transaction is voted and unfinished, with the
+    /// commit mutex held (so none can be voted until it is released).
+    ///
+    /// It first waits for a natural gap between commits, without delaying anyone; under
+    /// a steady stream of commits it then sets `swap_pending`, which holds new votes back,
+    /// and waits for the voted transaction to finish (as long as its client takes, like
+    /// Python's commit lock; the server's transaction timeout bounds that).
+    fn quiet_commit_state(&self) -> parking_lot::MutexGuard<'_, crate::storage::CommitState> {
+        let mut c = self.commit.lock();
+        let deadline = Instant::now() + GAP_WAIT;
+        while c.has_staged() {
+            let now = Instant::now();
+            if now >= deadline {
+                c.swap_pending = true;
+                self.commit_cv.wait(&mut c);
+            } else {
+                self.commit_cv.wait_for(&mut c, deadline - now);
+            }
+        }
+        c
+    }
+
     /// Packs the storage to `pack_time` (spec §6; see the module docs). Commits and loads
     /// continue meanwhile. Only one pack runs at a time.
     pub fn pack(&self, pack_time: Tid, options: PackOptions) -> Result<PackOutcome> {
@@ -664,6 +709,14 @@ impl FileStorageCore {
             _ => {}
         }
 
+        // Undo is refused from now on (see `Policy::undo_disabled`); let a transaction
+        // voted before finish, so that the view below holds every back pointer there
+        // will be until the swap.
+        {
+            let mut c = self.quiet_commit_state();
+            c.swap_pending = false;
+        }
+        self.commit_cv.notify_all();
         let view = self.view();
         let objects_before = self.len();
         tracing::info!(name = self.name(), pack_time = %zodb::timestamp::format_tid(pack_time), "pack: finding reachable objects");
@@ -727,11 +780,7 @@ impl FileStorageCore {
         }
 
         // The last round and the swap, under the commit mutex.
-        let mut c = self.commit.lock();
-        c.swap_pending = true;
-        while c.has_staged() {
-            self.commit_cv.wait(&mut c);
-        }
+        let mut c = self.quiet_commit_state();
         if self.is_closed() {
             return Err(StorageError::Transaction(
                 "the storage was closed during pack".into(),

@@ -71,6 +71,9 @@ pub struct Options {
     /// Pack deletes `Data.fs.old` when done instead of keeping it (Python's
     /// `pack_keep_old = False`).
     pub pack_discard_old: bool,
+    /// Packs through [`zodb::Storage::pack`] keep every object that exists at the pack
+    /// time, reachable or not (Python's `pack_gc = False`).
+    pub pack_without_gc: bool,
 }
 
 /// The file and what describes it, replaced as a whole by pack.
@@ -128,6 +131,7 @@ pub struct FileStorageCore {
     used_index: bool,
     pub(crate) undo_resolution: UndoResolution,
     pub(crate) pack_discard_old: bool,
+    pub(crate) pack_without_gc: bool,
     pub(crate) live: RwLock<Live>,
     last_tid: AtomicU64,
     max_oid: Mutex<u64>,
@@ -304,6 +308,7 @@ impl FileStorageCore {
             used_index,
             undo_resolution: options.undo_resolution,
             pack_discard_old: options.pack_discard_old,
+            pack_without_gc: options.pack_without_gc,
             live: RwLock::new(Live {
                 io,
                 index,
@@ -650,6 +655,9 @@ impl FileStorageCore {
         last: i64,
         filter: Option<&UndoFilter>,
     ) -> Result<Vec<UndoEntry>> {
+        if self.packing.load(Ordering::Acquire) {
+            return Err(commit::undo_disabled());
+        }
         crate::undo::undo_log(&self.view(), first, last, filter).map_err(|e| self.err(e))
     }
 
@@ -719,6 +727,8 @@ impl FileStorageCore {
         let policy = Policy {
             quota: self.quota,
             resolution: Some(&self.undo_resolution),
+            // Set by pack under this mutex before it takes its view (see `pack`).
+            undo_disabled: self.packing.load(Ordering::Acquire),
         };
         let prepared = commit::prepare(txn, tid, pos, &policy, self, &mut stored_max)?;
         {

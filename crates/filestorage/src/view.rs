@@ -177,7 +177,10 @@ impl FileView {
         if h.vlen != 0 {
             return Err(Error::corrupted(
                 pos,
-                format!("data record with a version (vlen {}), not supported", h.vlen),
+                format!(
+                    "data record with a version (vlen {}), not supported",
+                    h.vlen
+                ),
             ));
         }
         if h.oid != oid {
@@ -198,7 +201,10 @@ impl FileView {
             return Ok((h, Some(Bytes::from(buf).slice(DATA_HEADER_LEN..len))));
         }
         if h.plen > MAX_PICKLE {
-            return Err(Error::corrupted(pos, format!("data length {} too large", h.plen)));
+            return Err(Error::corrupted(
+                pos,
+                format!("data length {} too large", h.plen),
+            ));
         }
         let mut data = vec![0u8; h.plen as usize];
         let have = n - DATA_HEADER_LEN;

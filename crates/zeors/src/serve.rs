@@ -264,14 +264,6 @@ fn open_storage(conf: &config::StorageConf, server_read_only: bool) -> Result<Op
             if blob_dir.is_some() {
                 bail!("storage {:?}: blob-dir is not supported yet", conf.name);
             }
-            if !pack_gc {
-                // Packing with garbage collection where the operator turned it off could
-                // delete objects only reachable through cross-database references.
-                bail!(
-                    "storage {:?}: pack-gc false is not supported yet",
-                    conf.name
-                );
-            }
             let read_only = *read_only || server_read_only;
             if let Some(dir) = path.parent() {
                 if !dir.as_os_str().is_empty() && !read_only {
@@ -290,6 +282,7 @@ fn open_storage(conf: &config::StorageConf, server_read_only: bool) -> Result<Op
                     // write-back order.
                     sync_on_vote: true,
                     pack_discard_old: !*pack_keep_old,
+                    pack_without_gc: !*pack_gc,
                     ..Default::default()
                 },
             )

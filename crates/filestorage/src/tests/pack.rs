@@ -317,3 +317,60 @@ fn commits_and_loads_continue_during_pack() {
     assert_eq!(v.index, core.live.read().index);
     assert_eq!(v.last_tid, core.last_transaction());
 }
+
+/// ZODB's `testPackAfterUndoManyTimes`: undos flip the root between two revisions, one of
+/// which references an object created just before; packing at each point keeps it.
+#[test]
+fn pack_after_undo_many_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("Data.fs");
+    let core = open(&path);
+    let t1 = commit(
+        &core,
+        &txn(
+            1,
+            vec![
+                store(0, Tid::ZERO, &obj(&[1], "r1")),
+                store(1, Tid::ZERO, &obj(&[], "one")),
+            ],
+        ),
+    );
+    let t2 = commit(
+        &core,
+        &txn(
+            2,
+            vec![
+                store(0, t1, &obj(&[1, 2], "r2")),
+                store(2, Tid::ZERO, &obj(&[], "two")),
+            ],
+        ),
+    );
+    commit(
+        &core,
+        &txn(
+            3,
+            vec![
+                store(0, t2, &obj(&[3, 2], "r3")),
+                store(3, Tid::ZERO, &obj(&[], "three")),
+            ],
+        ),
+    );
+    let mut pack_times = Vec::new();
+    for i in 0..10u64 {
+        let last = core.undo_log(0, 1, None).unwrap()[0].tid;
+        commit_changed(&core, &txn(10 + i, vec![undo(last)]));
+        let expect = if i % 2 == 0 { "r2" } else { "r3" };
+        assert_eq!(
+            &core.load(Oid(0)).unwrap().0[..],
+            &obj(if i % 2 == 0 { &[1, 2] } else { &[3, 2] }, expect)[..]
+        );
+        pack_times.push(core.last_transaction());
+    }
+    for t in pack_times {
+        // The first packs keep oid 3's creation only for the undos after the pack time.
+        core.pack(t, PackOptions::default()).unwrap();
+        assert_eq!(&core.load(Oid(0)).unwrap().0[..], &obj(&[3, 2], "r3")[..]);
+        assert_eq!(&core.load(Oid(3)).unwrap().0[..], &obj(&[], "three")[..]);
+        verify(&path);
+    }
+}

@@ -50,6 +50,13 @@ root['victim'] = PersistentMapping({'doomed': 1})
 transaction.commit()
 db.undo(db.undoLog(0, 1)[0]['id'])
 transaction.commit()
+# A creation undone before the pack time and brought back after it (an undo of the
+# undo): the object has no state at the pack time, yet must survive.
+root['phoenix'] = PersistentMapping({'rises': PersistentMapping({'again': 1})})
+transaction.commit()
+db.undo(db.undoLog(0, 1)[0]['id'])
+transaction.commit()
+phoenix_undo = db.undoLog(0, 1)[0]['id']
 
 last = storage.lastTransaction()
 time.sleep(0.05)
@@ -59,6 +66,8 @@ packtime = time.time()
 time.sleep(0.05)
 
 # After the pack time: changes, undos pointing before it, a new object, garbage.
+db.undo(phoenix_undo)
+transaction.commit()
 root['tree']['k00020']['i'] = 'after'
 transaction.commit()
 db.undo(db.undoLog(0, 1)[0]['id'])
