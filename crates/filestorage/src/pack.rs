@@ -798,7 +798,7 @@ impl FileStorageCore {
         out.w.flush()?;
         let new_size = out.w.pos();
         out.w.file.sync_all()?;
-        let new_io: Arc<dyn FileIo> = Arc::new(out.w.file);
+        let new_io: Arc<dyn FileIo> = Arc::new(crate::io::MappedFile::new(out.w.file)?);
         match std::fs::remove_file(sibling(&path, ".index")) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
             _ => {}

@@ -218,7 +218,7 @@ impl FileStorageCore {
             }
         };
         let mut core = Self::open_inner(
-            Arc::new(file),
+            Arc::new(crate::io::MappedFile::new(file)?),
             path.display().to_string(),
             Some(path.to_owned()),
             options,

@@ -621,7 +621,7 @@ impl Session {
         let encoding = self.encoding;
         let msgid = msgid.clone();
         let tid = handle.hub.register(self.id, self.outbox.clone(), |tid| {
-            frame::frame(&message::encode_reply(encoding, &msgid, Value::from(tid)))
+            message::reply_frame(encoding, &msgid, Value::from(tid))
         });
         debug!(session = self.id, peer = %self.peer, %storage, read_only, %tid, "registered");
         self.registered = Some(Registered { handle, read_only });
@@ -853,16 +853,16 @@ impl Session {
                                 ("length", Value::Int(info.length as i64)),
                                 ("size", Value::Int(info.size as i64)),
                             ]);
-                            outbox.send(frame::frame(&message::encode_callback(
+                            outbox.send(message::callback_frame(
                                 outbox.encoding,
                                 "info",
                                 vec![size_info],
-                            )));
-                            outbox.send(frame::frame(&message::encode_reply(
+                            ));
+                            outbox.send(message::reply_frame(
                                 outbox.encoding,
                                 &msgid,
                                 Value::from(tid),
-                            )));
+                            ));
                         }
                         Err(e) => {
                             tracing::error!(storage = %handle.name, error = %e, "tpc_finish failed; transaction aborted");
@@ -1054,11 +1054,11 @@ impl Session {
                 }
             };
             match reply {
-                Ok(v) => outbox.send(frame::frame(&message::encode_reply(
+                Ok(v) => outbox.send(message::reply_frame(
                     outbox.encoding,
                     &msgid,
                     v,
-                ))),
+                )),
                 Err(e) => send_error(&outbox, &msgid, &e),
             }
         }));
@@ -1146,22 +1146,22 @@ impl Session {
         let outbox = self.outbox.clone();
         self.pending.push(Box::pin(async move {
             match fut.await {
-                Ok(v) => outbox.send(frame::frame(&message::encode_reply(
+                Ok(v) => outbox.send(message::reply_frame(
                     outbox.encoding,
                     &msgid,
                     v,
-                ))),
+                )),
                 Err(e) => send_error(&outbox, &msgid, &e),
             }
         }));
     }
 
     fn reply(&self, msgid: &Value, v: Value) {
-        self.outbox.send(frame::frame(&message::encode_reply(
+        self.outbox.send(message::reply_frame(
             self.encoding,
             msgid,
             v,
-        )));
+        ));
     }
 
     fn reply_error(&self, msgid: &Value, e: &StorageError) {
@@ -1169,12 +1169,12 @@ impl Session {
     }
 
     fn reply_exception(&self, msgid: &Value, class: &str, payload: Value) {
-        self.outbox.send(frame::frame(&message::encode_exception(
+        self.outbox.send(message::exception_frame(
             self.encoding,
             msgid,
             class,
             payload,
-        )));
+        ));
     }
 }
 
@@ -1200,21 +1200,21 @@ fn send_error(outbox: &Outbox, msgid: &Value, e: &StorageError) {
         warn!(error = %e, "error reply");
     }
     let (class, payload) = exception::exception_for(e);
-    outbox.send(frame::frame(&message::encode_exception(
+    outbox.send(message::exception_frame(
         outbox.encoding,
         msgid,
         &class,
         payload,
-    )));
+    ));
 }
 
 fn send_exception(outbox: &Outbox, msgid: &Value, class: &str, arg: String) {
-    outbox.send(frame::frame(&message::encode_exception(
+    outbox.send(message::exception_frame(
         outbox.encoding,
         msgid,
         class,
         Value::Tuple(vec![Value::Str(arg)]),
-    )));
+    ));
 }
 
 /// A connection's iterators. Ids come from one counter per connection, as in ZEO.
@@ -1387,7 +1387,7 @@ async fn load_before(
                     ),
                     None => (Value::None, false),
                 };
-                let f = frame::frame(&message::encode_reply(outbox.encoding, &msgid, value));
+                let f = message::reply_frame(outbox.encoding, &msgid, value);
                 if !current {
                     outbox.send(f);
                     return;

@@ -42,6 +42,20 @@ impl Encoding {
         }
     }
 
+    /// Encodes `v` as a complete frame (length prefix included), in one buffer: replies
+    /// are built straight into what the socket writer sends.
+    pub fn encode_framed(self, v: &Value) -> Bytes {
+        let mut out = Vec::with_capacity(128);
+        out.extend_from_slice(&[0; 4]);
+        match self {
+            Encoding::Pickle => pickle::encode(v, &mut out),
+            Encoding::Msgpack => msgpack::encode(v, &mut out),
+        }
+        let len = (out.len() - 4) as u32;
+        out[..4].copy_from_slice(&len.to_be_bytes());
+        Bytes::from(out)
+    }
+
     pub fn decode(self, input: &[u8], limits: &Limits) -> Result<Value, DecodeError> {
         match self {
             Encoding::Pickle => pickle::decode(input, limits),
@@ -190,6 +204,26 @@ pub fn encode_callback(encoding: Encoding, name: &str, args: Vec<Value>) -> Vec<
     ]))
 }
 
+/// [`encode_reply`] as a ready-to-send frame.
+pub fn reply_frame(encoding: Encoding, msgid: &Value, result: Value) -> Bytes {
+    encoding.encode_framed(&Value::Tuple(vec![msgid.clone(), Value::Int(0), Value::str(REPLY), result]))
+}
+
+/// [`encode_exception`] as a ready-to-send frame.
+pub fn exception_frame(encoding: Encoding, msgid: &Value, class_path: &str, payload: Value) -> Bytes {
+    encoding.encode_framed(&Value::Tuple(vec![
+        msgid.clone(),
+        Value::Int(2),
+        Value::str(REPLY),
+        Value::Tuple(vec![Value::str(class_path), payload]),
+    ]))
+}
+
+/// [`encode_callback`] as a ready-to-send frame.
+pub fn callback_frame(encoding: Encoding, name: &str, args: Vec<Value>) -> Bytes {
+    encoding.encode_framed(&Value::Tuple(vec![Value::Int(0), Value::Bool(true), Value::str(name), Value::Tuple(args)]))
+}
+
 /// Encodes a client call `(msgid, oneway, name, args)`.
 pub fn encode_call(
     encoding: Encoding,
@@ -252,6 +286,15 @@ mod tests {
         ];
         let m = Message::decode(Encoding::Pickle, &raw, &Limits::default()).unwrap();
         assert!(m.is_heartbeat());
+    }
+
+    #[test]
+    fn framed_encoding_matches_frame_of_encode() {
+        for enc in [Encoding::Pickle, Encoding::Msgpack] {
+            let v = Value::Tuple(vec![Value::Int(7), Value::Int(0), Value::str(REPLY), Value::bytes(vec![1u8; 300])]);
+            assert_eq!(enc.encode_framed(&v), crate::frame::frame(&enc.encode(&v)));
+            assert_eq!(reply_frame(enc, &Value::Int(1), Value::None), crate::frame::frame(&encode_reply(enc, &Value::Int(1), Value::None)));
+        }
     }
 
     #[test]
