@@ -18,6 +18,10 @@
 //!   fails with `UndoError`, or becomes a conflict for the client to resolve when its class
 //!   is known to resolve. The undone oids are returned in `changed` and invalidated.
 //!
+//! - `StoreBlob`: a `Store` whose record has a blob file; the file is committed with the
+//!   record (see [`BlobSource`]). An undo that brings back a blob revision gets a blob file
+//!   of its own too, a copy of the revision's, as Python's undo does.
+//!
 //! **One record per oid.** When a transaction touches an oid several times, only the last
 //! operation is written, at the place of the oid's first operation. Python writes every
 //! record; both are valid `Data.fs` (the last record is the one the index keeps), and one
@@ -29,6 +33,7 @@ use crate::undo::{self, InTxn, UndoContext, UndoResolution, UndoWrite};
 use crate::view::FileView;
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use zodb::{Conflict, Oid, StorageError, Tid, Transaction, TxnOp};
 
 /// What the commit code needs to know about committed data.
@@ -53,6 +58,18 @@ pub(crate) struct Policy<'a> {
     /// A pack is running: undo is refused, as Python disables it then (an undo committed
     /// during the pack could bring back revisions whose referents the pack drops).
     pub undo_disabled: bool,
+    /// The storage has a blob directory: blob stores are accepted and undo carries blob
+    /// files along.
+    pub blobs: bool,
+}
+
+/// Where the blob file of a new record comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BlobSource {
+    /// A file the client uploaded (`storeBlobEnd`) or wrote into the shared directory.
+    File(PathBuf),
+    /// The committed file of the revision with this tid (undo).
+    Revision(Tid),
 }
 
 /// The error for an undo while a pack runs, Python's words.
@@ -78,6 +95,8 @@ pub(crate) struct Prepared {
     pub invalidated: Vec<Oid>,
     /// Oids whose committed data differs from what the client sent: those undone.
     pub changed: Vec<Oid>,
+    /// The blob files the transaction commits, one per record that has one.
+    pub blobs: Vec<(Oid, BlobSource)>,
 }
 
 #[derive(Debug)]
@@ -102,6 +121,7 @@ struct Planned {
     /// Serial written in the record.
     tid: Tid,
     data: PlannedData,
+    blob: Option<BlobSource>,
 }
 
 /// The records planned so far, one per oid, in the order of each oid's first operation.
@@ -215,7 +235,17 @@ pub(crate) fn prepare(
 
     for op in &txn.ops {
         match op {
-            TxnOp::Store { oid, serial, data } => {
+            TxnOp::Store { oid, serial, data }
+            | TxnOp::StoreBlob {
+                oid, serial, data, ..
+            } => {
+                let blob = match op {
+                    TxnOp::StoreBlob { file, .. } if policy.blobs => {
+                        Some(BlobSource::File(file.clone()))
+                    }
+                    TxnOp::StoreBlob { .. } => return Err(StorageError::Unsupported("blobs")),
+                    _ => None,
+                };
                 if data.is_empty() {
                     // plen = 0 would make the record read as a back pointer.
                     return Err(StorageError::Value(format!(
@@ -240,6 +270,7 @@ pub(crate) fn prepare(
                     oid: *oid,
                     tid,
                     data: PlannedData::Data(data.clone()),
+                    blob,
                 });
             }
             TxnOp::CheckCurrent { oid, serial } => {
@@ -265,6 +296,7 @@ pub(crate) fn prepare(
                     oid: *oid,
                     tid,
                     data: PlannedData::NoState,
+                    blob: None,
                 });
             }
             TxnOp::Restore {
@@ -283,6 +315,7 @@ pub(crate) fn prepare(
                         Some(d) => PlannedData::Data(d.clone()),
                         None => PlannedData::NoState,
                     },
+                    blob: None,
                 });
             }
             TxnOp::Undo { transaction_id } => {
@@ -329,6 +362,10 @@ pub(crate) fn prepare(
                 for (oid, w) in undo.writes {
                     invalidated.push(oid);
                     changed.push(oid);
+                    let blob = match w {
+                        UndoWrite::Back(b) if policy.blobs => undone_blob(view, state, oid, b)?,
+                        _ => None,
+                    };
                     plan.set(Planned {
                         oid,
                         tid,
@@ -336,6 +373,7 @@ pub(crate) fn prepare(
                             UndoWrite::Back(b) => PlannedData::Back(b),
                             UndoWrite::NoState => PlannedData::NoState,
                         },
+                        blob,
                     });
                 }
                 for c in undo.conflicts {
@@ -387,6 +425,10 @@ pub(crate) fn prepare(
     }
     bytes.extend_from_slice(&tlen.to_be_bytes());
     debug_assert_eq!(bytes.len() as u64, end - pos);
+    let blobs = planned
+        .into_iter()
+        .filter_map(|p| p.blob.map(|b| (p.oid, b)))
+        .collect();
     Ok(Prepare::Ready(Prepared {
         tid,
         status: final_status,
@@ -394,7 +436,28 @@ pub(crate) fn prepare(
         tindex,
         invalidated,
         changed,
+        blobs,
     }))
+}
+
+/// The blob an undo record brings back: when the revision its back pointer leads to is a
+/// blob, the tid of the record holding that revision's data, whose file the undo copies
+/// (`FileStorage._txn_undo_write`). A record that no longer loads has nothing to copy.
+fn undone_blob(
+    view: &FileView,
+    state: &dyn CommittedState,
+    oid: Oid,
+    back: u64,
+) -> Result<Option<BlobSource>, StorageError> {
+    let err = |e| crate::storage::corrupted(state.name(), e);
+    let Some((data, at)) = view.resolve(oid, back).map_err(err)? else {
+        return Ok(None);
+    };
+    if !zodb::blob::is_blob_record(&data) {
+        return Ok(None);
+    }
+    let tid = view.record(oid, at).map_err(err)?.tid;
+    Ok(Some(BlobSource::Revision(tid)))
 }
 
 fn payload(p: &Planned) -> Payload<'_> {

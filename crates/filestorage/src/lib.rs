@@ -14,7 +14,14 @@
 //! abstraction) and [`sim`] (a file that simulates power loss). Record pickles are read
 //! by [`zodb::refs`].
 //!
-//! Not yet implemented: blobs.
+//! Blobs ([`Options::blob_dir`]) are kept as Python's FileStorage keeps them: one file per
+//! revision in a `bushy` or `lawn` blob directory (see [`zodb::blob`]). A commit stages
+//! the files (hard links in the blob directory's `tmp`, fsynced) at vote and renames them
+//! into place, with a directory fsync, at finish *before* the status byte is written and
+//! synced: a committed record always has its file, and an aborted transaction leaves none.
+//! Files a crash leaves in place without a committed record are never served (`sendBlob`
+//! checks that the revision exists). Undo links the undone-to revision's file under the
+//! new tid; pack removes the files of the revisions it removes.
 //!
 //! ## Design in brief
 //! - **Index**: Python's `fsIndex` layout (6-byte prefix → sorted 2-byte suffixes with
@@ -260,6 +267,21 @@ impl Storage for FileStorage {
 
     async fn record_iternext(&self, next: Option<Oid>) -> Result<CurrentRecord> {
         self.blocking(move |c| c.record_iternext(next)).await
+    }
+
+    fn blob_temp_dir(&self) -> Option<std::path::PathBuf> {
+        self.core.blob_dir().map(|d| d.temp_dir())
+    }
+
+    fn blob_shared_dir(&self, oid: Oid) -> Result<std::path::PathBuf> {
+        self.core
+            .blob_dir()
+            .map(|d| d.oid_dir(oid))
+            .ok_or(StorageError::Unsupported("blobs"))
+    }
+
+    async fn open_blob(&self, oid: Oid, serial: Tid) -> Result<std::fs::File> {
+        self.blocking(move |c| c.open_blob(oid, serial)).await
     }
 
     async fn pack(&self, pack_time: f64) -> Result<()> {

@@ -19,6 +19,10 @@
 //!    one step, and the new `.index` is written. Readers holding the old file keep reading
 //!    it consistently.
 //!
+//! 5. **Blobs** (a storage with a blob directory): phase 2 notes the unreachable blob
+//!    revisions; after the swap their files are removed, or moved to `<blob dir>.old` with
+//!    `pack-keep-old` (see `remove_packed_blobs`).
+//!
 //! Differences from Python, all on the safe side: revisions brought back by a back pointer
 //! have their references followed even when the object was otherwise unreachable (Python
 //! follows them only for objects reachable anyway, and can drop what such a revision
@@ -442,6 +446,9 @@ struct Output {
     /// Old record position → new record position, for back pointer targets.
     moved: HashMap<u64, u64>,
     copied_after: u64,
+    /// Blob revisions the pack removes (`(oid, tid)` of unreachable blob records before
+    /// the pack time), collected when the storage has blobs (`None` otherwise).
+    removed_blobs: Option<Vec<(Oid, Tid)>>,
 }
 
 impl Output {
@@ -529,7 +536,13 @@ fn copy_to_packtime(view: &FileView, gc: &Gc, out: &mut Output) -> crate::error:
             let len = d
                 .record_len()
                 .ok_or_else(|| corrupt(p, "data record exceeds its transaction"))?;
-            if gc.is_reachable(d.oid, p) {
+            if !gc.is_reachable(d.oid, p) {
+                if let Some(removed) = out.removed_blobs.as_mut() {
+                    if let Some(tid) = removed_blob(view, gc, &mut r, p, &d) {
+                        removed.push((d.oid, tid));
+                    }
+                }
+            } else {
                 let tpos = match tpos_new {
                     Some(t) => t,
                     None => {
@@ -573,6 +586,49 @@ fn copy_to_packtime(view: &FileView, gc: &Gc, out: &mut Output) -> crate::error:
         pos = tend + 8;
     }
     Ok(())
+}
+
+/// The tid of the blob revision an unreachable record at `p` (header `d`) holds, if it is
+/// a blob record (fspack's `copyDataRecords`). A duplicate of the kept revision (ZEO wrote
+/// two records for one blob store in the same transaction) keeps its file. Records whose
+/// data cannot be read are reported and skipped: pack must not fail over them.
+fn removed_blob(
+    view: &FileView,
+    gc: &Gc,
+    r: &mut SeqReader<'_>,
+    p: u64,
+    d: &DataHeader,
+) -> Option<Tid> {
+    let data = if d.plen > 0 {
+        if d.plen > MAX_PICKLE {
+            return None;
+        }
+        r.get(p + DATA_HEADER_LEN as u64, d.plen as usize)
+            .map(bytes::Bytes::copy_from_slice)
+            .map(Some)
+    } else {
+        view.load_back(d.oid, d.back)
+    };
+    let data = match data {
+        Ok(Some(data)) => data,
+        Ok(None) => return None,
+        Err(e) => {
+            tracing::warn!(oid = %d.oid, pos = p, error = %e, "pack: cannot read a removed record to check for a blob");
+            return None;
+        }
+    };
+    if !zodb::blob::is_blob_record(&data) {
+        return None;
+    }
+    let kept = gc
+        .curpos
+        .get(d.oid)
+        .filter(|&cp| gc.is_reachable(d.oid, cp))
+        .and_then(|cp| view.record(d.oid, cp).ok());
+    if kept.is_some_and(|k| k.tid == d.tid) {
+        return None;
+    }
+    Some(d.tid)
 }
 
 /// Phase 3: copies the transactions in `[from, to)` of `view` unchanged but for the
@@ -648,10 +704,147 @@ fn swap_files(path: &Path, pack_path: &Path, old_path: &Path) -> io::Result<()> 
     sync_dir(path)
 }
 
+/// Hard-links every `.blob` file under `from` (but not in `skip`) to the same place
+/// under `to`.
+fn link_tree(from: &Path, to: &Path, skip: &Path) -> io::Result<()> {
+    let mut todo = vec![from.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        if d == skip {
+            continue;
+        }
+        let entries = match std::fs::read_dir(&d) {
+            Ok(e) => e,
+            // Removed meanwhile (another pack step, an empty directory): nothing to link.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let path = entry.path();
+            let ty = entry.file_type()?;
+            if ty.is_dir() {
+                todo.push(path);
+            } else if ty.is_file()
+                && path
+                    .extension()
+                    .is_some_and(|e| e == &zodb::blob::BLOB_SUFFIX[1..])
+            {
+                let rel = path.strip_prefix(from).map_err(io::Error::other)?;
+                let dest = to.join(rel);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                match zodb::blob::link_or_copy(&path, &dest) {
+                    Ok(()) => {}
+                    Err(e)
+                        if e.kind() == io::ErrorKind::NotFound
+                            || e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// How long pack waits for a gap between commits before it holds new votes back.
 const GAP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl FileStorageCore {
+    /// After the swap: removes the blob files of the revisions the pack removed
+    /// (`_remove_blob_files_tagged_for_removal_during_pack`). An object that is gone from
+    /// the packed file loses its whole directory; one that still exists loses the files of
+    /// the removed revisions only (Python removes the whole directory of an object that was
+    /// unreachable at the pack time even when it was written again after it; zeors keeps
+    /// such later revisions). Empty directories up to the blob directory are removed.
+    ///
+    /// With `pack-keep-old` (the default) nothing is deleted: the removed files move to
+    /// `<blob dir>.old`, and every remaining blob file is hard-linked there too, so that
+    /// `Data.fs.old` and `<blob dir>.old` are a consistent copy of the storage before the
+    /// pack, as Python leaves them.
+    ///
+    /// Each object is handled under the commit mutex, so that no finish can place a file
+    /// in a directory being removed. A crash part-way leaves unreferenced files behind,
+    /// never a missing one.
+    fn remove_packed_blobs(&self, mut removed: Vec<(Oid, Tid)>) -> io::Result<()> {
+        let Some(dir) = &self.blobs else {
+            return Ok(());
+        };
+        let keep_old = !self.pack_discard_old;
+        let old = sibling(dir.root(), ".old");
+        if keep_old {
+            zodb::blob::create_dir_all_synced(&old)?;
+            zodb::blob::link_or_copy(
+                &dir.root().join(zodb::blob::LAYOUT_MARKER),
+                &old.join(zodb::blob::LAYOUT_MARKER),
+            )?;
+        }
+        // Moves (keep-old) or deletes a file or a directory.
+        let handle = |path: &Path, whole: bool| -> io::Result<()> {
+            if !path.exists() {
+                return Ok(());
+            }
+            if keep_old {
+                let rel = path.strip_prefix(dir.root()).map_err(io::Error::other)?;
+                let dest = old.join(rel);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                std::fs::rename(path, dest)
+            } else if whole {
+                std::fs::remove_dir_all(path)
+            } else {
+                std::fs::remove_file(path)
+            }
+        };
+        removed.sort();
+        removed.dedup();
+        let mut files = 0usize;
+        let mut i = 0;
+        while i < removed.len() {
+            let oid = removed[i].0;
+            let n = removed[i..].iter().take_while(|(o, _)| *o == oid).count();
+            let oid_dir = dir.oid_dir(oid);
+            {
+                let _commit = self.commit.lock();
+                let gone = self.live.read().index.get(oid).is_none();
+                if gone {
+                    handle(&oid_dir, true)?;
+                } else {
+                    for (_, tid) in &removed[i..i + n] {
+                        handle(&dir.blob_path(oid, *tid), false)?;
+                    }
+                }
+                // Empty directories, from the object's up to (not including) the root.
+                let mut d = oid_dir.as_path();
+                while d != dir.root() && d.starts_with(dir.root()) {
+                    match std::fs::remove_dir(d) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        // Not empty: neither is anything above it.
+                        Err(_) => break,
+                    }
+                    match d.parent() {
+                        Some(p) => d = p,
+                        None => break,
+                    }
+                }
+            }
+            files += n;
+            i += n;
+        }
+        if keep_old {
+            link_tree(dir.root(), &old, &dir.temp_dir())?;
+        }
+        tracing::info!(
+            name = self.name(),
+            revisions = files,
+            kept_old = keep_old,
+            "pack: removed the blob files of removed revisions"
+        );
+        Ok(())
+    }
+
     /// The commit state at a moment when no transaction is voted and unfinished, with the
     /// commit mutex held (so none can be voted until it is released).
     ///
@@ -708,6 +901,13 @@ impl FileStorageCore {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
             _ => {}
         }
+        if let Some(blobs) = &self.blobs {
+            let old_blobs = sibling(blobs.root(), ".old");
+            match std::fs::remove_dir_all(&old_blobs) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+                _ => {}
+            }
+        }
 
         // Undo is refused from now on (see `Policy::undo_disabled`); let a transaction
         // voted before finish, so that the view below holds every back pointer there
@@ -747,6 +947,7 @@ impl FileStorageCore {
             index: Index::new(),
             moved: HashMap::new(),
             copied_after: 0,
+            removed_blobs: self.blobs.as_ref().map(|_| Vec::new()),
         };
         out.w.append(&magic).map_err(io_err)?;
         tracing::info!(name = self.name(), "pack: copying to the pack time");
@@ -821,6 +1022,14 @@ impl FileStorageCore {
         c.swap_pending = false;
         drop(c);
         self.commit_cv.notify_all();
+        // Still flagged as packing (one pack at a time, undo refused) until the blob
+        // files are dealt with, as in Python.
+        if let Some(removed) = out.removed_blobs {
+            if let Err(e) = self.remove_packed_blobs(removed) {
+                // The pack itself is done; what is left are files nothing refers to.
+                tracing::error!(name = self.name(), error = %e, "pack: removing the blob files of removed revisions failed");
+            }
+        }
         drop(guard);
 
         if self.pack_discard_old {

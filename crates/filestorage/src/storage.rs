@@ -14,7 +14,7 @@
 //!   data it returns was invalidated for: fsync → `data_end` → sink → index and snapshot
 //!   (end + tid, used by walks, iteration and `info`) → `last_tid`.
 
-use crate::commit::{self, CommittedState, Policy, Prepare};
+use crate::commit::{self, BlobSource, CommittedState, Policy, Prepare};
 use crate::error::Error;
 use crate::format::{self, status, Magic, FIRST_TXN_POS, MAGIC_FS30};
 use crate::index::Index;
@@ -33,6 +33,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use zodb::blob::BlobDir;
 use zodb::{
     CurrentRecord, HistoryEntry, InvalidationSink, LoadBefore, Loaded, Oid, StorageError,
     StorageInfo, Tid, Transaction, TxnKey, UndoEntry, UndoFilter, Vote,
@@ -74,6 +75,9 @@ pub struct Options {
     /// Packs through [`zodb::Storage::pack`] keep every object that exists at the pack
     /// time, reachable or not (Python's `pack_gc = False`).
     pub pack_without_gc: bool,
+    /// The blob directory (Python's `blob_dir`): blobs are stored there in ZODB's layout
+    /// (see [`zodb::blob`]); created when missing unless read-only. `None`: no blobs.
+    pub blob_dir: Option<PathBuf>,
 }
 
 /// The file and what describes it, replaced as a whole by pack.
@@ -98,6 +102,9 @@ struct Staged {
     end: u64,
     tindex: Vec<(Oid, u64)>,
     invalidated: Vec<Oid>,
+    /// Blob files waiting in the blob directory's `tmp` for finish to move them into place,
+    /// as `(oid, staged file)`.
+    blobs: Vec<(Oid, PathBuf)>,
 }
 
 #[derive(Debug)]
@@ -132,6 +139,8 @@ pub struct FileStorageCore {
     pub(crate) undo_resolution: UndoResolution,
     pub(crate) pack_discard_old: bool,
     pub(crate) pack_without_gc: bool,
+    /// The blob directory, when the storage has blobs.
+    pub(crate) blobs: Option<BlobDir>,
     pub(crate) live: RwLock<Live>,
     last_tid: AtomicU64,
     max_oid: Mutex<u64>,
@@ -297,6 +306,10 @@ impl FileStorageCore {
             }
         }
 
+        let blobs = match &options.blob_dir {
+            Some(dir) => Some(open_blob_dir(dir, options.read_only)?),
+            None => None,
+        };
         let max_oid = index.max_oid().map_or(0, |o| o.0);
         let core = FileStorageCore {
             name,
@@ -309,6 +322,7 @@ impl FileStorageCore {
             undo_resolution: options.undo_resolution,
             pack_discard_old: options.pack_discard_old,
             pack_without_gc: options.pack_without_gc,
+            blobs,
             live: RwLock::new(Live {
                 io,
                 index,
@@ -403,14 +417,21 @@ impl FileStorageCore {
             name: self.name.clone(),
             supports_undo: true,
             supports_record_iternext: true,
-            interfaces: vec![
+            interfaces: [
+                ("ZODB.interfaces", "IBlobStorageRestoreable"),
+                ("ZODB.interfaces", "IBlobStorage"),
+            ]
+            .into_iter()
+            .filter(|_| self.blobs.is_some())
+            .chain([
                 ("ZODB.interfaces", "IStorageRestoreable"),
                 ("ZODB.interfaces", "IStorageIteration"),
                 ("ZODB.interfaces", "IStorageUndoable"),
                 ("ZODB.interfaces", "IStorageCurrentRecordIteration"),
                 ("ZODB.interfaces", "IExternalGC"),
                 ("ZODB.interfaces", "IStorage"),
-            ],
+            ])
+            .collect(),
         }
     }
 
@@ -729,6 +750,7 @@ impl FileStorageCore {
             resolution: Some(&self.undo_resolution),
             // Set by pack under this mutex before it takes its view (see `pack`).
             undo_disabled: self.packing.load(Ordering::Acquire),
+            blobs: self.blobs.is_some(),
         };
         let prepared = commit::prepare(txn, tid, pos, &policy, self, &mut stored_max)?;
         {
@@ -741,6 +763,7 @@ impl FileStorageCore {
             Prepare::Ready(p) => p,
         };
         let end = pos + p.bytes.len() as u64;
+        let blobs = self.stage_blobs(&p.blobs)?;
         // Stable while we hold the commit mutex: pack swaps files under it.
         let io = self.live.read().io.clone();
         let written = io.write_all_at(&p.bytes, pos).and_then(|()| {
@@ -753,6 +776,7 @@ impl FileStorageCore {
         if let Err(e) = written {
             tracing::error!(name = self.name, error = %e, "writing the transaction failed; truncating");
             self.truncate_to(&*io, pos);
+            remove_files(blobs.iter().map(|(_, f)| f.as_path()));
             return Err(e.into());
         }
         c.staged = Some(Staged {
@@ -763,6 +787,7 @@ impl FileStorageCore {
             end,
             tindex: p.tindex,
             invalidated: p.invalidated,
+            blobs,
         });
         Ok(Vote::Ok { changed: p.changed })
     }
@@ -789,15 +814,21 @@ impl FileStorageCore {
             }
         };
         let io = self.live.read().io.clone();
-        let synced = io
-            .write_all_at(&[s.status], s.pos + 16)
+        // Blob files first: once the status byte says committed, the files must be there.
+        let mut placed = Vec::new();
+        let synced = self
+            .place_blobs(s.tid, &s.blobs, &mut placed)
+            .and_then(|()| io.write_all_at(&[s.status], s.pos + 16))
             .and_then(|()| io.sync_data());
         if let Err(e) = synced {
-            tracing::error!(name = self.name, tid = %s.tid, error = %e, "commit failed at fsync; dropping the transaction");
+            tracing::error!(name = self.name, tid = %s.tid, error = %e, "commit failed; dropping the transaction");
             self.truncate_to(&*io, s.pos);
             if let Err(e) = io.sync_data() {
                 tracing::error!(name = self.name, error = %e, "fsync after truncation failed too");
             }
+            // Nothing refers to these files any more.
+            remove_files(s.blobs.iter().map(|(_, f)| f.as_path()));
+            remove_files(placed.iter().map(PathBuf::as_path));
             self.commit_cv.notify_all();
             return Err(e.into());
         }
@@ -832,7 +863,125 @@ impl FileStorageCore {
         if let Some(s) = c.staged.take_if(|s| s.key == key) {
             let io = self.live.read().io.clone();
             self.truncate_to(&*io, s.pos);
+            remove_files(s.blobs.iter().map(|(_, f)| f.as_path()));
             self.commit_cv.notify_all();
+        }
+    }
+
+    /// Gives each blob file of a transaction about to be written a name of the storage's
+    /// own in the blob directory's `tmp` (a hard link to the client's file, or to the
+    /// committed file an undo copies), fsynced. Nothing is visible yet; finish moves them
+    /// into place, abort removes them.
+    fn stage_blobs(&self, blobs: &[(Oid, BlobSource)]) -> Result<Vec<(Oid, PathBuf)>> {
+        if blobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = self
+            .blobs
+            .as_ref()
+            .ok_or(StorageError::Unsupported("blobs"))?;
+        let mut staged = Vec::with_capacity(blobs.len());
+        for (oid, src) in blobs {
+            let source = match src {
+                BlobSource::File(p) => p.clone(),
+                BlobSource::Revision(t) => dir.blob_path(*oid, *t),
+            };
+            let tmp = dir.new_temp_path("staged");
+            let linked =
+                zodb::blob::link_or_copy(&source, &tmp).and_then(|()| File::open(&tmp)?.sync_all());
+            if let Err(e) = linked {
+                remove_files(staged.iter().map(|(_, f): &(Oid, PathBuf)| f.as_path()));
+                remove_files([tmp.as_path()]);
+                return Err(match (src, e.kind()) {
+                    // Python's undo: "No blob file" (POSKeyError).
+                    (BlobSource::Revision(_), io::ErrorKind::NotFound) => {
+                        StorageError::PosKey(*oid)
+                    }
+                    (BlobSource::File(p), io::ErrorKind::NotFound) => StorageError::Value(format!(
+                        "the blob file {} for oid {oid} does not exist",
+                        p.display()
+                    )),
+                    _ => e.into(),
+                });
+            }
+            staged.push((*oid, tmp));
+        }
+        Ok(staged)
+    }
+
+    /// Moves the staged blob files of transaction `tid` to their final names, read-only,
+    /// and fsyncs their directories. Each file placed is added to `placed`, so that a
+    /// failure can take them back.
+    fn place_blobs(
+        &self,
+        tid: Tid,
+        staged: &[(Oid, PathBuf)],
+        placed: &mut Vec<PathBuf>,
+    ) -> io::Result<()> {
+        let Some(dir) = &self.blobs else {
+            return Ok(());
+        };
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        for (oid, tmp) in staged {
+            let oid_dir = dir.oid_dir(*oid);
+            zodb::blob::create_dir_all_synced(&oid_dir)?;
+            let target = dir.blob_path(*oid, tid);
+            std::fs::rename(tmp, &target)?;
+            placed.push(target.clone());
+            zodb::blob::set_not_writable(&target)?;
+            if !dirs.contains(&oid_dir) {
+                dirs.push(oid_dir);
+            }
+        }
+        for d in &dirs {
+            zodb::blob::sync_dir(d)?;
+        }
+        Ok(())
+    }
+
+    /// The blob directory, when the storage has blobs.
+    pub fn blob_dir(&self) -> Option<&BlobDir> {
+        self.blobs.as_ref()
+    }
+
+    /// Opens the blob file of revision `serial` of `oid` (`loadBlob`). Only revisions the
+    /// storage has committed are served: a file left behind by a crash between placing
+    /// blobs and committing is never visible. Errors: `PosKey` when there is no such
+    /// revision or no file.
+    pub fn open_blob(&self, oid: Oid, serial: Tid) -> Result<File> {
+        let dir = self
+            .blobs
+            .as_ref()
+            .ok_or(StorageError::Unsupported("blobs"))?;
+        if !self.has_revision(oid, serial)? {
+            return Err(StorageError::PosKey(oid));
+        }
+        match File::open(dir.blob_path(oid, serial)) {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::PosKey(oid)),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Whether `oid` has a committed record written by transaction `serial`.
+    pub fn has_revision(&self, oid: Oid, serial: Tid) -> Result<bool> {
+        let (v, mut pos) = match self.lookup(oid) {
+            Ok(found) => found,
+            Err(StorageError::PosKey(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        loop {
+            let h = v.record(oid, pos).map_err(|e| self.err(e))?;
+            if h.tid == serial {
+                return Ok(true);
+            }
+            if h.tid < serial {
+                return Ok(false);
+            }
+            pos = v.prev_of(pos, &h).map_err(|e| self.err(e))?;
+            if pos == 0 {
+                return Ok(false);
+            }
         }
     }
 
@@ -871,6 +1020,7 @@ impl FileStorageCore {
             );
             let io = self.live.read().io.clone();
             self.truncate_to(&*io, s.pos);
+            remove_files(s.blobs.iter().map(|(_, f)| f.as_path()));
         }
         drop(c);
         self.commit_cv.notify_all();
@@ -900,6 +1050,35 @@ impl CommittedState for FileStorageCore {
 
     fn name(&self) -> &str {
         &self.name
+    }
+}
+
+/// Opens the blob directory; a writable storage creates it and removes the temporary
+/// files an earlier run left behind.
+fn open_blob_dir(dir: &Path, read_only: bool) -> Result<BlobDir> {
+    let context = |e: io::Error| {
+        StorageError::Io(io::Error::new(
+            e.kind(),
+            format!("blob directory {}: {e}", dir.display()),
+        ))
+    };
+    let blobs = BlobDir::open(dir, !read_only).map_err(context)?;
+    if !read_only {
+        let n = blobs.clean_temp().map_err(context)?;
+        if n > 0 {
+            tracing::info!(dir = %blobs.temp_dir().display(), files = n, "removed temporary blob files left by an earlier run");
+        }
+    }
+    tracing::info!(dir = %blobs.root().display(), layout = blobs.layout().name(), "blob directory");
+    Ok(blobs)
+}
+
+/// Removes files that nothing refers to any more; failures are logged.
+pub(crate) fn remove_files<'a>(paths: impl IntoIterator<Item = &'a Path>) {
+    for p in paths {
+        if let Err(e) = zodb::blob::remove_if_exists(p) {
+            tracing::warn!(file = %p.display(), error = %e, "could not remove a blob file");
+        }
     }
 }
 

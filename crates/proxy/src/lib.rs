@@ -5,7 +5,9 @@
 //! to downstream clients through the server's hub. The cache survives restarts and is
 //! caught up from upstream rather than dropped ([`upstream`]).
 
+pub mod blobcache;
+pub mod blobs;
 pub mod cache;
 pub mod upstream;
 
-pub use upstream::{ProxyConfig, UpstreamStorage};
+pub use upstream::{LinkState, ProxyConfig, UpstreamStorage};

@@ -25,6 +25,8 @@
 //! throughout and receive ordinary invalidations. Invalidation callbacks that arrive
 //! during the catch-up are held and applied after it, in order.
 
+use crate::blobcache::BlobCache;
+use crate::blobs::{BlobConfig, ProxyBlobs};
 use crate::cache::{Cache, CacheConfig};
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -59,6 +61,8 @@ pub struct ProxyConfig {
     pub flush_interval: Duration,
     /// How many oids to fetch from upstream at a time.
     pub oid_batch: usize,
+    /// Blob support (a blob cache, or upstream's shared blob directory); `None`: none.
+    pub blobs: Option<BlobConfig>,
 }
 
 impl ProxyConfig {
@@ -71,6 +75,7 @@ impl ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             flush_interval: Duration::from_secs(1),
             oid_batch: 100,
+            blobs: None,
         }
     }
 }
@@ -89,7 +94,8 @@ struct Inner {
     last_tid: AtomicU64,
     /// The caught-up upstream connection, if any.
     link: RwLock<Option<Connection>>,
-    ready: watch::Sender<bool>,
+    /// Where the upstream link stands (see [`LinkState`]).
+    state: watch::Sender<LinkState>,
     upstream_info: Mutex<UpstreamInfo>,
     /// Upstream is zeors and can list changed oids since any tid.
     upstream_lists_changes: AtomicBool,
@@ -103,6 +109,7 @@ struct Inner {
     hits: AtomicU64,
     misses: AtomicU64,
     shutdown: watch::Sender<bool>,
+    blobs: Option<ProxyBlobs>,
 }
 
 #[derive(Default, Clone)]
@@ -111,6 +118,8 @@ struct UpstreamInfo {
     size: u64,
     name: String,
     supports_undo: bool,
+    /// Upstream's storage has blobs (`IBlobStorage` in its `get_info`).
+    blobs: bool,
 }
 
 type FetchWaiter = tokio::sync::oneshot::Sender<Result<Fetched, StorageError>>;
@@ -125,6 +134,19 @@ struct Forwarded {
     stored: Vec<(Oid, Option<Bytes>)>,
     /// Oids whose committed data differs from what was sent (resolved upstream, undone).
     changed: Vec<Oid>,
+    /// The blob files sent, to keep in the blob cache once committed.
+    blobs: Vec<(Oid, std::path::PathBuf)>,
+}
+
+/// The upstream link, as the server start-up and monitoring see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Not connected.
+    Down,
+    /// Connected, applying what changed since the cache's tid.
+    CatchingUp,
+    /// Connected and caught up: serving.
+    Ready,
 }
 
 /// Holds invalidation callbacks while a new connection catches up.
@@ -149,7 +171,16 @@ impl UpstreamStorage {
         })?;
         let last = cache.last_tid();
         info!(last_tid = %last, dir = %config.cache.dir.display(), "opened proxy cache");
-        let (ready, _) = watch::channel(false);
+        let blobs = match &config.blobs {
+            Some(b) => Some(ProxyBlobs::open(b).map_err(|e| {
+                StorageError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("opening the blob directory {}: {e}", b.dir.display()),
+                ))
+            })?),
+            None => None,
+        };
+        let (state, _) = watch::channel(LinkState::Down);
         let (shutdown, _) = watch::channel(false);
         Ok(UpstreamStorage {
             inner: Arc::new(Inner {
@@ -159,7 +190,7 @@ impl UpstreamStorage {
                 apply_lock: Mutex::new(()),
                 last_tid: AtomicU64::new(last.0),
                 link: RwLock::new(None),
-                ready,
+                state,
                 upstream_info: Mutex::new(UpstreamInfo::default()),
                 upstream_lists_changes: AtomicBool::new(false),
                 oids: tokio::sync::Mutex::new(VecDeque::new()),
@@ -169,6 +200,7 @@ impl UpstreamStorage {
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
                 shutdown,
+                blobs,
             }),
         })
     }
@@ -176,9 +208,9 @@ impl UpstreamStorage {
     /// Waits until upstream is connected and caught up, up to `timeout`. Returns whether
     /// it is.
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let mut rx = self.inner.ready.subscribe();
+        let mut rx = self.inner.state.subscribe();
         let fut = async {
-            while !*rx.borrow_and_update() {
+            while *rx.borrow_and_update() != LinkState::Ready {
                 if rx.changed().await.is_err() {
                     return false;
                 }
@@ -190,6 +222,10 @@ impl UpstreamStorage {
 
     pub fn is_connected(&self) -> bool {
         self.inner.link.read().is_some()
+    }
+
+    pub fn link_state(&self) -> LinkState {
+        *self.inner.state.borrow()
     }
 
     pub fn cache_stats(&self) -> crate::cache::CacheStats {
@@ -223,6 +259,9 @@ impl Inner {
             self.cache.invalidate_many(tid, oids);
         } else {
             self.cache.invalidate(tid, oids);
+        }
+        if let Some(blobs) = &self.blobs {
+            blobs.invalidated(oids);
         }
         self.last_tid.store(tid.0, Ordering::Release);
     }
@@ -279,7 +318,20 @@ impl Inner {
                 return Ok(());
             }
         }
-        match self.replay_by_iteration(conn, since).await {
+        let walked = if self.upstream_lists_changes.load(Ordering::Relaxed) {
+            // A zeors upstream runs iterator calls concurrently, so walk it one call at
+            // a time (only reached when its change list is not enough).
+            self.replay_by_iteration(conn, since).await
+        } else {
+            match self.replay_by_iteration_pipelined(conn, since).await {
+                Err(ClientError::Remote(e)) => {
+                    warn!(error = ?e, "pipelined walk of upstream's log refused; walking it call by call");
+                    self.replay_by_iteration(conn, self.last_tid()).await
+                }
+                other => other,
+            }
+        };
+        match walked {
             Ok(n) => {
                 info!(since = %since, transactions = n, "caught up by walking upstream's transaction log");
                 if self.last_tid() < upstream_tid {
@@ -292,10 +344,9 @@ impl Inner {
                 let _guard = self.apply_lock.lock();
                 self.cache.drop_current(upstream_tid);
                 if let Some(sink) = self.sink.get() {
-                    // Downstream clients cannot be told which objects changed either;
-                    // an empty invalidation at least moves them to the new tid, and
-                    // their next loads of changed objects reach upstream through us.
-                    sink.invalidate(upstream_tid, &[], None);
+                    // Downstream clients cannot be told which objects changed either:
+                    // they must reconnect and drop their caches.
+                    sink.reset(upstream_tid);
                 }
                 self.last_tid.store(upstream_tid.0, Ordering::Release);
                 Ok(())
@@ -351,6 +402,149 @@ impl Inner {
         Ok(count)
     }
 
+    /// Walks upstream's transactions after `since` with the iterator calls of a stock
+    /// server, pipelined so that a long gap costs a few round trips per hundred
+    /// transactions instead of several per transaction (over a 20 ms link, 1,000
+    /// transactions one call at a time take a minute). The stock server handles a
+    /// connection's requests in order, which the pipelining relies on:
+    ///
+    /// 1. list the tids with a window of `iterator_next` calls on one iterator;
+    /// 2. per batch of transactions, open one iterator bounded to each (`start = stop =
+    ///    tid`), position it and open its record iterator in one burst, then drain the
+    ///    record iterators with bursts of `iterator_record_next`.
+    ///
+    /// The records' data comes along anyway; each object's latest revision is kept in
+    /// the cache as current, so the objects that changed do not have to be fetched again.
+    async fn replay_by_iteration_pipelined(
+        self: &Arc<Self>,
+        conn: &Connection,
+        since: Tid,
+    ) -> Result<usize, ClientError> {
+        use futures::future::join_all;
+        const WINDOW: usize = 100;
+        let tid_at = |v: &Value, i: usize| {
+            v.as_seq()
+                .and_then(|s| s.get(i))
+                .and_then(Value::as_bytes)
+                .and_then(|b| Tid::from_slice(b))
+        };
+        let start = Tid(since.0 + 1);
+        let iid = conn
+            .call("iterator_start", vec![Value::from(start), Value::None])
+            .await?;
+        let mut tids = Vec::new();
+        'list: loop {
+            let replies =
+                join_all((0..WINDOW).map(|_| conn.call("iterator_next", vec![iid.clone()]))).await;
+            for r in replies {
+                match r {
+                    Ok(v) => match tid_at(&v, 0) {
+                        Some(t) => tids.push(t),
+                        None => break 'list,
+                    },
+                    // Calls after the end find the iterator gone.
+                    Err(ClientError::Remote(_)) => break 'list,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        let mut latest: HashMap<Oid, (Tid, Bytes)> = HashMap::new();
+        for chunk in tids.chunks(WINDOW) {
+            let iids: Vec<Value> = join_all(
+                chunk
+                    .iter()
+                    .map(|t| conn.call("iterator_start", vec![Value::from(*t), Value::from(*t)])),
+            )
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?;
+            let mut calls = Vec::with_capacity(2 * chunk.len());
+            for (t, iid) in chunk.iter().zip(&iids) {
+                calls.push(conn.call("iterator_next", vec![iid.clone()]));
+                calls.push(conn.call("iterator_record_start", vec![iid.clone(), Value::from(*t)]));
+            }
+            let replies = join_all(calls).await;
+            let mut riids: Vec<Option<Value>> = Vec::with_capacity(chunk.len());
+            for pair in replies.chunks(2) {
+                match &pair[1] {
+                    Ok(riid) => riids.push(Some(riid.clone())),
+                    Err(ClientError::Remote(e)) => {
+                        return Err(ClientError::Remote(e.clone()));
+                    }
+                    Err(_) => return Err(ClientError::Disconnected),
+                }
+            }
+            let mut oids: Vec<Vec<Oid>> = vec![Vec::new(); chunk.len()];
+            // Most transactions touch a few objects: ask for a few records first and
+            // more for the transactions that have more, since every call past a record
+            // iterator's end costs an error reply.
+            let mut burst = 2;
+            loop {
+                let open: Vec<(usize, Value)> = riids
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, r)| r.clone().map(|r| (i, r)))
+                    .collect();
+                if open.is_empty() {
+                    break;
+                }
+                let calls = open.iter().flat_map(|(_, riid)| {
+                    (0..burst).map(move |_| conn.call("iterator_record_next", vec![riid.clone()]))
+                });
+                let replies = join_all(calls).await;
+                let per = burst;
+                burst = (burst * 4).min(256);
+                for ((i, _), batch) in open.iter().zip(replies.chunks(per)) {
+                    for r in batch {
+                        let rec = match r {
+                            Ok(v) => v,
+                            Err(ClientError::Remote(_)) => {
+                                riids[*i] = None;
+                                break;
+                            }
+                            Err(_) => return Err(ClientError::Disconnected),
+                        };
+                        let Some(s) = rec.as_seq() else {
+                            riids[*i] = None;
+                            break;
+                        };
+                        let Some(oid) = s
+                            .first()
+                            .and_then(Value::as_bytes)
+                            .and_then(|b| Oid::from_slice(b))
+                        else {
+                            riids[*i] = None;
+                            break;
+                        };
+                        oids[*i].push(oid);
+                        match s.get(2) {
+                            Some(Value::Bytes(data)) => {
+                                latest.insert(oid, (chunk[*i], data.clone()));
+                            }
+                            _ => {
+                                latest.remove(&oid);
+                            }
+                        }
+                    }
+                }
+            }
+            for (t, o) in chunk.iter().zip(&oids) {
+                self.apply(*t, o, None, false);
+            }
+            let mut gc = iids;
+            let _ = conn.send_oneway("iterator_gc", vec![Value::List(std::mem::take(&mut gc))]);
+        }
+        let _ = conn.send_oneway("iterator_gc", vec![Value::List(vec![iid])]);
+        let seen = self.last_tid();
+        let cache = self.cache.clone();
+        tokio::task::spawn_blocking(move || {
+            for (oid, (start, data)) in latest {
+                cache.store(oid, start, None, data, seen);
+            }
+        });
+        Ok(tids.len())
+    }
+
     fn update_info(&self, info: &Value, full: bool) {
         let mut ui = self.upstream_info.lock();
         if let Some(n) = info.get("length").and_then(Value::as_int) {
@@ -364,6 +558,10 @@ impl Inner {
                 ui.name = name.to_string();
             }
             ui.supports_undo = info.get("supportsUndo").map(Value::truthy).unwrap_or(false);
+            ui.blobs = crate::blobs::advertises_blobs(info);
+            if self.blobs.is_some() && !ui.blobs {
+                warn!("a blob directory is configured but the upstream storage has no blobs: blobs are refused");
+            }
             let lists = info
                 .get("zeors_extensions")
                 .and_then(Value::as_seq)
@@ -398,23 +596,24 @@ impl Inner {
                 })
             };
             match connect_any(&self.config.upstreams, &opts, make).await {
-                Ok(conn) => match self.catch_up(&conn, &gate).await {
+                Ok(conn) => match self.caught_up(&conn, &gate).await {
                     Ok(()) => {
                         backoff.reset();
                         failures = 0;
                         info!(upstream = %conn.address(), last_tid = %self.last_tid(), "upstream connected and caught up");
                         *self.link.write() = Some(conn.clone());
-                        self.ready.send_replace(true);
+                        self.state.send_replace(LinkState::Ready);
                         tokio::select! {
                             _ = conn.closed() => warn!(upstream = %conn.address(), "upstream connection lost; reconnecting"),
                             _ = shutdown.changed() => {}
                         }
                         *self.link.write() = None;
-                        self.ready.send_replace(false);
+                        self.state.send_replace(LinkState::Down);
                         conn.close();
                     }
                     Err(e) => {
                         warn!(upstream = %conn.address(), error = %e, "catching up with upstream failed");
+                        self.state.send_replace(LinkState::Down);
                         conn.close();
                     }
                 },
@@ -430,6 +629,16 @@ impl Inner {
                 _ = shutdown.changed() => break,
             }
         }
+    }
+
+    /// Catches up over a new connection, telling the world it is doing so.
+    async fn caught_up(
+        self: &Arc<Self>,
+        conn: &Connection,
+        gate: &Arc<Mutex<Gate>>,
+    ) -> Result<(), ClientError> {
+        self.state.send_replace(LinkState::CatchingUp);
+        self.catch_up(conn, gate).await
     }
 
     /// Makes the cache durable at a steady pace.
@@ -541,6 +750,31 @@ impl Callbacks for LinkCallbacks {
             inner.update_info(&info, false);
         }
     }
+
+    // Blob downloads (`sendBlob`) go to the blob cache.
+    async fn receive_blob_start(&self, oid: Oid, serial: Tid) {
+        if let Some(c) = self.blob_cache() {
+            c.receive_start(oid, serial).await;
+        }
+    }
+
+    async fn receive_blob_chunk(&self, oid: Oid, serial: Tid, chunk: Bytes) {
+        if let Some(c) = self.blob_cache() {
+            c.receive_chunk(oid, serial, chunk).await;
+        }
+    }
+
+    async fn receive_blob_stop(&self, oid: Oid, serial: Tid) {
+        if let Some(c) = self.blob_cache() {
+            c.receive_stop(oid, serial).await;
+        }
+    }
+}
+
+impl LinkCallbacks {
+    fn blob_cache(&self) -> Option<Arc<BlobCache>> {
+        self.inner.upgrade()?.blobs.as_ref()?.cache().cloned()
+    }
 }
 
 fn parse_tid_oids(v: &Value) -> Option<(Tid, Vec<Oid>)> {
@@ -569,11 +803,18 @@ impl Storage for UpstreamStorage {
             name: format!("proxy of {} ({})", self.inner.config.upstreams[0], ui.name),
             supports_undo: false,
             supports_record_iternext: false,
-            interfaces: vec![
-                ("ZODB.interfaces", "IStorageRestoreable"),
-                ("ZODB.interfaces", "IExternalGC"),
-                ("ZODB.interfaces", "IStorage"),
-            ],
+            interfaces: self
+                .inner
+                .blobs
+                .iter()
+                .filter(|_| ui.blobs)
+                .map(|_| ("ZODB.interfaces", "IBlobStorage"))
+                .chain([
+                    ("ZODB.interfaces", "IStorageRestoreable"),
+                    ("ZODB.interfaces", "IExternalGC"),
+                    ("ZODB.interfaces", "IStorage"),
+                ])
+                .collect(),
         }
     }
 
@@ -701,6 +942,7 @@ impl Storage for UpstreamStorage {
                     sent: 0,
                     stored: Vec::new(),
                     changed: Vec::new(),
+                    blobs: Vec::new(),
                 }
             }
         };
@@ -748,6 +990,30 @@ impl Storage for UpstreamStorage {
                         id.clone(),
                     ],
                 ),
+                TxnOp::StoreBlob {
+                    oid,
+                    serial,
+                    data,
+                    file,
+                } => {
+                    let upstream_blobs = self.inner.upstream_info.lock().blobs;
+                    let sent = match self.inner.blobs.as_ref().filter(|_| upstream_blobs) {
+                        Some(blobs) => {
+                            blobs
+                                .forward(&fwd.conn, *oid, *serial, data, file, &id)
+                                .await
+                        }
+                        None => Err(StorageError::Unsupported("blobs")),
+                    };
+                    if let Err(e) = sent {
+                        // Upstream holds part of the transaction: drop it there.
+                        let _ = fwd.conn.call("tpc_abort", vec![id.clone()]).await;
+                        return Err(e);
+                    }
+                    fwd.stored.push((*oid, Some(data.clone())));
+                    fwd.blobs.push((*oid, file.clone()));
+                    continue;
+                }
             };
             fwd.conn.send_oneway(name, args)?;
         }
@@ -795,8 +1061,15 @@ impl Storage for UpstreamStorage {
             }
         }
         if !conflicts.is_empty() {
-            // Upstream keeps the transaction open for the client's resolution and re-vote.
-            *self.inner.commit.lock() = Some(fwd);
+            // Upstream would keep the transaction open for the client's resolution, but
+            // this one connection carries every downstream client's commits and others
+            // commit while this client resolves (a second tpc_begin on the connection
+            // would make upstream drop it). So abort it upstream now: the re-vote sends
+            // the whole transaction again, where the resolved stores replace the
+            // conflicting ones (zeors and the stock server both replay it that way).
+            if let Err(e) = fwd.conn.call("tpc_abort", vec![id.clone()]).await {
+                debug!(error = %e, "upstream tpc_abort after conflicts failed");
+            }
             return Ok(Vote::Conflicts(conflicts));
         }
         fwd.changed = changed.clone();
@@ -805,7 +1078,7 @@ impl Storage for UpstreamStorage {
     }
 
     async fn finish(&self, key: TxnKey) -> zodb::Result<Tid> {
-        let fwd = match self.inner.commit.lock().take() {
+        let mut fwd = match self.inner.commit.lock().take() {
             Some(f) if f.key == key => f,
             other => {
                 *self.inner.commit.lock() = other;
@@ -815,6 +1088,8 @@ impl Storage for UpstreamStorage {
             }
         };
         let oids: Vec<Oid> = fwd.stored.iter().map(|(o, _)| *o).collect();
+        let blob_files = std::mem::take(&mut fwd.blobs);
+        let blobs_changed = fwd.changed.clone();
         let weak = Arc::downgrade(&self.inner);
         let stored = fwd.stored;
         let changed = fwd.changed;
@@ -833,7 +1108,14 @@ impl Storage for UpstreamStorage {
             // refuses it, since it was seen at `tid`.
             let cache = inner.cache.clone();
             tokio::task::spawn_blocking(move || {
-                for (oid, data) in stored {
+                // A transaction voted again after conflicts holds several stores of the
+                // same oid: upstream commits the last one (the client's resolution), so
+                // only that one may be cached; an earlier one is the unresolved state.
+                let mut seen = std::collections::HashSet::new();
+                for (oid, data) in stored.into_iter().rev() {
+                    if !seen.insert(oid) {
+                        continue;
+                    }
                     if let Some(data) = data {
                         if !changed.contains(&oid) {
                             cache.store(oid, tid, None, data, tid);
@@ -846,13 +1128,18 @@ impl Storage for UpstreamStorage {
             .conn
             .call_with_hook("tpc_finish", vec![client_txn_id(key)], hook)
             .await?;
-        v.as_bytes()
+        let tid = v
+            .as_bytes()
             .and_then(|b| Tid::from_slice(b))
             .ok_or_else(|| {
                 StorageError::Disconnected(format!(
                     "unexpected tpc_finish reply from upstream: {v:?}"
                 ))
-            })
+            })?;
+        if let (Some(blobs), false) = (&self.inner.blobs, blob_files.is_empty()) {
+            blobs.committed(tid, blob_files, &blobs_changed).await;
+        }
+        Ok(tid)
     }
 
     async fn abort(&self, key: TxnKey) {
@@ -879,6 +1166,26 @@ impl Storage for UpstreamStorage {
 
     async fn invalidations_since(&self, tid: Tid) -> zodb::Result<Option<(Tid, Vec<Oid>)>> {
         Ok(self.inner.cache.invalidations_since(tid))
+    }
+
+    fn blob_temp_dir(&self) -> Option<std::path::PathBuf> {
+        self.inner.blobs.as_ref().map(ProxyBlobs::temp_dir)
+    }
+
+    fn blob_shared_dir(&self, oid: Oid) -> zodb::Result<std::path::PathBuf> {
+        match &self.inner.blobs {
+            Some(b) => b.shared_dir(oid),
+            None => Err(StorageError::Unsupported("blobs")),
+        }
+    }
+
+    async fn open_blob(&self, oid: Oid, serial: Tid) -> zodb::Result<std::fs::File> {
+        let blobs = self
+            .inner
+            .blobs
+            .as_ref()
+            .ok_or(StorageError::Unsupported("blobs"))?;
+        blobs.open_blob(oid, serial, self.inner.link()).await
     }
 
     fn metrics(&self) -> Vec<zodb::StorageMetric> {
@@ -940,6 +1247,9 @@ impl Storage for UpstreamStorage {
                 inner.link.read().is_some() as u64,
             ),
         ]
+        .into_iter()
+        .chain(inner.blobs.iter().flat_map(ProxyBlobs::metrics))
+        .collect()
     }
 
     async fn close(&self) -> zodb::Result<()> {

@@ -144,6 +144,20 @@ fn encoded(cache: &mut [Option<Bytes>; 2], enc: Encoding, make: impl FnOnce() ->
 }
 
 impl InvalidationSink for Hub {
+    fn reset(&self, tid: Tid) {
+        let mut inner = self.inner.lock();
+        tracing::warn!(%tid, clients = inner.sessions.len(),
+                       "storage history lost: disconnecting every client so it revalidates its cache");
+        inner.queue.clear();
+        if tid > inner.last_tid {
+            inner.last_tid = tid;
+        }
+        for out in inner.sessions.values() {
+            out.send_invalidation(tid, None);
+            out.close();
+        }
+    }
+
     fn invalidate(&self, tid: Tid, oids: &[Oid], committer: Option<TxnKey>) {
         let mut inner = self.inner.lock();
         if tid <= inner.last_tid && inner.last_tid != Tid::ZERO {

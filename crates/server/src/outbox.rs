@@ -33,6 +33,10 @@ pub struct Outbox {
     /// Woken when the outbox overflows or the writer fails, so the session can close the
     /// connection.
     pub trouble: Notify,
+    /// Woken after writes while someone waits for the queue to drain (a blob being
+    /// streamed, see [`Outbox::wait_queued_below`]).
+    drained: Notify,
+    drain_waiters: AtomicUsize,
 }
 
 struct OutState {
@@ -60,6 +64,8 @@ impl Outbox {
                 overflowed: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
                 trouble: Notify::new(),
+                drained: Notify::new(),
+                drain_waiters: AtomicUsize::new(0),
             },
             rx,
         )
@@ -114,6 +120,34 @@ impl Outbox {
     /// Called by the writer after bytes have been written.
     pub fn written(&self, n: usize) {
         self.queued.fetch_sub(n, Ordering::Relaxed);
+        if self.drain_waiters.load(Ordering::Acquire) > 0 {
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// Waits until at most `limit` bytes are queued, or the connection is closed. Lets a
+    /// large response (a blob) be produced only as fast as the client reads it, with a
+    /// bounded amount of it in memory.
+    pub async fn wait_queued_below(&self, limit: usize) {
+        /// Counts the waiter for as long as it waits, even if its future is dropped.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        self.drain_waiters.fetch_add(1, Ordering::AcqRel);
+        let _waiting = Waiting(&self.drain_waiters);
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            // Registered before the check, so a write in between is not missed.
+            notified.as_mut().enable();
+            if self.queued_bytes() <= limit || self.is_closed() {
+                return;
+            }
+            notified.await;
+        }
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -124,6 +158,7 @@ impl Outbox {
     pub fn close(&self) {
         if !self.closed.swap(true, Ordering::Relaxed) {
             self.trouble.notify_one();
+            self.drained.notify_waiters();
         }
     }
 

@@ -31,6 +31,8 @@ use zeo_proto::request::{Request, RequestError};
 use zeo_proto::{exception, frame, Encoding, Limits, Message, Value};
 use zodb::{StorageError, Tid, Transaction, TransactionMeta, TxnKey, TxnOp, Vote};
 
+mod blobs;
+
 /// How long a new connection may take to answer the protocol handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long queued output may take to drain when a session ends.
@@ -109,6 +111,7 @@ where
         pending: FuturesUnordered::new(),
         limits: Limits::default(),
         iterators: Arc::new(parking_lot::Mutex::new(Iterators::default())),
+        upload: None,
     };
     let reason = session.serve(&mut rd, buf).await;
     session.cleanup(&reason).await;
@@ -155,6 +158,8 @@ struct Open {
     /// The client's name for it (`id(txn)`).
     id: Value,
     txn: Transaction,
+    /// The blob files its `StoreBlob` operations name, removed when it ends.
+    blob_files: blobs::TempFiles,
 }
 
 enum TxnState {
@@ -207,6 +212,8 @@ struct Session {
     limits: Limits,
     /// This connection's transaction and record iterators (`iterator_start`…).
     iterators: Arc<parking_lot::Mutex<Iterators>>,
+    /// A blob upload between `storeBlobStart` and `storeBlobEnd`.
+    upload: Option<blobs::Upload>,
 }
 
 enum Event {
@@ -584,20 +591,28 @@ impl Session {
                 });
             }
             Request::Pack { time, wait } => self.pack(&handle, msgid, time, wait, oneway),
-            Request::SendBlob { .. } => {
+            Request::SendBlob { oid, serial } => {
                 if oneway {
-                    return Err(Close::Protocol(format!("{} is not supported", msg.name)));
+                    return Err(Close::Protocol("sendBlob sent one-way".into()));
                 }
-                self.reply_error(&msgid, &StorageError::Unsupported("blobs"));
+                self.send_blob(&handle, msgid, oid, serial);
             }
-            Request::StoreBlobStart
-            | Request::StoreBlobChunk { .. }
-            | Request::StoreBlobEnd { .. }
-            | Request::StoreBlobShared { .. } => {
-                warn!(session = self.id, peer = %self.peer, "blob upload to a storage without blob support, closing");
-                return Err(Close::Protocol(
-                    "blobs are not supported by this storage".into(),
-                ));
+            Request::StoreBlobStart => return self.store_blob_start(&handle, read_only).await,
+            Request::StoreBlobChunk { chunk } => return self.store_blob_chunk(chunk).await,
+            Request::StoreBlobEnd {
+                oid,
+                serial,
+                data,
+                txn,
+            } => return self.store_blob_end(oid, serial, data, txn).await,
+            Request::StoreBlobShared {
+                oid,
+                serial,
+                data,
+                filename,
+                txn,
+            } => {
+                return self.store_blob_shared(&handle, read_only, oid, serial, data, filename, txn)
             }
         }
         Ok(())
@@ -662,6 +677,7 @@ impl Session {
                 },
                 ops: Vec::new(),
             },
+            blob_files: blobs::TempFiles::default(),
         });
         Ok(())
     }
@@ -935,6 +951,8 @@ impl Session {
 
     /// Drops the current transaction (buffered or voted) and releases the lock.
     async fn abort_current(&mut self, handle: &Arc<StorageHandle>) {
+        // An unfinished blob upload belongs to the transaction: its file goes too.
+        self.upload = None;
         match std::mem::replace(&mut self.txn, TxnState::Idle) {
             TxnState::Begun(_) => end_txn_stats(handle, false),
             TxnState::Voted { open, guard, .. } => {

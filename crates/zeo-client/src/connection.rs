@@ -4,11 +4,11 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use zeo_proto::{exception, frame, message, Encoding, Limits, Message, Value};
 use zodb::{Oid, StorageError, Tid};
 
@@ -130,10 +130,19 @@ struct Pending {
     hook: Option<ReplyHook>,
 }
 
+/// Bytes queued for the writer, so that a sender of much data (a blob upload) can wait
+/// for the socket instead of queueing it all in memory.
+#[derive(Default)]
+struct Backlog {
+    queued: AtomicUsize,
+    drained: Notify,
+}
+
 struct Inner {
     address: Address,
     encoding: Encoding,
     out: mpsc::UnboundedSender<Bytes>,
+    backlog: Arc<Backlog>,
     calls: Mutex<HashMap<i64, Pending>>,
     next_msgid: AtomicI64,
     closed: AtomicBool,
@@ -207,10 +216,12 @@ impl Connection {
 
         let (out, rx) = mpsc::unbounded_channel();
         let (closed_tx, _) = watch::channel(false);
+        let backlog = Arc::new(Backlog::default());
         let inner = Arc::new(Inner {
             address: address.clone(),
             encoding,
             out,
+            backlog: backlog.clone(),
             calls: Mutex::new(HashMap::new()),
             next_msgid: AtomicI64::new(1),
             closed: AtomicBool::new(false),
@@ -218,7 +229,7 @@ impl Connection {
             last_invalidation: AtomicU64::new(0),
         });
         let traffic = opts.traffic.clone().unwrap_or_default();
-        tokio::spawn(write_loop(wr, rx, traffic.clone()));
+        tokio::spawn(write_loop(wr, rx, traffic.clone(), backlog));
         tokio::spawn(read_loop(
             rd,
             buf,
@@ -310,9 +321,7 @@ impl Connection {
         self.inner.calls.lock().insert(msgid, Pending { tx, hook });
         let payload =
             message::encode_call(self.inner.encoding, &Value::Int(msgid), false, name, args);
-        if self.inner.out.send(frame::frame(&payload)).is_err()
-            || self.inner.closed.load(Ordering::Acquire)
-        {
+        if !self.inner.push(frame::frame(&payload)) || self.inner.closed.load(Ordering::Acquire) {
             self.inner.calls.lock().remove(&msgid);
             return Err(ClientError::Disconnected);
         }
@@ -333,10 +342,32 @@ impl Connection {
             return Err(ClientError::Disconnected);
         }
         let payload = message::encode_call(self.inner.encoding, &Value::Int(0), true, name, args);
-        self.inner
-            .out
-            .send(frame::frame(&payload))
-            .map_err(|_| ClientError::Disconnected)
+        if self.inner.push(frame::frame(&payload)) {
+            Ok(())
+        } else {
+            Err(ClientError::Disconnected)
+        }
+    }
+
+    /// Bytes sent but not yet written to the socket.
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.backlog.queued.load(Ordering::Acquire)
+    }
+
+    /// Waits until at most `limit` bytes wait to be written, or the connection is closed:
+    /// lets a long stream of one-way calls (a blob upload) go at the speed of the link
+    /// with a bounded amount of it in memory.
+    pub async fn wait_queued_below(&self, limit: usize) {
+        loop {
+            let drained = self.inner.backlog.drained.notified();
+            tokio::pin!(drained);
+            // Registered before the check, so a write in between is not missed.
+            drained.as_mut().enable();
+            if self.queued_bytes() <= limit || self.inner.closed.load(Ordering::Acquire) {
+                return;
+            }
+            drained.await;
+        }
     }
 
     // Typed calls used by the proxy, the bench tool and tests.
@@ -444,10 +475,22 @@ impl Connection {
 }
 
 impl Inner {
+    /// Queues a frame for the writer; false when the connection is gone.
+    fn push(&self, frame: Bytes) -> bool {
+        let n = frame.len();
+        self.backlog.queued.fetch_add(n, Ordering::AcqRel);
+        if self.out.send(frame).is_err() {
+            self.backlog.queued.fetch_sub(n, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+
     fn shut(&self) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        self.backlog.drained.notify_waiters();
         // Dropping the senders fails every waiting call with Disconnected.
         self.calls.lock().clear();
         let _ = self.closed_tx.send(true);
@@ -489,6 +532,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     traffic: Arc<Traffic>,
+    backlog: Arc<Backlog>,
 ) {
     let mut batch = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
@@ -505,6 +549,8 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         traffic
             .bytes_out
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        backlog.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        backlog.drained.notify_waiters();
         batch.clear();
     }
     let _ = wr.shutdown().await;

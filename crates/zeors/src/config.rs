@@ -62,7 +62,11 @@ pub enum StorageKind {
         cache_dir: PathBuf,
         cache_size: u64,
         read_only: bool,
+        /// The blob cache, or with `shared_blob_dir` upstream's blob directory.
         blob_dir: Option<PathBuf>,
+        /// Bound of the blob cache (`blob-cache-size`); `None`: unbounded, as Python.
+        blob_cache_size: Option<u64>,
+        shared_blob_dir: bool,
     },
 }
 
@@ -433,6 +437,8 @@ fn upstream_section(s: &Section, name: &str, warnings: &mut Vec<String>) -> Resu
         cache_size: c.size("cache-size")?.unwrap_or(20 << 20),
         read_only: c.bool("read-only", false)?,
         blob_dir: c.path("blob-dir"),
+        blob_cache_size: c.size("blob-cache-size")?,
+        shared_blob_dir: c.bool("shared-blob-dir", false)?,
     })
 }
 

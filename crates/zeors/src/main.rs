@@ -78,7 +78,20 @@ fn init_logging(level: Option<&str>) {
         .init();
 }
 
+/// A file size limit (`ulimit -f`, `RLIMIT_FSIZE`) must make the write that crosses it
+/// fail with EFBIG, which the storage reports to the committing client (or the tool to
+/// its user), instead of killing the whole server with SIGXFSZ. CPython ignores SIGXFSZ
+/// at startup for the same reason, so `runzeo` behaves this way too.
+fn ignore_sigxfsz() {
+    // SAFETY: only sets the disposition of one signal to "ignore", before any other
+    // thread exists; no handler code is installed.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}
+
 fn main() -> Result<()> {
+    ignore_sigxfsz();
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(*args),

@@ -26,6 +26,12 @@ pub struct ServeArgs {
     #[arg(short = 'f', long = "filename")]
     filename: Option<PathBuf>,
 
+    /// Blob directory: with a Data.fs, where its blobs are kept (Python ZODB's layout,
+    /// created if missing); in proxy mode, the blob cache (or, with --shared-blob-dir,
+    /// the upstream server's own blob directory). Without it, blobs are refused.
+    #[arg(long, value_name = "DIR")]
+    blob_dir: Option<PathBuf>,
+
     /// Name clients use to select the storage (`ClientStorage(storage=...)`).
     #[arg(long = "storage-name", default_value = "1")]
     storage_name: String,
@@ -93,6 +99,15 @@ pub struct ServeArgs {
     /// Proxy mode: size bound of the cache, e.g. 500MB, 20GB.
     #[arg(long, default_value = "1GB", value_parser = crate::parse_size)]
     cache_size: u64,
+
+    /// Proxy mode: size bound of the blob cache in --blob-dir, e.g. 10GB.
+    #[arg(long, default_value = "10GB", value_parser = crate::parse_size)]
+    blob_cache_size: u64,
+
+    /// Proxy mode: --blob-dir is the upstream server's blob directory, shared with it
+    /// (a network file system): blobs are read and written there directly.
+    #[arg(long)]
+    shared_blob_dir: bool,
 }
 
 /// Everything needed to start, whether it came from flags or a file.
@@ -119,7 +134,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
                             .filename
                             .clone()
                             .unwrap_or_else(|| PathBuf::from("var/Data.fs")),
-                        blob_dir: None,
+                        blob_dir: args.blob_dir.clone(),
                         read_only: false,
                         quota: None,
                         pack_gc: true,
@@ -132,15 +147,22 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
                         cache_dir: args.cache_dir.clone(),
                         cache_size: args.cache_size,
                         read_only: false,
-                        blob_dir: None,
+                        blob_dir: args.blob_dir.clone(),
+                        blob_cache_size: Some(args.blob_cache_size),
+                        shared_blob_dir: args.shared_blob_dir,
                     }
                 },
             }],
             ..Default::default()
         },
     };
-    if args.configure.is_some() && (args.filename.is_some() || !args.upstreams.is_empty()) {
-        bail!("give storages either in zeo.conf or with -f/--upstream, not both");
+    if args.configure.is_some()
+        && (args.filename.is_some() || !args.upstreams.is_empty() || args.blob_dir.is_some())
+    {
+        bail!("give storages either in zeo.conf or with -f/--upstream/--blob-dir, not both");
+    }
+    if args.shared_blob_dir && (args.upstreams.is_empty() || args.blob_dir.is_none()) {
+        bail!("--shared-blob-dir needs --upstream and --blob-dir");
     }
     let addresses = if !args.addresses.is_empty() {
         args.addresses.clone()
@@ -261,9 +283,6 @@ fn open_storage(conf: &config::StorageConf, server_read_only: bool) -> Result<Op
             pack_gc,
             pack_keep_old,
         } => {
-            if blob_dir.is_some() {
-                bail!("storage {:?}: blob-dir is not supported yet", conf.name);
-            }
             let read_only = *read_only || server_read_only;
             if let Some(dir) = path.parent() {
                 if !dir.as_os_str().is_empty() && !read_only {
@@ -283,6 +302,7 @@ fn open_storage(conf: &config::StorageConf, server_read_only: bool) -> Result<Op
                     sync_on_vote: true,
                     pack_discard_old: !*pack_keep_old,
                     pack_without_gc: !*pack_gc,
+                    blob_dir: blob_dir.clone(),
                     ..Default::default()
                 },
             )
@@ -297,12 +317,11 @@ fn open_storage(conf: &config::StorageConf, server_read_only: bool) -> Result<Op
             cache_size,
             read_only,
             blob_dir,
+            blob_cache_size,
+            shared_blob_dir,
         } => {
-            if blob_dir.is_some() {
-                bail!(
-                    "storage {:?}: blob-dir is not supported yet in proxy mode",
-                    conf.name
-                );
+            if *shared_blob_dir && blob_dir.is_none() {
+                bail!("storage {:?}: shared-blob-dir needs a blob-dir", conf.name);
             }
             let cache = proxy::cache::CacheConfig {
                 dir: cache_dir.clone(),
@@ -318,6 +337,12 @@ fn open_storage(conf: &config::StorageConf, server_read_only: bool) -> Result<Op
             );
             pconfig.storage = storage.clone();
             pconfig.read_only = *read_only || server_read_only;
+            pconfig.blobs = blob_dir.as_ref().map(|dir| proxy::blobs::BlobConfig {
+                dir: dir.clone(),
+                // Python's ClientStorage does not bound its blob cache by default either.
+                max_bytes: blob_cache_size.unwrap_or(u64::MAX),
+                shared: *shared_blob_dir,
+            });
             let storage =
                 proxy::UpstreamStorage::open(pconfig).context("opening the proxy storage")?;
             info!(name = %conf.name, upstream = ?servers, cache = %cache_dir.display(), "proxy storage");
@@ -348,13 +373,20 @@ async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
     // starts after a short wait even if upstream is unreachable, serving the cache.
     for p in &proxies {
         let cached = zodb::Storage::last_transaction(&**p) != zodb::Tid::ZERO;
-        if cached {
-            if !p.wait_ready(Duration::from_secs(10)).await {
-                warn!("upstream not reachable yet; serving from the cache meanwhile");
+        loop {
+            if p.wait_ready(Duration::from_secs(10)).await {
+                break;
             }
-        } else {
-            while !p.wait_ready(Duration::from_secs(30)).await {
-                warn!("waiting for the upstream server (the cache is empty, nothing to serve yet)");
+            match p.link_state() {
+                // Upstream answered: wait for the catch-up rather than serve an old state.
+                proxy::LinkState::CatchingUp => info!("still catching up with upstream..."),
+                _ if cached => {
+                    warn!("upstream not reachable yet; serving from the cache meanwhile");
+                    break;
+                }
+                _ => warn!(
+                    "waiting for the upstream server (the cache is empty, nothing to serve yet)"
+                ),
             }
         }
     }

@@ -57,9 +57,14 @@ pub struct PackArgs {
     /// Keep every object that existed at the pack time, reachable or not.
     #[arg(long)]
     no_gc: bool,
-    /// Delete Data.fs.old afterwards instead of keeping it.
+    /// Delete Data.fs.old afterwards instead of keeping it (and, with --blob-dir, delete
+    /// the removed blob files instead of moving them to `<blob dir>.old`).
     #[arg(long)]
     discard_old: bool,
+    /// The storage's blob directory: the files of the blob revisions the pack removes
+    /// are removed too (without it they are left behind, unreferenced).
+    #[arg(long, value_name = "DIR")]
+    blob_dir: Option<PathBuf>,
 }
 
 fn open_io(path: &PathBuf) -> Result<Arc<std::fs::File>> {
@@ -289,6 +294,7 @@ pub fn pack(args: PackArgs) -> Result<i32> {
         &args.path,
         Options {
             pack_discard_old: args.discard_old,
+            blob_dir: args.blob_dir.clone(),
             ..Options::default()
         },
     )

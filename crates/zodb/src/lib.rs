@@ -6,6 +6,7 @@
 //! [`StorageError`] type whose variants the protocol layer maps to the Python exception
 //! classes ZEO clients expect.
 
+pub mod blob;
 mod error;
 mod ids;
 pub mod refs;

@@ -9,6 +9,7 @@
 use crate::{Oid, Result, StorageError, Tid};
 use async_trait::async_trait;
 use bytes::Bytes;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Identifies one transaction of one client session, unique for the server's lifetime.
@@ -96,6 +97,16 @@ pub enum TxnOp {
     },
     /// `undoa(transaction_id)`: undo the transaction with that undo id.
     Undo { transaction_id: Vec<u8> },
+    /// `storeBlobEnd` / `storeBlobShared`: a store (as [`TxnOp::Store`]) whose revision
+    /// has a blob, the complete file at `file`. The file belongs to the caller, which
+    /// removes it when the transaction ends: a storage keeps what it needs under names of
+    /// its own (a hard link, on the same file system as [`Storage::blob_temp_dir`]).
+    StoreBlob {
+        oid: Oid,
+        serial: Tid,
+        data: Bytes,
+        file: PathBuf,
+    },
 }
 
 /// A client transaction as handed to the storage at vote.
@@ -267,6 +278,15 @@ pub trait InvalidationSink: Send + Sync {
     /// `committer` is the local transaction that made the commit, if any: it must not be
     /// sent its own invalidation.
     fn invalidate(&self, tid: Tid, oids: &[Oid], committer: Option<TxnKey>);
+
+    /// The storage moved to `tid` without being able to tell which objects changed (a
+    /// proxy whose upstream cannot list them). Clients' caches cannot be trusted any
+    /// more: the server must forget its recent-transactions queue and disconnect every
+    /// client, so that each reconnects and, finding no history for its tid, drops its
+    /// cache — what the stock server does in this situation.
+    fn reset(&self, tid: Tid) {
+        let _ = tid;
+    }
 }
 
 /// A ZODB storage as served by the ZEO server.
@@ -362,6 +382,26 @@ pub trait Storage: Send + Sync + 'static {
     /// reachable from the root then. Returns when done; commits continue meanwhile.
     async fn pack(&self, _pack_time: f64) -> Result<()> {
         Err(StorageError::Unsupported("pack"))
+    }
+
+    /// Where uploaded blobs are written before they are committed (`storeBlobStart`),
+    /// `None` when the storage has no blobs. It is on the file system the storage keeps
+    /// its blobs on, so that committing a file is a rename or a hard link, never a copy.
+    fn blob_temp_dir(&self) -> Option<PathBuf> {
+        None
+    }
+
+    /// The directory in which a client sharing the storage's blob directory puts the
+    /// file of `oid` it stores (`storeBlobShared`).
+    fn blob_shared_dir(&self, _oid: Oid) -> Result<PathBuf> {
+        Err(StorageError::Unsupported("shared blob directory"))
+    }
+
+    /// Opens the blob file of revision `serial` of `oid` for reading (`sendBlob`).
+    /// Errors: [`StorageError::PosKey`] when there is no such revision or it has no
+    /// blob file.
+    async fn open_blob(&self, _oid: Oid, _serial: Tid) -> Result<std::fs::File> {
+        Err(StorageError::Unsupported("blobs"))
     }
 }
 

@@ -1,5 +1,6 @@
 //! Storage-level tests (over real files and the simulated file).
 
+mod blobs;
 mod crash;
 mod fuzz;
 mod history;

@@ -1,0 +1,324 @@
+//! A session's blob requests (zeo-wire.md §3.5).
+//!
+//! **Uploads.** `storeBlobStart`, `storeBlobChunk`…, `storeBlobEnd(oid, serial, data, txn)`
+//! stream a file into the storage's [`blob_temp_dir`](zodb::Storage::blob_temp_dir) as
+//! the chunks arrive: nothing but the chunk being written is held in memory, and a disk
+//! slower than the network slows the reading of this connection (the chunk write is
+//! awaited before the next message is read). `storeBlobEnd` fsyncs the file outside the
+//! commit lock and buffers a [`TxnOp::StoreBlob`]. `storeBlobShared` names a file the
+//! client wrote into the storage's own blob directory. Either way the file belongs to the
+//! transaction ([`TempFiles`]) and is removed when it ends, committed or not: a storage
+//! keeps its own link to what it commits.
+//!
+//! **Downloads.** `sendBlob(oid, serial)` streams `receiveBlobStart`,
+//! `receiveBlobChunk`… and `receiveBlobStop` callbacks, then the reply, through the
+//! session's outbox. Each chunk is read from the file only when at most [`SEND_WINDOW`]
+//! bytes wait in the outbox, so a blob of any size costs a few MiB of memory per
+//! download and the client's reading speed paces the disk reads.
+
+use super::{send_error, Close, Session, TxnState};
+use crate::StorageHandle;
+use bytes::{Bytes, BytesMut};
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{debug, error, warn};
+use zeo_proto::{frame, message, Value};
+use zodb::{Oid, Tid, TxnOp};
+
+/// Bytes of blob data per `receiveBlobChunk` (Python sends 59 000; larger chunks mean
+/// fewer messages for the client to handle, which matters for a Python client that
+/// reopens the file for every chunk).
+pub(super) const SEND_CHUNK: usize = 1 << 20;
+/// Bytes a download may have waiting in the outbox before the next chunk is read.
+pub(super) const SEND_WINDOW: usize = 4 << 20;
+
+/// Files removed when dropped: a transaction's blob files, or an unfinished upload.
+/// Removal runs on the blocking pool when there is a runtime (unlinking a file of
+/// several GiB takes a while on some file systems).
+#[derive(Default)]
+pub(super) struct TempFiles(Vec<PathBuf>);
+
+impl TempFiles {
+    fn push(&mut self, path: PathBuf) {
+        self.0.push(path);
+    }
+
+    fn take(&mut self) -> TempFiles {
+        TempFiles(std::mem::take(&mut self.0))
+    }
+
+    fn append(&mut self, mut other: TempFiles) {
+        self.0.append(&mut other.0);
+    }
+}
+
+impl Drop for TempFiles {
+    fn drop(&mut self) {
+        if self.0.is_empty() {
+            return;
+        }
+        let files = std::mem::take(&mut self.0);
+        let remove = move || {
+            for f in files {
+                if let Err(e) = zodb::blob::remove_if_exists(&f) {
+                    warn!(file = %f.display(), error = %e, "could not remove a temporary blob file");
+                }
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn_blocking(remove);
+            }
+            Err(_) => remove(),
+        }
+    }
+}
+
+/// A blob being uploaded.
+pub(super) struct Upload {
+    file: tokio::fs::File,
+    path: PathBuf,
+    /// Removes the file unless the upload completes into a transaction.
+    guard: TempFiles,
+    size: u64,
+}
+
+impl Session {
+    /// Refuses a blob request the connection or its state does not allow; the client is
+    /// disconnected, as a failing one-way call does with ZEO.
+    fn blob_misuse(&self, what: &str) -> Close {
+        warn!(session = self.id, peer = %self.peer, "{what}, closing");
+        Close::Protocol(what.to_string())
+    }
+
+    /// `storeBlobStart()`: creates the file the chunks go to.
+    pub(super) async fn store_blob_start(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        read_only: bool,
+    ) -> Result<(), Close> {
+        if read_only {
+            return Err(self.blob_misuse("storeBlobStart on a read-only connection"));
+        }
+        if !matches!(self.txn, TxnState::Begun(_)) {
+            return Err(self.blob_misuse("storeBlobStart outside a transaction"));
+        }
+        if self.upload.is_some() {
+            return Err(self.blob_misuse("storeBlobStart during another upload"));
+        }
+        let Some(dir) = handle.storage.blob_temp_dir() else {
+            return Err(self.blob_misuse("blob upload to a storage without blobs"));
+        };
+        let path = dir.join(zodb::blob::unique_name("upload", ".tmp"));
+        let mut guard = TempFiles::default();
+        guard.push(path.clone());
+        match tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await
+        {
+            Ok(file) => {
+                self.upload = Some(Upload {
+                    file,
+                    path,
+                    guard,
+                    size: 0,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                error!(session = self.id, file = %path.display(), error = %e, "cannot create a blob upload file; closing");
+                Err(Close::Io(e))
+            }
+        }
+    }
+
+    /// `storeBlobChunk(chunk)`: appends to the upload's file.
+    pub(super) async fn store_blob_chunk(&mut self, chunk: Bytes) -> Result<(), Close> {
+        let Some(upload) = &mut self.upload else {
+            return Err(self.blob_misuse("storeBlobChunk without storeBlobStart"));
+        };
+        if let Err(e) = upload.file.write_all(&chunk).await {
+            error!(session = self.id, error = %e, "writing a blob upload failed; closing");
+            self.upload = None;
+            return Err(Close::Io(e));
+        }
+        upload.size += chunk.len() as u64;
+        Ok(())
+    }
+
+    /// `storeBlobEnd(oid, serial, data, txn)`: the file is complete; makes it durable and
+    /// buffers the store.
+    pub(super) async fn store_blob_end(
+        &mut self,
+        oid: Oid,
+        serial: Tid,
+        data: Bytes,
+        txn: Value,
+    ) -> Result<(), Close> {
+        let Some(mut upload) = self.upload.take() else {
+            return Err(self.blob_misuse("storeBlobEnd without storeBlobStart"));
+        };
+        if !matches!(&self.txn, TxnState::Begun(open) if open.id == txn) {
+            return Err(self.blob_misuse("storeBlobEnd outside its transaction"));
+        }
+        let synced = async {
+            upload.file.flush().await?;
+            upload.file.sync_data().await
+        };
+        if let Err(e) = synced.await {
+            error!(session = self.id, error = %e, "finishing a blob upload failed; closing");
+            return Err(Close::Io(e));
+        }
+        debug!(session = self.id, %oid, bytes = upload.size, "blob uploaded");
+        if let TxnState::Begun(open) = &mut self.txn {
+            open.txn.ops.push(TxnOp::StoreBlob {
+                oid,
+                serial,
+                data,
+                file: upload.path,
+            });
+            open.blob_files.append(upload.guard.take());
+        }
+        Ok(())
+    }
+
+    /// `storeBlobShared(oid, serial, data, filename, txn)`: the client wrote the file
+    /// into the oid's directory of the blob directory it shares with us.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn store_blob_shared(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        read_only: bool,
+        oid: Oid,
+        serial: Tid,
+        data: Bytes,
+        filename: String,
+        txn: Value,
+    ) -> Result<(), Close> {
+        if read_only {
+            return Err(self.blob_misuse("storeBlobShared on a read-only connection"));
+        }
+        if !shared_name_ok(&filename) {
+            // Python: "We're under attack! (bad filename to storeBlobShared, ...)".
+            error!(session = self.id, peer = %self.peer, ?filename, "bad file name in storeBlobShared");
+            return Err(Close::Protocol("bad file name in storeBlobShared".into()));
+        }
+        if !matches!(&self.txn, TxnState::Begun(open) if open.id == txn) {
+            return Err(self.blob_misuse("storeBlobShared outside its transaction"));
+        }
+        let dir = match handle.storage.blob_shared_dir(oid) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(session = self.id, error = %e, "storeBlobShared to a storage without a shared blob directory");
+                return Err(Close::Protocol(e.to_string()));
+            }
+        };
+        let file = dir.join(&filename);
+        if let TxnState::Begun(open) = &mut self.txn {
+            open.blob_files.push(file.clone());
+            open.txn.ops.push(TxnOp::StoreBlob {
+                oid,
+                serial,
+                data,
+                file,
+            });
+        }
+        Ok(())
+    }
+
+    /// `sendBlob(oid, serial)`: streams the file back through callbacks, then replies.
+    pub(super) fn send_blob(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        msgid: Value,
+        oid: Oid,
+        serial: Tid,
+    ) {
+        let storage = handle.storage.clone();
+        let outbox = self.outbox.clone();
+        self.pending.push(Box::pin(async move {
+            let file = match storage.open_blob(oid, serial).await {
+                Ok(f) => f,
+                Err(e) => return send_error(&outbox, &msgid, &e),
+            };
+            let callback = |name: &str, chunk: Option<Bytes>| {
+                let mut args = vec![Value::from(oid), Value::from(serial)];
+                args.extend(chunk.map(Value::Bytes));
+                frame::frame(&message::encode_callback(outbox.encoding, name, args))
+            };
+            outbox.send(callback("receiveBlobStart", None));
+            let mut file = tokio::fs::File::from_std(file);
+            let mut sent = 0u64;
+            loop {
+                outbox.wait_queued_below(SEND_WINDOW).await;
+                if outbox.is_closed() {
+                    return;
+                }
+                let chunk = match read_chunk(&mut file).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // No receiveBlobStop: the client must not take a partial file for
+                        // the blob. It gets the error instead and can ask again.
+                        error!(%oid, %serial, error = %e, "reading a blob failed while sending it");
+                        return send_error(&outbox, &msgid, &e.into());
+                    }
+                };
+                if chunk.is_empty() {
+                    break;
+                }
+                sent += chunk.len() as u64;
+                outbox.send(callback("receiveBlobChunk", Some(chunk)));
+            }
+            outbox.send(callback("receiveBlobStop", None));
+            outbox.send(frame::frame(&message::encode_reply(
+                outbox.encoding,
+                &msgid,
+                Value::None,
+            )));
+            debug!(%oid, %serial, bytes = sent, "blob sent");
+        }));
+    }
+}
+
+/// Reads up to [`SEND_CHUNK`] bytes; empty at the end of the file.
+async fn read_chunk(file: &mut tokio::fs::File) -> std::io::Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(SEND_CHUNK);
+    while buf.len() < SEND_CHUNK {
+        if file.read_buf(&mut buf).await? == 0 {
+            break;
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// The names `storeBlobShared` accepts, as the Python server does: a bare file name (no
+/// directory part) ending in `.tmp` or `.tmp` plus one character (the client appends `-`).
+fn shared_name_ok(name: &str) -> bool {
+    let bare = !name.is_empty()
+        && !name.contains('/')
+        && !name.contains('\0')
+        && name != "."
+        && name != "..";
+    let mut chars = name.chars();
+    chars.next_back();
+    bare && (name.ends_with(".tmp") || chars.as_str().ends_with(".tmp"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_file_names() {
+        assert!(shared_name_ok("0x03f0abcdxyz.tmp-"));
+        assert!(shared_name_ok("a.tmp"));
+        assert!(!shared_name_ok("../a.tmp"));
+        assert!(!shared_name_ok("a/b.tmp"));
+        assert!(!shared_name_ok("a.blob"));
+        assert!(!shared_name_ok("a.tmp--"));
+        assert!(!shared_name_ok(""));
+    }
+}
