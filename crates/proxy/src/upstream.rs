@@ -46,6 +46,9 @@ use zodb::{
     StorageInfo, Tid, Transaction, TxnKey, TxnOp, Vote,
 };
 
+/// How long a request waits for a reconnected upstream link to finish catching up.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(60);
+
 /// Settings of proxy mode.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
@@ -238,7 +241,27 @@ impl Inner {
         Tid(self.last_tid.load(Ordering::Acquire))
     }
 
-    fn link(&self) -> Result<Connection, StorageError> {
+    /// The upstream connection. While a reconnected link is catching up, requests wait
+    /// for it (a catch-up takes a few round trips) instead of failing; when upstream is
+    /// down they fail at once, as a disconnected ZEO client's calls do.
+    async fn link(&self) -> Result<Connection, StorageError> {
+        if let Some(conn) = self.link.read().clone() {
+            return Ok(conn);
+        }
+        let mut rx = self.state.subscribe();
+        let wait = async {
+            loop {
+                match *rx.borrow_and_update() {
+                    LinkState::Ready => return,
+                    LinkState::Down => return,
+                    LinkState::CatchingUp => {}
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(CATCH_UP_WAIT, wait).await;
         self.link.read().clone().ok_or_else(|| {
             StorageError::Disconnected("the upstream server is not connected".into())
         })
@@ -704,11 +727,22 @@ impl Inner {
         }
         let inner = self.clone();
         let task = tokio::spawn(async move {
-            let result = match inner.link() {
-                Ok(conn) => conn
-                    .load_before(oid, before)
-                    .await
-                    .map_err(StorageError::from),
+            let result = match inner.link().await {
+                Ok(conn) => {
+                    // Every transaction applied before the request is sent is committed
+                    // upstream and reflected in the answer, our own commits included, of
+                    // which upstream sends us no invalidation: the connection's `seen`
+                    // alone stays below a commit made through this proxy until someone
+                    // else commits, and an answer about an object that commit changed
+                    // would be refused as overtaken and the load retried forever
+                    // (whenever the cache could not keep the committed state: a full
+                    // disk, a record too big for it).
+                    let floor = inner.last_tid();
+                    conn.load_before(oid, before)
+                        .await
+                        .map(|(answer, seen)| (answer, seen.max(floor)))
+                        .map_err(StorageError::from)
+                }
                 Err(e) => Err(e),
             };
             let waiters = inner.inflight.lock().remove(&key).unwrap_or_default();
@@ -875,12 +909,12 @@ impl Storage for UpstreamStorage {
         if let Some(data) = self.inner.cache.load_serial(oid, serial) {
             return Ok(data);
         }
-        let conn = self.inner.link()?;
+        let conn = self.inner.link().await?;
         Ok(conn.load_serial(oid, serial).await?)
     }
 
     async fn history(&self, oid: Oid, size: usize) -> zodb::Result<Vec<HistoryEntry>> {
-        let conn = self.inner.link()?;
+        let conn = self.inner.link().await?;
         let v = conn
             .call("history", vec![Value::from(oid), Value::Int(size as i64)])
             .await?;
@@ -899,7 +933,7 @@ impl Storage for UpstreamStorage {
         }
         let mut pool = self.inner.oids.lock().await;
         while pool.len() < count {
-            let conn = self.inner.link()?;
+            let conn = self.inner.link().await?;
             pool.extend(
                 conn.new_oids(self.inner.config.oid_batch.max(count))
                     .await?,
@@ -923,7 +957,7 @@ impl Storage for UpstreamStorage {
         let mut fwd = match taken {
             Some(f) => f,
             None => {
-                let conn = self.inner.link()?;
+                let conn = self.inner.link().await?;
                 let ext = Value::Dict(zeo_proto::extension_from_bytes(&txn.meta.extension));
                 conn.send_oneway(
                     "tpc_begin",
@@ -1185,7 +1219,7 @@ impl Storage for UpstreamStorage {
             .blobs
             .as_ref()
             .ok_or(StorageError::Unsupported("blobs"))?;
-        blobs.open_blob(oid, serial, self.inner.link()).await
+        blobs.open_blob(oid, serial, self.inner.link().await).await
     }
 
     fn metrics(&self) -> Vec<zodb::StorageMetric> {

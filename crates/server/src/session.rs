@@ -53,7 +53,9 @@ where
     {
         return;
     }
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Small to start with: a thousand idle connections must not cost a thousand large
+    // buffers; a client sending big records makes its own buffer grow.
+    let mut buf = BytesMut::with_capacity(4 * 1024);
     let hello =
         match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut rd, &mut buf, 64)).await {
             Ok(Ok(Some(f))) => f,
@@ -1516,7 +1518,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     outbox: Weak<Outbox>,
     metrics: Arc<crate::metrics::ServerMetrics>,
 ) {
-    let mut batch = BytesMut::with_capacity(64 * 1024);
+    let mut batch = BytesMut::new();
     while let Some(first) = rx.recv().await {
         let mut n = first.len();
         let result = if first.len() >= DIRECT_WRITE {
