@@ -74,7 +74,11 @@ pub struct MappedFile {
 impl MappedFile {
     pub fn new(file: File) -> io::Result<MappedFile> {
         let len = file.metadata()?.len();
-        let f = MappedFile { file, len: AtomicU64::new(len), map: RwLock::new(None) };
+        let f = MappedFile {
+            file,
+            len: AtomicU64::new(len),
+            map: RwLock::new(None),
+        };
         f.remap(len);
         Ok(f)
     }
@@ -82,7 +86,9 @@ impl MappedFile {
     /// Maps the file with headroom past `len`; on failure reads keep using `pread`.
     fn remap(&self, len: u64) {
         let size = len.saturating_add(MAP_HEADROOM);
-        let Ok(size) = usize::try_from(size) else { return };
+        let Ok(size) = usize::try_from(size) else {
+            return;
+        };
         // SAFETY: the mapping is read-only and only read below the file length recorded
         // in `self.len`, which every write and truncation through this object updates
         // (truncations lower it before the file shrinks). Other processes do not write
@@ -114,7 +120,8 @@ impl FileIo for MappedFile {
 
     fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         FileExt::write_all_at(&self.file, buf, offset)?;
-        self.len.fetch_max(offset.saturating_add(buf.len() as u64), Ordering::AcqRel);
+        self.len
+            .fetch_max(offset.saturating_add(buf.len() as u64), Ordering::AcqRel);
         Ok(())
     }
 
@@ -144,7 +151,13 @@ mod tests {
     fn mapped_reads_follow_writes_and_truncation() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
-        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
         let f = MappedFile::new(file).unwrap();
         f.write_all_at(b"hello world", 0).unwrap();
         let mut buf = [0u8; 5];

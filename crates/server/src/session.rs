@@ -17,7 +17,9 @@ use crate::{stats, Shared, StorageHandle};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -115,7 +117,18 @@ where
         iterators: Arc::new(parking_lot::Mutex::new(Iterators::default())),
         upload: None,
     };
-    let reason = session.serve(&mut rd, buf).await;
+    // A panic while serving (a bug: none is known to be reachable from the network) is
+    // confined to this connection. Tokio would contain it to this task anyway, but the
+    // session must still be cleaned up: without that, a transaction it had voted would
+    // stay staged in the storage and wedge every later commit, and the hub would keep
+    // queueing invalidations for it.
+    let reason = match AssertUnwindSafe(session.serve(&mut rd, buf))
+        .catch_unwind()
+        .await
+    {
+        Ok(reason) => reason,
+        Err(panic) => Close::Panic(panic_message(panic.as_ref())),
+    };
     session.cleanup(&reason).await;
     drop(session);
     // The writer ends when every handle on the outbox is gone and the queue is drained.
@@ -127,6 +140,15 @@ where
     }
 }
 
+/// The text of a panic payload (`panic!` with a literal or a formatted message).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 /// Why a session ended.
 enum Close {
     PeerClosed,
@@ -135,6 +157,8 @@ enum Close {
     Shutdown,
     Stuck,
     Timeout,
+    /// Serving the connection panicked (the message).
+    Panic(String),
 }
 
 impl std::fmt::Display for Close {
@@ -146,6 +170,7 @@ impl std::fmt::Display for Close {
             Close::Shutdown => f.write_str("server shutting down"),
             Close::Stuck => f.write_str("client not reading"),
             Close::Timeout => f.write_str("transaction timeout"),
+            Close::Panic(what) => write!(f, "internal error (panic: {what})"),
         }
     }
 }
@@ -316,6 +341,10 @@ impl Session {
             Close::PeerClosed | Close::Shutdown => {
                 debug!(session = self.id, peer = %self.peer, %reason, "disconnected")
             }
+            Close::Panic(_) => {
+                tracing::error!(session = self.id, peer = %self.peer, label = %self.label, %reason,
+                                "closing connection; aborting its transaction")
+            }
             _ => {
                 info!(session = self.id, peer = %self.peer, label = %self.label, %reason, "closing connection")
             }
@@ -349,7 +378,8 @@ impl Session {
     }
 
     async fn handle_frame(&mut self, payload: &[u8]) -> Result<(), Close> {
-        let msg = Message::decode(self.encoding, payload, &self.limits).map_err(|e| {
+        let limits = self.limits.for_message(payload.len());
+        let msg = Message::decode(self.encoding, payload, &limits).map_err(|e| {
             warn!(session = self.id, peer = %self.peer, error = %e, "undecodable message");
             Close::Protocol(e.to_string())
         })?;
@@ -1074,11 +1104,7 @@ impl Session {
                 }
             };
             match reply {
-                Ok(v) => outbox.send(message::reply_frame(
-                    outbox.encoding,
-                    &msgid,
-                    v,
-                )),
+                Ok(v) => outbox.send(message::reply_frame(outbox.encoding, &msgid, v)),
                 Err(e) => send_error(&outbox, &msgid, &e),
             }
         }));
@@ -1166,22 +1192,15 @@ impl Session {
         let outbox = self.outbox.clone();
         self.pending.push(Box::pin(async move {
             match fut.await {
-                Ok(v) => outbox.send(message::reply_frame(
-                    outbox.encoding,
-                    &msgid,
-                    v,
-                )),
+                Ok(v) => outbox.send(message::reply_frame(outbox.encoding, &msgid, v)),
                 Err(e) => send_error(&outbox, &msgid, &e),
             }
         }));
     }
 
     fn reply(&self, msgid: &Value, v: Value) {
-        self.outbox.send(message::reply_frame(
-            self.encoding,
-            msgid,
-            v,
-        ));
+        self.outbox
+            .send(message::reply_frame(self.encoding, msgid, v));
     }
 
     fn reply_error(&self, msgid: &Value, e: &StorageError) {

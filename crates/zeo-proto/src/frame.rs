@@ -11,6 +11,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 /// so the limit is generous; blobs travel in 59 KB chunks and are not affected.
 pub const DEFAULT_MAX_FRAME: usize = 512 * 1024 * 1024;
 
+/// The least a partial frame's buffer grows by (see [`decode_frame`]).
+const GROW_STEP: usize = 64 * 1024;
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
@@ -27,7 +30,12 @@ pub fn decode_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, Fra
         return Err(FrameError::TooLarge { len, max });
     }
     if buf.len() < 4 + len {
-        buf.reserve(4 + len - buf.len());
+        // Make room for the rest of the frame as it arrives, at most doubling what is
+        // buffered each time: a peer that announces a huge frame gets memory in
+        // proportion to the bytes it actually sends, not to the length it claims (an
+        // allocation the size of the claim fails outright under strict overcommit, and
+        // a failed allocation aborts the whole process).
+        buf.reserve((4 + len - buf.len()).min(buf.len().max(GROW_STEP)));
         return Ok(None);
     }
     buf.advance(4);
@@ -72,6 +80,32 @@ mod tests {
             vec![Bytes::from_static(b"Z5"), Bytes::from_static(b"hello")]
         );
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn memory_follows_the_bytes_received_not_the_length_announced() {
+        let mut buf = BytesMut::new();
+        buf.put_u32(400 * 1024 * 1024);
+        buf.put_slice(b"abc");
+        assert_eq!(decode_frame(&mut buf, DEFAULT_MAX_FRAME), Ok(None));
+        assert!(buf.capacity() <= 2 * GROW_STEP, "{}", buf.capacity());
+        // Growing with what arrives, never more than about twice of it.
+        let chunk = vec![7u8; 100_000];
+        for _ in 0..20 {
+            buf.put_slice(&chunk);
+            assert_eq!(decode_frame(&mut buf, DEFAULT_MAX_FRAME), Ok(None));
+            assert!(buf.capacity() <= 4 * buf.len() + 2 * GROW_STEP);
+        }
+        // A frame that arrives whole is still taken in one piece.
+        let mut buf = BytesMut::new();
+        encode_frame(&vec![1u8; 3_000_000], &mut buf);
+        assert_eq!(
+            decode_frame(&mut buf, DEFAULT_MAX_FRAME)
+                .unwrap()
+                .unwrap()
+                .len(),
+            3_000_000
+        );
     }
 
     #[test]

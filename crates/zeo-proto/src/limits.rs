@@ -41,6 +41,25 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// These limits with the item budget cut to what a well-formed message of `len`
+    /// bytes can produce, for decoding what an untrusted peer sent.
+    ///
+    /// Every value a ZEO peer sends costs at least one byte: msgpack has no references,
+    /// and ZEO pickles in fast mode, without memo. Only memo references (`BINGET`) and
+    /// `DUP` copy what was already built, for two bytes or one, and a few hundred bytes
+    /// of them can ask for millions of values: without this, a message of 200 KB could
+    /// make the decoder build the full [`Limits::max_items`] (about 600 MB). The budget
+    /// is charged about twice per value (when built and when copied out), hence four
+    /// items per byte, plus slack for tiny messages.
+    pub fn for_message(&self, len: usize) -> Limits {
+        Limits {
+            max_items: self
+                .max_items
+                .min(len.saturating_mul(4).saturating_add(1024)),
+            ..*self
+        }
+    }
+
     /// The depth of a container's children, if a container at `depth` may be opened.
     /// `depth` is the number of containers already around it (0 at the top level).
     pub(crate) fn enter(&self, depth: usize) -> Result<usize, DecodeError> {

@@ -206,11 +206,21 @@ pub fn encode_callback(encoding: Encoding, name: &str, args: Vec<Value>) -> Vec<
 
 /// [`encode_reply`] as a ready-to-send frame.
 pub fn reply_frame(encoding: Encoding, msgid: &Value, result: Value) -> Bytes {
-    encoding.encode_framed(&Value::Tuple(vec![msgid.clone(), Value::Int(0), Value::str(REPLY), result]))
+    encoding.encode_framed(&Value::Tuple(vec![
+        msgid.clone(),
+        Value::Int(0),
+        Value::str(REPLY),
+        result,
+    ]))
 }
 
 /// [`encode_exception`] as a ready-to-send frame.
-pub fn exception_frame(encoding: Encoding, msgid: &Value, class_path: &str, payload: Value) -> Bytes {
+pub fn exception_frame(
+    encoding: Encoding,
+    msgid: &Value,
+    class_path: &str,
+    payload: Value,
+) -> Bytes {
     encoding.encode_framed(&Value::Tuple(vec![
         msgid.clone(),
         Value::Int(2),
@@ -221,7 +231,12 @@ pub fn exception_frame(encoding: Encoding, msgid: &Value, class_path: &str, payl
 
 /// [`encode_callback`] as a ready-to-send frame.
 pub fn callback_frame(encoding: Encoding, name: &str, args: Vec<Value>) -> Bytes {
-    encoding.encode_framed(&Value::Tuple(vec![Value::Int(0), Value::Bool(true), Value::str(name), Value::Tuple(args)]))
+    encoding.encode_framed(&Value::Tuple(vec![
+        Value::Int(0),
+        Value::Bool(true),
+        Value::str(name),
+        Value::Tuple(args),
+    ]))
 }
 
 /// Encodes a client call `(msgid, oneway, name, args)`.
@@ -291,9 +306,17 @@ mod tests {
     #[test]
     fn framed_encoding_matches_frame_of_encode() {
         for enc in [Encoding::Pickle, Encoding::Msgpack] {
-            let v = Value::Tuple(vec![Value::Int(7), Value::Int(0), Value::str(REPLY), Value::bytes(vec![1u8; 300])]);
+            let v = Value::Tuple(vec![
+                Value::Int(7),
+                Value::Int(0),
+                Value::str(REPLY),
+                Value::bytes(vec![1u8; 300]),
+            ]);
             assert_eq!(enc.encode_framed(&v), crate::frame::frame(&enc.encode(&v)));
-            assert_eq!(reply_frame(enc, &Value::Int(1), Value::None), crate::frame::frame(&encode_reply(enc, &Value::Int(1), Value::None)));
+            assert_eq!(
+                reply_frame(enc, &Value::Int(1), Value::None),
+                crate::frame::frame(&encode_reply(enc, &Value::Int(1), Value::None))
+            );
         }
     }
 

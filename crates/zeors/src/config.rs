@@ -606,6 +606,30 @@ mod tests {
     }
 
     #[test]
+    fn blob_settings() {
+        let c = conf("<zeo>\n address 1\n</zeo>\n<filestorage>\n path a\n blob-dir /srv/blobs\n</filestorage>\n<zeoclient p>\n server up:8100\n blob-dir /var/blobcache\n blob-cache-size 2GB\n blob-cache-size-check 10\n shared-blob-dir false\n</zeoclient>\n").unwrap();
+        match &c.storages[0].kind {
+            StorageKind::File { blob_dir, .. } => {
+                assert_eq!(blob_dir.as_deref(), Some(Path::new("/srv/blobs")))
+            }
+            other => panic!("{other:?}"),
+        }
+        match &c.storages[1].kind {
+            StorageKind::Upstream {
+                blob_dir,
+                blob_cache_size,
+                shared_blob_dir,
+                ..
+            } => {
+                assert_eq!(blob_dir.as_deref(), Some(Path::new("/var/blobcache")));
+                assert_eq!(*blob_cache_size, Some(2 << 30));
+                assert!(!shared_blob_dir);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
     fn ssl_section() {
         let c = conf("<zeo>\n address 1\n <ssl>\n  certificate server.pem\n  key server_key.pem\n  authenticate clients.pem\n </ssl>\n</zeo>\n<filestorage>\n path a\n</filestorage>\n").unwrap();
         let ssl = c.zeo.ssl.unwrap();

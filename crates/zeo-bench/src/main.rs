@@ -1,0 +1,64 @@
+//! `zeo-bench`: the load generator of the server benchmark suite (`bench/server/`).
+//!
+//! Each subcommand drives one workload against any ZEO server (zeors or the stock Python
+//! `runzeo`, the same code for both), and prints one JSON object on stdout that the
+//! suite's orchestrator (`bench/server/bench.py`) collects. Everything runs over loopback;
+//! the `relay` subcommand shapes a link (bandwidth and delay) for the proxy scenarios.
+//!
+//! Figures that depend on the server process (CPU seconds, RSS) are read from `/proc`
+//! when `--server-pid` is given, at the exact boundaries of the measured window.
+
+mod commits;
+mod fanout;
+mod loads;
+mod meta;
+mod micro;
+mod procfs;
+mod read;
+mod relay;
+mod rng;
+mod stats;
+mod txn;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "zeo-bench", version, about = "Benchmark ZEO servers")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Random `loadBefore` throughput and latency (closed loop, pipelined).
+    Loads(loads::Args),
+    /// Commits of small transactions, optionally with a contended hot set.
+    Commits(commits::Args),
+    /// Invalidation fan-out: time from `tpc_finish` until idle clients are told.
+    Fanout(fanout::Args),
+    /// Reads a fixed sample of objects (cold/warm reads through a proxy).
+    Read(read::Args),
+    /// A TCP relay that shapes the link (bandwidth, delay) and counts bytes.
+    Relay(relay::Args),
+    /// Micro-benchmarks of the protocol codec's hot paths.
+    Micro(micro::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let report = match cli.command {
+        Command::Loads(a) => serde_json::to_value(rt.block_on(loads::run(a))?)?,
+        Command::Commits(a) => serde_json::to_value(rt.block_on(commits::run(a))?)?,
+        Command::Fanout(a) => serde_json::to_value(rt.block_on(fanout::run(a))?)?,
+        Command::Read(a) => serde_json::to_value(rt.block_on(read::run(a))?)?,
+        Command::Relay(a) => return rt.block_on(relay::run(a)),
+        Command::Micro(a) => serde_json::to_value(micro::run(a))?,
+    };
+    println!("{report}");
+    Ok(())
+}
