@@ -1,0 +1,131 @@
+"""Random loads through the stock Python client, for realism.
+
+`--procs` processes each open a ``ZEO.ClientStorage`` with its cache disabled
+(``cache_size=0``: no record fits, so every load reaches the server) and call
+``loadBefore`` on uniformly random oids in a closed loop, as ZODB does on a cache miss.
+Prints one JSON object like ``zeo-bench loads`` does.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import time
+
+
+def worker(address, max_oid, seed, barrier1, barrier2, window, out):
+    from ZEO.ClientStorage import ClientStorage
+    from ZODB.utils import maxtid, p64
+
+    host, port = address.rsplit(":", 1)
+    storage = ClientStorage((host, int(port)), cache_size=0, read_only=True, wait_timeout=60)
+    rnd = random.Random(seed)
+    barrier1.wait()
+    barrier2.wait()
+    start, end = window[0], window[1]
+    samples = []
+    errors = 0
+    clock = time.time
+    while True:
+        oid = p64(rnd.randrange(max_oid + 1))
+        sent = clock()
+        try:
+            ok = storage.loadBefore(oid, maxtid) is not None
+        except Exception:
+            ok = False
+        done = clock()
+        if done >= end:
+            break
+        if done >= start:
+            if ok:
+                samples.append(done - sent)
+            else:
+                errors += 1
+    storage.close()
+    out.put((samples, errors))
+
+
+def cpu_times(pid):
+    """(user, system) CPU seconds of process `pid`, or None."""
+    if pid is None:
+        return None
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def percentile(sorted_values, p):
+    if not sorted_values:
+        return 0.0
+    rank = max(1, min(len(sorted_values), -(-int(p * len(sorted_values)) // 100)))
+    return sorted_values[rank - 1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("command", choices=["loads"])
+    p.add_argument("--address", required=True)
+    p.add_argument("--meta", required=True)
+    p.add_argument("--procs", type=int, default=1)
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--warmup", type=float, default=2.0)
+    p.add_argument("--server-pid", type=int)
+    args = p.parse_args()
+    with open(args.meta) as f:
+        max_oid = json.load(f)["max_oid"]
+
+    ctx = mp.get_context("fork")
+    barrier1 = ctx.Barrier(args.procs + 1)
+    barrier2 = ctx.Barrier(args.procs + 1)
+    window = ctx.Array("d", 2)
+    out = ctx.Queue()
+    procs = [
+        ctx.Process(target=worker, args=(args.address, max_oid, i + 1, barrier1, barrier2, window, out))
+        for i in range(args.procs)
+    ]
+    for proc in procs:
+        proc.start()
+    barrier1.wait()  # every client connected
+    start = time.time() + args.warmup
+    window[0], window[1] = start, start + args.duration
+    barrier2.wait()
+    time.sleep(max(0.0, start - time.time()))
+    cpu0 = cpu_times(args.server_pid)
+    time.sleep(max(0.0, start + args.duration - time.time()))
+    cpu1 = cpu_times(args.server_pid)
+    samples, errors = [], 0
+    for _ in procs:
+        s, e = out.get()
+        samples += s
+        errors += e
+    for proc in procs:
+        proc.join()
+    samples.sort()
+    ms = [s * 1e3 for s in samples]
+    server_cpu = None if cpu0 is None else (cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1])
+    server_sys = None if cpu0 is None else cpu1[1] - cpu0[1]
+    report = {
+        "client": "ZEO.ClientStorage",
+        "procs": args.procs,
+        "seconds": args.duration,
+        "loads": len(samples),
+        "loads_per_s": len(samples) / args.duration,
+        "latency": {
+            "count": len(ms),
+            "mean_ms": sum(ms) / len(ms) if ms else 0.0,
+            "p50_ms": percentile(ms, 50),
+            "p90_ms": percentile(ms, 90),
+            "p99_ms": percentile(ms, 99),
+            "max_ms": ms[-1] if ms else 0.0,
+        },
+        "errors": errors,
+        "server_cpu_s": server_cpu,
+        "server_sys_s": server_sys,
+        "server_cpu_us_per_load": server_cpu * 1e6 / len(samples) if server_cpu is not None and samples else None,
+    }
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

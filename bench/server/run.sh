@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The server benchmark suite: zeors against the stock Python ZEO server (runzeo), side by
+# side on this machine, loopback only. One command, bounded in time:
+#
+#   bench/server/run.sh            # --quick: every workload once, about two minutes
+#   bench/server/run.sh --full     # three repetitions, medians, about a quarter of an hour
+#
+# Extra arguments go to bench.py (see `bench/server/run.sh --help`). Writes
+# bench/out/<timestamp>.json and updates bench/server/latest.md, latest.svg and the README's
+# Benchmarks block. The Python side (runzeo, ClientStorage) comes from ./.venv, installed
+# from interop/requirements.txt as scripts/test.sh does.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+mode=quick
+limit=900
+args=()
+for a in "$@"; do
+    case "$a" in
+        --quick) mode=quick; limit=900 ;;
+        --full) mode=full; limit=2700 ;;
+        *) args+=("$a") ;;
+    esac
+done
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+REQS=interop/requirements.txt
+STAMP=$VENV/.requirements.sha
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "== creating $VENV"
+    "$PYTHON" -m venv "$VENV"
+fi
+want=$(sha256sum "$REQS" | cut -d' ' -f1)
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+    echo "== installing Python dependencies"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQS"
+    echo "$want" > "$STAMP"
+fi
+
+echo "== cargo build --release (zeors, zeo-bench)"
+cargo build --release --quiet -p zeors -p zeo-bench
+
+# Many idle clients need file descriptors on both ends.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+echo "== benchmark ($mode, at most ${limit}s)"
+exec timeout --signal=INT --kill-after=30 "$limit" \
+    "$VENV/bin/python" bench/server/bench.py --mode "$mode" ${args[@]+"${args[@]}"}
