@@ -38,12 +38,12 @@ MODES = {
     # 200 upstream transactions while a proxy is down (still twice upstream's queue).
     "quick": dict(
         objects=100_000, reps=1, duration=2.0, warmup=0.5, py_duration=2.0,
-        fanout_rounds=5, proxy_sample=300, proxy_txns=200, proxy_reps=1,
+        fanout_rounds=5, proxy_sample=300, proxy_txns=200, proxy_reps=1, hits_window=2.0,
     ),
     # About a quarter of an hour: three repetitions of everything.
     "full": dict(
         objects=100_000, reps=3, duration=8.0, warmup=1.0, py_duration=5.0,
-        fanout_rounds=20, proxy_sample=2000, proxy_txns=1000, proxy_reps=1,
+        fanout_rounds=20, proxy_sample=2000, proxy_txns=1000, proxy_reps=1, hits_window=5.0,
     ),
 }
 
@@ -351,9 +351,12 @@ class Bench:
             r["seconds"] = r["read_s"]
             r.update(relay.counts())
             out["warm_read"] = r
+            out["hits"] = self.hit_rates(proxy, read, meta, rep)
             out["warm_restart"] = timed_restart("warm_restart")
             out["restart_after_txns"] = timed_restart("restart_after_txns")
             for phase, r in out.items():
+                if phase == "hits":
+                    continue
                 log(f"  proxy {side:>5} {phase:>18}: {r['seconds']:.2f} s, "
                     f"{(r['up'] + r['down']) / 1e6:.3f} MB over the link"
                     + (f", accepting clients after {r['connect_s']:.2f} s, current after {r['current_s']:.2f} s"
@@ -363,6 +366,36 @@ class Bench:
         finally:
             proxy.stop()
             relay.close()
+        return out
+
+    def hit_rates(self, proxy, read, meta, rep):
+        """Cache-hit reads/s of 8 connections re-reading the warm sample: alone, while one
+        other client misses (reads objects never read before, one at a time), and while one
+        other client commits through the proxy."""
+        window = self.cfg["hits_window"]
+
+        def hits():
+            return read("--repeat-for", window)["loads_per_s"]
+
+        def during(argv):
+            bg = subprocess.Popen([self.tool, *map(str, argv)], stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+            try:
+                time.sleep(1.0)  # connected and busy before the window opens
+                if bg.poll() is not None:
+                    raise RuntimeError(f"{argv[0]} in the background ended early")
+                return hits()
+            finally:
+                bg.terminate()
+                bg.wait()
+
+        out = {"idle": hits()}
+        out["during_misses"] = during(["read", "--address", proxy.address, "--meta", meta, "--sample", 20_000,
+                                       "--seed", 5000 + rep, "--connections", 1])
+        out["during_commits"] = during(["commits", "--address", proxy.address, "--meta", meta, "--writers", 1,
+                                        "--duration", 3600, "--warmup", 0, "--seed", 99 + rep])
+        log(f"  proxy cache hits/s: idle {out['idle']:,.0f}, during another client's misses "
+            f"{out['during_misses']:,.0f}, during another client's commits {out['during_commits']:,.0f}")
         return out
 
     def run(self):

@@ -63,12 +63,20 @@ ROWS = [
     ("rss1000_anon", "the same without mapped files (RssAnon)", "MB", "lower", 1 / 2, ("rss", "idle_1000_anon_mb")),
     ("proxy_warm_restart_share", "proxy warm restart: link bytes, share of a cold read", "%", "lower", None,
      ("proxy", lambda r: 100 * _link_bytes("warm_restart")(r) / _link_bytes("cold_read")(r))),
+    ("proxy_cold_rate", "proxy cold read, 8 clients: objects/s", "/s", "higher", 10,
+     ("proxy", lambda r: r["cold_read"]["objects"] / r["cold_read"]["seconds"])),
+    ("proxy_hits_misses", "proxy cache hits/s while another client misses: share of idle", "%", "higher", None,
+     ("proxy", lambda r: 100 * r["hits"]["during_misses"] / r["hits"]["idle"])),
+    ("proxy_hits_commits", "proxy cache hits/s while another client commits: share of idle", "%", "higher", None,
+     ("proxy", lambda r: 100 * r["hits"]["during_commits"] / r["hits"]["idle"])),
     ("proxy_restart_after_s", "proxy restart after {txns} upstream transactions: seconds", "s", "lower", 1 / 10,
      ("proxy", lambda r: r["restart_after_txns"]["seconds"])),
 ]
 
 # The warm-restart target is on zeors' own figure: at most 1% of its cold read.
 WARM_RESTART_TARGET_PCT = 1.0
+# The proxy's cache hits while another client misses or commits: at least 90% of its idle rate.
+HIT_RATE_TARGET_PCT = 90.0
 
 DETAILS = [
     # Loads through the Rust load generator.
@@ -131,6 +139,10 @@ DETAILS = [
           ("s", "seconds", "s", lambda r, ph=ph: r[ph]["seconds"]),
           ("mb", "MB over the link", "MB", lambda r, ph=ph: _link_bytes(ph)(r) / 1e6),
       )],
+    *[(f"proxy_hits_{k}", f"proxy cache hits/s (8 connections), {lbl}", "/s", "higher",
+       ("proxy", lambda r, k=k: r["hits"][k]))
+      for k, lbl in (("idle", "alone"), ("during_misses", "while another client misses"),
+                     ("during_commits", "while another client commits"))],
     ("proxy_accepting", "proxy restart after {txns} upstream txns: accepting clients after", "s", "lower",
      ("proxy", lambda r: r["restart_after_txns"]["connect_s"])),
     ("proxy_current", "proxy restart after {txns} upstream txns: current after", "s", "lower",
@@ -167,6 +179,9 @@ def summarize(results):
         if rid == "proxy_warm_restart_share":
             r["target_text"] = f"≤ {WARM_RESTART_TARGET_PCT:g}% (zeors)"
             r["met"] = zeors is not None and zeors <= WARM_RESTART_TARGET_PCT
+        elif rid in ("proxy_hits_misses", "proxy_hits_commits"):
+            r["target_text"] = f"≥ {HIT_RATE_TARGET_PCT:g}% (zeors)"
+            r["met"] = zeors is not None and zeors >= HIT_RATE_TARGET_PCT
         elif target is not None and ratio is not None:
             r["target_text"] = f"≥ {target:g}×" if better == "higher" else f"≤ 1/{1 / target:g}"
             r["met"] = ratio >= target if better == "higher" else ratio <= target

@@ -27,6 +27,10 @@ pub trait FileIo: Send + Sync {
 
     /// The current length of the file in bytes.
     fn size(&self) -> io::Result<u64>;
+
+    /// Lets go of cached pages after reading much of the file once (see
+    /// [`MappedFile::release_pages`]); nothing to do for plain files.
+    fn release_pages(&self) {}
 }
 
 impl FileIo for File {
@@ -101,6 +105,15 @@ impl MappedFile {
 }
 
 impl FileIo for MappedFile {
+    /// Replaces the mapping with a fresh one, so that the pages the old one touched no
+    /// longer count in the process's resident set. Opening a file without a usable index
+    /// scans all of it through the mapping; those pages stay in the page cache (shared,
+    /// reclaimable), but left mapped they make the server look as big as its Data.fs in
+    /// `ps` and in RSS-based monitoring until the kernel reclaims them.
+    fn release_pages(&self) {
+        self.remap(self.len.load(Ordering::Acquire));
+    }
+
     fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let end = offset.saturating_add(buf.len() as u64);
         if end <= self.len.load(Ordering::Acquire) {

@@ -226,12 +226,14 @@ impl FileStorageCore {
                 Err(e) => return Err(e.into()),
             }
         };
+        let io = Arc::new(crate::io::MappedFile::new(file)?);
         let mut core = Self::open_inner(
-            Arc::new(crate::io::MappedFile::new(file)?),
+            io.clone(),
             path.display().to_string(),
             Some(path.to_owned()),
             options,
         )?;
+        io.release_pages();
         *core.lock.get_mut() = lock;
         Ok(core)
     }
@@ -633,6 +635,9 @@ impl FileStorageCore {
             self.txn_oids(&v, &t, &mut oids)?;
             out.push((t.header.tid, oids));
         }
+        // Called once, at start-up, to fill the invalidation queue: its transactions may
+        // span much of a freshly generated or imported file.
+        v.io.release_pages();
         Ok(out)
     }
 

@@ -46,6 +46,10 @@ pub struct Args {
     /// server (its `lastTransaction`), polling every 10 ms.
     #[arg(long, requires = "verify_against")]
     wait_current: bool,
+    /// Instead of reading the sample once, read it over and over for this many seconds
+    /// and report the rate (the cache-hit rate of a proxy whose cache holds the sample).
+    #[arg(long)]
+    repeat_for: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -64,6 +68,9 @@ pub struct Report {
     mismatches: Option<usize>,
     /// Loads the server refused with `ClientDisconnected` (its upstream not ready), retried.
     refused: u64,
+    /// With `--repeat-for`: loads completed in the window, and per second.
+    repeated_loads: Option<u64>,
+    loads_per_s: Option<f64>,
 }
 
 pub async fn run(args: Args) -> Result<Report> {
@@ -99,6 +106,25 @@ pub async fn run(args: Args) -> Result<Report> {
         }
         current_s = Some(began.elapsed().as_secs_f64());
     }
+    if let Some(window) = args.repeat_for {
+        let (loads, seconds) =
+            read_repeatedly(&conns, &oids, Duration::from_secs_f64(window)).await?;
+        for c in &conns {
+            c.close();
+        }
+        return Ok(Report {
+            objects: oids.len(),
+            bytes: 0,
+            connect_s: (connected - began).as_secs_f64(),
+            current_s,
+            read_s: seconds,
+            total_s: began.elapsed().as_secs_f64(),
+            mismatches: None,
+            refused: 0,
+            repeated_loads: Some(loads),
+            loads_per_s: Some(loads as f64 / seconds),
+        });
+    }
     let reading = Instant::now();
     let (got, refused) = read_all(&conns, &oids, deadline).await?;
     let done = Instant::now();
@@ -123,7 +149,39 @@ pub async fn run(args: Args) -> Result<Report> {
         total_s: (done - began).as_secs_f64(),
         mismatches,
         refused,
+        repeated_loads: None,
+        loads_per_s: None,
     })
+}
+
+/// Reads `oids` round and round from every connection (one load in flight each) until
+/// `window` has passed: how many loads completed, and the seconds that took.
+async fn read_repeatedly(
+    conns: &[Connection],
+    oids: &Arc<Vec<Oid>>,
+    window: Duration,
+) -> Result<(u64, f64)> {
+    let start = Instant::now();
+    let end = start + window;
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for conn in conns {
+        let (conn, next, oids) = (conn.clone(), next.clone(), oids.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < end {
+                let oid = oids[next.fetch_add(1, Ordering::Relaxed) % oids.len()];
+                conn.load_before(oid, Tid::MAX).await?;
+                n += 1;
+            }
+            anyhow::Ok(n)
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok((total, start.elapsed().as_secs_f64()))
 }
 
 async fn connect_when_ready(address: &Address, deadline: Instant) -> Result<Connection> {
