@@ -1,5 +1,6 @@
 """A TCP relay for tests: counts the bytes crossing it, can delay and throttle them (a slow
 WAN link), and can be cut and restored."""
+import queue
 import socket
 import threading
 import time
@@ -54,6 +55,27 @@ class Relay:
         self.cut()
         self.listener.close()
 
+    def _send(self, chunks, dst):
+        budget_start = time.monotonic()
+        sent = 0
+        try:
+            while True:
+                item = chunks.get()
+                if item is None:
+                    return
+                due, data = item
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                if self.bandwidth:
+                    sent += len(data)
+                    ahead = sent / self.bandwidth - (time.monotonic() - budget_start)
+                    if ahead > 0:
+                        time.sleep(ahead)
+                dst.sendall(data)
+        except OSError:
+            pass
+
     def _accept(self):
         while not self.closed:
             try:
@@ -75,8 +97,12 @@ class Relay:
             threading.Thread(target=self._pump, args=(u, c, "down"), daemon=True).start()
 
     def _pump(self, src, dst, direction):
-        budget_start = time.monotonic()
-        sent = 0
+        # Latency is modelled per chunk: each one leaves `delay` seconds after it arrived,
+        # so chunks in flight overlap as on a real link (a sleep per chunk before reading
+        # the next would add the delay once per request for pipelined traffic).
+        chunks = queue.Queue()
+        sender = threading.Thread(target=self._send, args=(chunks, dst), daemon=True)
+        sender.start()
         try:
             while True:
                 data = src.recv(65536)
@@ -87,17 +113,12 @@ class Relay:
                         self.up += len(data)
                     else:
                         self.down += len(data)
-                if self.delay:
-                    time.sleep(self.delay)
-                if self.bandwidth:
-                    sent += len(data)
-                    ahead = sent / self.bandwidth - (time.monotonic() - budget_start)
-                    if ahead > 0:
-                        time.sleep(ahead)
-                dst.sendall(data)
+                chunks.put((time.monotonic() + self.delay, data))
         except OSError:
             pass
         finally:
+            chunks.put(None)
+            sender.join(timeout=5)
             for s in (src, dst):
                 try:
                     s.shutdown(socket.SHUT_RDWR)

@@ -38,12 +38,12 @@ MODES = {
     # 200 upstream transactions while a proxy is down (still twice upstream's queue).
     "quick": dict(
         objects=100_000, reps=1, duration=2.0, warmup=0.5, py_duration=2.0,
-        fanout_rounds=5, proxy_sample=300, proxy_txns=200, proxy_reps=1, hits_window=2.0,
+        fanout_rounds=5, proxy_sample=300, proxy_txns=200, proxy_reps=1, hits_window=2.0, proxy_traverse=400,
     ),
     # About a quarter of an hour: three repetitions of everything.
     "full": dict(
         objects=100_000, reps=3, duration=8.0, warmup=1.0, py_duration=5.0,
-        fanout_rounds=20, proxy_sample=2000, proxy_txns=1000, proxy_reps=1, hits_window=5.0,
+        fanout_rounds=20, proxy_sample=2000, proxy_txns=1000, proxy_reps=1, hits_window=5.0, proxy_traverse=2000,
     ),
 }
 
@@ -352,10 +352,17 @@ class Bench:
             r.update(relay.counts())
             out["warm_read"] = r
             out["hits"] = self.hit_rates(proxy, read, meta, rep)
+            relay.reset()
+            t = self.py_json("traverse", "--address", proxy.address, "--meta", meta, "--procs", 8,
+                             "--first", 50_000 + 10_000 * rep, "--count", cfg["proxy_traverse"])
+            t.update(relay.counts())
+            out["cold_traverse"] = t
+            log(f"  proxy {side:>5}      cold_traverse: {t['objects']} objects in {t['seconds']:.2f} s, "
+                f"{(t['up'] + t['down']) / 1e6:.3f} MB over the link")
             out["warm_restart"] = timed_restart("warm_restart")
             out["restart_after_txns"] = timed_restart("restart_after_txns")
             for phase, r in out.items():
-                if phase == "hits":
+                if phase in ("hits", "cold_traverse"):
                     continue
                 log(f"  proxy {side:>5} {phase:>18}: {r['seconds']:.2f} s, "
                     f"{(r['up'] + r['down']) / 1e6:.3f} MB over the link"

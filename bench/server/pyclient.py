@@ -1,9 +1,15 @@
-"""Random loads through the stock Python client, for realism.
+"""Loads through the stock Python client, for realism: random loads, or a traversal.
 
 `--procs` processes each open a ``ZEO.ClientStorage`` with its cache disabled
 (``cache_size=0``: no record fits, so every load reaches the server) and call
 ``loadBefore`` on uniformly random oids in a closed loop, as ZODB does on a cache miss.
 Prints one JSON object like ``zeo-bench loads`` does.
+
+``traverse`` is what a front-end does when it lists a folder or walks a catalog index:
+``--procs`` processes each open a ``ZODB.DB`` over a ``ClientStorage`` and load, in key
+order, the values of their own consecutive slice of ``--count`` keys of the generated
+``IOBTree`` (from key ``--first``), going through the tree's buckets as ZODB does. Prints
+``{"objects", "seconds"}`` (from the common start until the last process is done).
 """
 import argparse
 import json
@@ -45,6 +51,45 @@ def worker(address, max_oid, seed, barrier1, barrier2, window, out):
     out.put((samples, errors))
 
 
+def traverse_worker(address, lo, hi, barrier, out):
+    import ZODB
+    from ZEO.ClientStorage import ClientStorage
+
+    host, port = address.rsplit(":", 1)
+    storage = ClientStorage((host, int(port)), cache_size=0, read_only=True, wait_timeout=60)
+    db = ZODB.DB(storage, cache_size=1_000_000)
+    conn = db.open()
+    barrier.wait()
+    n = 0
+    for _, value in conn.root()["items"].items(lo, hi - 1):
+        value._p_activate()
+        n += 1
+    out.put((n, time.time()))
+    conn.close()
+    db.close()
+
+
+def traverse(args):
+    ctx = mp.get_context("fork")
+    barrier = ctx.Barrier(args.procs + 1)
+    out = ctx.Queue()
+    share = args.count // args.procs
+    procs = [
+        ctx.Process(target=traverse_worker,
+                    args=(args.address, args.first + i * share, args.first + (i + 1) * share, barrier, out))
+        for i in range(args.procs)
+    ]
+    for proc in procs:
+        proc.start()
+    barrier.wait()
+    start = time.time()
+    results = [out.get() for _ in procs]
+    for proc in procs:
+        proc.join()
+    print(json.dumps({"objects": sum(n for n, _ in results),
+                      "seconds": max(t for _, t in results) - start}))
+
+
 def cpu_times(pid):
     """(user, system) CPU seconds of process `pid`, or None."""
     if pid is None:
@@ -64,14 +109,18 @@ def percentile(sorted_values, p):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["loads"])
+    p.add_argument("command", choices=["loads", "traverse"])
     p.add_argument("--address", required=True)
     p.add_argument("--meta", required=True)
     p.add_argument("--procs", type=int, default=1)
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--server-pid", type=int)
+    p.add_argument("--first", type=int, default=0, help="traverse: the first key")
+    p.add_argument("--count", type=int, default=1000, help="traverse: keys in all")
     args = p.parse_args()
+    if args.command == "traverse":
+        return traverse(args)
     with open(args.meta) as f:
         max_oid = json.load(f)["max_oid"]
 

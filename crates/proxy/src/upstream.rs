@@ -31,7 +31,7 @@ use crate::cache::{Cache, CacheConfig};
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -66,7 +66,18 @@ pub struct ProxyConfig {
     pub oid_batch: usize,
     /// Blob support (a blob cache, or upstream's shared blob directory); `None`: none.
     pub blobs: Option<BlobConfig>,
+    /// After a miss, how many of the objects the fetched record references to fetch
+    /// too, before anyone asks (0: none). See [`Inner::prefetch_references`].
+    pub prefetch: usize,
 }
+
+/// Prefetches in flight at most, across all misses: a bound on the link share and on the
+/// requests queued ahead of real misses.
+const PREFETCH_IN_FLIGHT: usize = 128;
+
+/// Prefetched oids remembered until asked for; past this many (prefetches that were not
+/// needed), the memory is cleared.
+const UNCLAIMED_MAX: usize = 100_000;
 
 impl ProxyConfig {
     pub fn new(upstreams: Vec<Address>, cache: CacheConfig) -> ProxyConfig {
@@ -79,6 +90,7 @@ impl ProxyConfig {
             flush_interval: Duration::from_secs(1),
             oid_batch: 100,
             blobs: None,
+            prefetch: 64,
         }
     }
 }
@@ -106,6 +118,17 @@ struct Inner {
     commit: Mutex<Option<Forwarded>>,
     /// Upstream loads in flight, with the requests waiting for each.
     inflight: Mutex<HashMap<(Oid, Tid), Vec<FetchWaiter>>>,
+    /// Prefetches in flight by oid; a miss on one of them waits for it (the receiver
+    /// sees `true` once the object is in the cache, or the sender dropped).
+    prefetching: Mutex<HashMap<Oid, watch::Receiver<bool>>>,
+    prefetch_slots: Arc<tokio::sync::Semaphore>,
+    /// Oids prefetched and not asked for yet. When one is asked for, the traversal that
+    /// prefetch bet on is real, and its references are prefetched in turn: one level at a
+    /// time, driven by what clients load, never a walk of the whole database.
+    unclaimed: Mutex<HashSet<Oid>>,
+    any_unclaimed: AtomicBool,
+    /// Objects prefetched, and loads that found theirs being prefetched or prefetched.
+    prefetched: AtomicU64,
     /// Bytes over the upstream link, across reconnects.
     traffic: Arc<zeo_client::Traffic>,
     /// Loads answered from the cache / fetched upstream.
@@ -199,6 +222,11 @@ impl UpstreamStorage {
                 oids: tokio::sync::Mutex::new(VecDeque::new()),
                 commit: Mutex::new(None),
                 inflight: Mutex::new(HashMap::new()),
+                prefetching: Mutex::new(HashMap::new()),
+                prefetch_slots: Arc::new(tokio::sync::Semaphore::new(PREFETCH_IN_FLIGHT)),
+                unclaimed: Mutex::new(HashSet::new()),
+                any_unclaimed: AtomicBool::new(false),
+                prefetched: AtomicU64::new(0),
                 traffic: Arc::new(zeo_client::Traffic::default()),
                 hits: AtomicU64::new(0),
                 misses: AtomicU64::new(0),
@@ -759,6 +787,98 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// Starts fetching the objects `data` references that the cache lacks, at most
+    /// `config.prefetch` of them and [`PREFETCH_IN_FLIGHT`] in all.
+    ///
+    /// A ZODB client that loads an object nearly always loads what it references next (a
+    /// BTree's buckets, a folder's items, a page's parts), one object per round trip of
+    /// the slow link, since each of its threads has one load in flight. Fetching those
+    /// references as soon as the record that names them arrives overlaps those round
+    /// trips: a cold traversal costs about one round trip per level instead of per
+    /// object. The fetches go through the same path as misses, so what lands in the
+    /// cache is exactly what a miss would have stored.
+    fn prefetch_references(self: &Arc<Self>, data: &[u8]) {
+        let wanted = self.config.prefetch;
+        if wanted == 0 {
+            return;
+        }
+        let Ok(refs) = zodb::refs::references(data) else {
+            return;
+        };
+        let mut started = 0;
+        for oid in refs {
+            if started == wanted {
+                break;
+            }
+            if self.prefetching.lock().contains_key(&oid) || self.cache.has_current(oid) {
+                continue;
+            }
+            let Ok(permit) = self.prefetch_slots.clone().try_acquire_owned() else {
+                break;
+            };
+            let (done, waiting) = watch::channel(false);
+            {
+                let mut prefetching = self.prefetching.lock();
+                if prefetching.contains_key(&oid) {
+                    continue;
+                }
+                prefetching.insert(oid, waiting);
+            }
+            started += 1;
+            let inner = self.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                if let Ok((Some((data, start, end)), seen)) = inner.fetch(oid, Tid::MAX).await {
+                    inner.prefetched.fetch_add(1, Ordering::Relaxed);
+                    {
+                        let mut unclaimed = inner.unclaimed.lock();
+                        if unclaimed.len() >= UNCLAIMED_MAX {
+                            unclaimed.clear();
+                        }
+                        unclaimed.insert(oid);
+                        inner.any_unclaimed.store(true, Ordering::Release);
+                    }
+                    let cache = inner.cache.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        cache.store(oid, start, end, data, seen)
+                    })
+                    .await;
+                }
+                inner.prefetching.lock().remove(&oid);
+                let _ = done.send(true);
+            });
+        }
+    }
+
+    /// A load found `oid` in the cache: if it got there by prefetch, the bet paid off and
+    /// what it references is fetched next.
+    fn claim(self: &Arc<Self>, oid: Oid, data: &[u8]) {
+        if !self.any_unclaimed.load(Ordering::Acquire) {
+            return;
+        }
+        let claimed = {
+            let mut unclaimed = self.unclaimed.lock();
+            let found = unclaimed.remove(&oid);
+            if unclaimed.is_empty() {
+                self.any_unclaimed.store(false, Ordering::Release);
+            }
+            found
+        };
+        if claimed {
+            self.prefetch_references(data);
+        }
+    }
+
+    /// When `oid` is being prefetched: waits for that, then looks in the cache again.
+    async fn await_prefetch(&self, oid: Oid, before: Tid) -> Option<crate::cache::CachedRevision> {
+        let mut waiting = self.prefetching.lock().get(&oid)?.clone();
+        // An error means the prefetch task is gone: look anyway.
+        let _ = waiting.wait_for(|done| *done).await;
+        self.cache.load_before(oid, before)
+    }
+}
+
 /// Callbacks of one upstream connection.
 struct LinkCallbacks {
     inner: Weak<Inner>,
@@ -877,6 +997,7 @@ impl Storage for UpstreamStorage {
         let hit = inner.cache.load_before(oid, before);
         if let Some(rev) = hit {
             inner.hits.fetch_add(1, Ordering::Relaxed);
+            inner.claim(oid, &rev.data);
             return Ok(LoadBefore {
                 revision: Some(Loaded {
                     data: rev.data,
@@ -887,9 +1008,23 @@ impl Storage for UpstreamStorage {
             });
         }
         inner.misses.fetch_add(1, Ordering::Relaxed);
+        if let Some(rev) = inner.await_prefetch(oid, before).await {
+            inner.claim(oid, &rev.data);
+            return Ok(LoadBefore {
+                revision: Some(Loaded {
+                    data: rev.data,
+                    start: rev.start,
+                    end: rev.end,
+                }),
+                snapshot,
+            });
+        }
         let (answer, seen) = inner.fetch(oid, before).await?;
         match answer {
             Some((data, start, end)) => {
+                if end.is_none() {
+                    inner.prefetch_references(&data);
+                }
                 let cache = inner.cache.clone();
                 let stored = data.clone();
                 tokio::task::spawn_blocking(move || cache.store(oid, start, end, stored, seen));
@@ -1243,6 +1378,12 @@ impl Storage for UpstreamStorage {
                 "Loads fetched from upstream.",
                 true,
                 inner.misses.load(Ordering::Relaxed),
+            ),
+            m(
+                "cache_prefetched",
+                "Objects fetched from upstream because a fetched record referenced them.",
+                true,
+                inner.prefetched.load(Ordering::Relaxed),
             ),
             m(
                 "cache_evictions",

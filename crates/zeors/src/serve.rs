@@ -108,6 +108,12 @@ pub struct ServeArgs {
     /// (a network file system): blobs are read and written there directly.
     #[arg(long)]
     shared_blob_dir: bool,
+
+    /// Proxy mode (also with -C): after a cache miss, fetch up to N of the objects the
+    /// fetched record references before they are asked for, overlapping the slow link's
+    /// round trips in a cold traversal; 0 turns prefetching off.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    prefetch: usize,
 }
 
 /// Everything needed to start, whether it came from flags or a file.
@@ -120,6 +126,8 @@ struct Plan {
     metrics_address: Option<String>,
     tls: Option<server::tls::TlsSettings>,
     warnings: Vec<String>,
+    /// Proxy storages: references prefetched per miss.
+    prefetch: usize,
 }
 
 fn plan(args: &ServeArgs) -> Result<Plan> {
@@ -229,6 +237,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         metrics_address: args.metrics_address.clone(),
         tls,
         warnings: conf.warnings,
+        prefetch: args.prefetch,
     })
 }
 
@@ -273,7 +282,11 @@ fn init_logging(log: &LogConf) -> Result<Option<LogFile>> {
 }
 
 /// Opens one storage from its configuration.
-fn open_storage(conf: &config::StorageConf, server_read_only: bool) -> Result<Opened> {
+fn open_storage(
+    conf: &config::StorageConf,
+    server_read_only: bool,
+    prefetch: usize,
+) -> Result<Opened> {
     match &conf.kind {
         StorageKind::File {
             path,
@@ -337,6 +350,7 @@ fn open_storage(conf: &config::StorageConf, server_read_only: bool) -> Result<Op
             );
             pconfig.storage = storage.clone();
             pconfig.read_only = *read_only || server_read_only;
+            pconfig.prefetch = prefetch;
             pconfig.blobs = blob_dir.as_ref().map(|dir| proxy::blobs::BlobConfig {
                 dir: dir.clone(),
                 // Python's ClientStorage does not bound its blob cache by default either.
@@ -360,7 +374,7 @@ async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
     let mut storages: Vec<(String, Arc<dyn zodb::Storage>)> = Vec::new();
     let mut proxies = Vec::new();
     for conf in &plan.storages {
-        match open_storage(conf, plan.server.read_only)? {
+        match open_storage(conf, plan.server.read_only, plan.prefetch)? {
             Opened::File(s) => storages.push((conf.name.clone(), s)),
             Opened::Proxy(p) => {
                 proxies.push(p.clone());

@@ -630,6 +630,12 @@ impl Cache {
         rev
     }
 
+    /// Whether the cache holds a current revision of `oid` (index only, no data read,
+    /// not counted as a hit or miss): prefetching skips those.
+    pub fn has_current(&self, oid: Oid) -> bool {
+        !self.is_poisoned() && matches!(self.lookup_before(oid, Tid::MAX), Ok(Some((_, None, _))))
+    }
+
     fn lookup_before(
         &self,
         oid: Oid,
