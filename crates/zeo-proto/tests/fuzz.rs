@@ -14,8 +14,8 @@
 //!   proportion to their input, and nesting stays within `max_depth` (no deep recursion
 //!   when the value is later encoded, compared or dropped).
 //!
-//! `PROPTEST_CASES=N` sets the number of cases per property (default 2,000 here, 256 for
-//! the expensive ones); bench/reliability/fuzz.sh runs them long, in release mode.
+//! `PROPTEST_CASES=N` sets the number of cases per property (default 1,000); for a long
+//! run: `PROPTEST_CASES=1000000 cargo test --release -p zeo-proto --test fuzz`.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
