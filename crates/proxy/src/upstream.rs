@@ -994,21 +994,17 @@ impl Storage for UpstreamStorage {
         let snapshot = inner.last_tid();
         // Looked up on the calling thread: an index read and one positioned read that
         // the page cache nearly always serves (see FileStorage's loads for the measure).
-        let hit = inner.cache.load_before(oid, before);
+        let hit = match inner.cache.load_before(oid, before) {
+            Some(rev) => {
+                inner.hits.fetch_add(1, Ordering::Relaxed);
+                Some(rev)
+            }
+            None => {
+                inner.misses.fetch_add(1, Ordering::Relaxed);
+                inner.await_prefetch(oid, before).await
+            }
+        };
         if let Some(rev) = hit {
-            inner.hits.fetch_add(1, Ordering::Relaxed);
-            inner.claim(oid, &rev.data);
-            return Ok(LoadBefore {
-                revision: Some(Loaded {
-                    data: rev.data,
-                    start: rev.start,
-                    end: rev.end,
-                }),
-                snapshot,
-            });
-        }
-        inner.misses.fetch_add(1, Ordering::Relaxed);
-        if let Some(rev) = inner.await_prefetch(oid, before).await {
             inner.claim(oid, &rev.data);
             return Ok(LoadBefore {
                 revision: Some(Loaded {

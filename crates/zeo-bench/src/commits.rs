@@ -6,28 +6,23 @@
 //! conflicts are frequent and resolvable). The servers fsync as configured (zeors at vote
 //! and finish, the stock FileStorage at finish).
 
-use crate::meta::Meta;
 use crate::procfs::CpuWindow;
 use crate::rng::Rng;
 use crate::stats::{Latency, Samples};
 use crate::txn::{ConflictTally, Writer};
 use anyhow::{bail, Result};
 use serde::Serialize;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use zeo_client::{Address, ConnectOptions, Connection, NoCallbacks};
+use zeo_client::{ConnectOptions, Connection, NoCallbacks};
 use zodb::Oid;
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, default_value = "127.0.0.1:8100")]
-    address: String,
-    /// meta.json of the generated database.
-    #[arg(long)]
-    meta: PathBuf,
+    #[command(flatten)]
+    target: crate::meta::Target,
     #[arg(long, default_value_t = 1)]
     writers: usize,
     #[arg(long, default_value_t = 1)]
@@ -72,7 +67,7 @@ pub struct Report {
 }
 
 pub async fn run(args: Args) -> Result<Report> {
-    let meta = Arc::new(Meta::load(&args.meta)?);
+    let meta = Arc::new(args.target.meta()?);
     if args.writers == 0 || args.min_objects == 0 || args.min_objects > args.max_objects {
         bail!("need at least one writer and 1 <= --min-objects <= --max-objects");
     }
@@ -83,7 +78,7 @@ pub async fn run(args: Args) -> Result<Report> {
             meta.counters.len()
         );
     }
-    let address = Address(args.address.clone());
+    let address = args.target.address();
     let mut writers = Vec::new();
     for _ in 0..args.writers {
         let conn = Connection::connect(&address, &ConnectOptions::default(), Arc::new(NoCallbacks))

@@ -6,7 +6,6 @@
 //! at every idle client's callback. All clients live in this one process, so one
 //! monotonic clock serves both ends.
 
-use crate::meta::Meta;
 use crate::procfs::{rss_anon_bytes, rss_bytes};
 use crate::rng::Rng;
 use crate::stats::{Latency, Samples};
@@ -15,20 +14,17 @@ use anyhow::{bail, Result};
 use async_trait::async_trait;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::Serialize;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use zeo_client::{Address, Callbacks, ConnectOptions, Connection, NoCallbacks};
+use zeo_client::{Callbacks, ConnectOptions, Connection, NoCallbacks};
 use zodb::{Oid, Tid};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, default_value = "127.0.0.1:8100")]
-    address: String,
-    #[arg(long)]
-    meta: PathBuf,
+    #[command(flatten)]
+    target: crate::meta::Target,
     /// Idle clients waiting for invalidations.
     #[arg(long, default_value_t = 100)]
     clients: usize,
@@ -86,7 +82,7 @@ impl Callbacks for Recorder {
 }
 
 pub async fn run(args: Args) -> Result<Report> {
-    let meta = Meta::load(&args.meta)?;
+    let meta = args.target.meta()?;
     if args.clients == 0 {
         bail!("--clients must be at least 1");
     }
@@ -98,7 +94,7 @@ pub async fn run(args: Args) -> Result<Report> {
     let rss_mb = || mb(rss_bytes);
     let server_rss_before_mb = rss_mb();
 
-    let address = Address(args.address.clone());
+    let address = args.target.address();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let opts = ConnectOptions {
         read_only: true,

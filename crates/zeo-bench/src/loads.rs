@@ -5,28 +5,22 @@
 //! the whole database. Loads that complete inside the measured window (after a warm-up)
 //! count; their latencies are kept exactly.
 
-use crate::meta::Meta;
 use crate::procfs::CpuWindow;
 use crate::rng::Rng;
 use crate::stats::{Latency, Samples};
 use anyhow::{bail, Result};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use serde::Serialize;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use zeo_client::{Address, ConnectOptions, Connection, NoCallbacks};
+use zeo_client::{ConnectOptions, Connection, NoCallbacks};
 use zodb::{Oid, Tid};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Server address, HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:8100")]
-    address: String,
-    /// meta.json of the generated database: oids are drawn from 0..=max_oid.
-    #[arg(long)]
-    meta: PathBuf,
+    #[command(flatten)]
+    target: crate::meta::Target,
     #[arg(long, default_value_t = 1)]
     connections: usize,
     /// Requests in flight per connection.
@@ -69,8 +63,8 @@ pub async fn run(args: Args) -> Result<Report> {
     if args.connections == 0 || args.depth == 0 {
         bail!("--connections and --depth must be at least 1");
     }
-    let max_oid = Meta::load(&args.meta)?.max_oid;
-    let address = Address(args.address.clone());
+    let max_oid = args.target.meta()?.max_oid;
+    let address = args.target.address();
     let opts = ConnectOptions {
         read_only: true,
         ..Default::default()

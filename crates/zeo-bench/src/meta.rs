@@ -5,8 +5,30 @@ use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use serde::Deserialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use zodb::Oid;
+
+/// The server a workload runs against and the database it was generated with: the
+/// options every workload shares.
+#[derive(clap::Args)]
+pub struct Target {
+    /// Server address, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:8100")]
+    pub address: String,
+    /// meta.json of the generated database (`bench/server/gendb.py`).
+    #[arg(long)]
+    pub meta: PathBuf,
+}
+
+impl Target {
+    pub fn meta(&self) -> Result<Meta> {
+        Meta::load(&self.meta)
+    }
+
+    pub fn address(&self) -> zeo_client::Address {
+        zeo_client::Address(self.address.clone())
+    }
+}
 
 #[derive(Debug, Deserialize)]
 pub struct Meta {

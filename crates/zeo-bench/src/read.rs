@@ -8,11 +8,9 @@
 //! over once it serves current data. `--verify-against` reads the same sample straight
 //! from upstream and counts objects whose serial or data differ.
 
-use crate::meta::Meta;
 use crate::rng::Rng;
 use anyhow::{anyhow, bail, Result};
 use serde::Serialize;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,10 +20,8 @@ use zodb::{Oid, Tid};
 
 #[derive(clap::Args)]
 pub struct Args {
-    #[arg(long, default_value = "127.0.0.1:8100")]
-    address: String,
-    #[arg(long)]
-    meta: PathBuf,
+    #[command(flatten)]
+    target: crate::meta::Target,
     /// Number of distinct items read.
     #[arg(long, default_value_t = 1000)]
     sample: usize,
@@ -75,10 +71,10 @@ pub struct Report {
 
 pub async fn run(args: Args) -> Result<Report> {
     let began = Instant::now();
-    let meta = Meta::load(&args.meta)?;
+    let meta = args.target.meta()?;
     let oids = Arc::new(meta.distinct_items(args.sample, &mut Rng::new(args.seed)));
     let deadline = began + Duration::from_secs_f64(args.wait_ready);
-    let address = Address(args.address.clone());
+    let address = args.target.address();
     let conns = futures::future::try_join_all(
         (0..args.connections.max(1)).map(|_| connect_when_ready(&address, deadline)),
     )

@@ -22,6 +22,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use zeo_proto::frame::{self, FrameError};
 use zeo_proto::message::{self, Encoding};
+use zeo_proto::request::METHODS;
 use zeo_proto::{msgpack, pickle, Limits, Message, Request, Value};
 
 fn cases(default: u32) -> Config {
@@ -429,47 +430,6 @@ proptest! {
         prop_assert_eq!(back, Ok(v));
     }
 }
-
-/// Every method name the request parser knows.
-const METHODS: &[&str] = &[
-    "register",
-    "get_info",
-    "lastTransaction",
-    "getInvalidations",
-    "new_oids",
-    "new_oid",
-    "pack",
-    "loadBefore",
-    "loadSerial",
-    "getTid",
-    "history",
-    "tpc_begin",
-    "storea",
-    "checkCurrentSerialInTransaction",
-    "deleteObject",
-    "restorea",
-    "undoa",
-    "storeBlobStart",
-    "storeBlobChunk",
-    "storeBlobEnd",
-    "storeBlobShared",
-    "sendBlob",
-    "vote",
-    "tpc_finish",
-    "tpc_abort",
-    "undoLog",
-    "undoInfo",
-    "iterator_start",
-    "iterator_next",
-    "iterator_record_start",
-    "iterator_record_next",
-    "iterator_gc",
-    "record_iternext",
-    "server_status",
-    "set_client_label",
-    "ping",
-    "zeors_changed_since",
-];
 
 /// The memo bomb of the issue, concretely: 200 KB that used to decode into ten million
 /// values (over 600 MB) now fails within a budget proportional to its size.
