@@ -531,10 +531,14 @@ def soak(tmp_path, target, measured, pack_addr, variant):
             f"{name}: anonymous RSS grew {growth:.1f} MB between the warm-up ({w['RssAnon']} kB) and the end "
             f"({e['RssAnon']} kB) under the same load; trend {samples[name][::max(1, len(samples[name]) // 20)]}")
         assert e["fds"] <= w["fds"] + FD_SLACK, f"{name}: {w['fds']} descriptors after the warm-up, {e['fds']} at the end"
-        assert a["fds"] <= i["fds"], (
+        # A proxy keeps its cache's segment files open, one more each time the cache rolls
+        # over to a new segment (bounded by the cache size): those are not leaks.
+        segments = [f for f in set(a["files"]) - set(i["files"]) if "/segments/" in f and f.endswith(".seg")]
+        assert a["fds"] <= i["fds"] + len(segments), (
             f"{name}: {i['fds']} descriptors idle before the load, {a['fds']} once every client left: "
-            f"leaked {sorted(set(a['files']) - set(i['files']))}")
-        assert len(a["files"]) <= len(i["files"]), f"{name}: files open before {i['files']}, after {a['files']}"
+            f"leaked {sorted(set(a['files']) - set(i['files']) - set(segments))}")
+        assert len(a["files"]) <= len(i["files"]) + len(segments), (
+            f"{name}: files open before {i['files']}, after {a['files']}")
     return figures
 
 
