@@ -4,21 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON=${PYTHON:-python3}
-VENV=.venv
-REQS=interop/requirements.txt
-STAMP=$VENV/.requirements.sha
-
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "== creating $VENV"
-    "$PYTHON" -m venv "$VENV"
-fi
-want=$(sha256sum "$REQS" | cut -d' ' -f1)
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-    echo "== installing Python test dependencies"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQS"
-    echo "$want" > "$STAMP"
-fi
+source scripts/venv.sh
 
 export ZEORS_PYTHON="$PWD/$VENV/bin/python"
 

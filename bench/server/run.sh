@@ -23,20 +23,7 @@ for a in "$@"; do
     esac
 done
 
-PYTHON=${PYTHON:-python3}
-VENV=.venv
-REQS=interop/requirements.txt
-STAMP=$VENV/.requirements.sha
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "== creating $VENV"
-    "$PYTHON" -m venv "$VENV"
-fi
-want=$(sha256sum "$REQS" | cut -d' ' -f1)
-if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-    echo "== installing Python dependencies"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQS"
-    echo "$want" > "$STAMP"
-fi
+source scripts/venv.sh
 
 echo "== cargo build --release (zeors, zeo-bench)"
 cargo build --release --quiet -p zeors -p zeo-bench
