@@ -8,6 +8,7 @@
 pub mod blobcache;
 pub mod blobs;
 pub mod cache;
+mod store_queue;
 pub mod upstream;
 
 pub use upstream::{LinkState, ProxyConfig, UpstreamStorage};

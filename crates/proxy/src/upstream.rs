@@ -28,6 +28,7 @@
 use crate::blobcache::BlobCache;
 use crate::blobs::{BlobConfig, ProxyBlobs};
 use crate::cache::{Cache, CacheConfig};
+use crate::store_queue::StoreQueue;
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -103,6 +104,8 @@ pub struct UpstreamStorage {
 struct Inner {
     config: ProxyConfig,
     cache: Arc<Cache>,
+    /// Where stores into the cache wait for its one store thread.
+    stores: StoreQueue,
     sink: OnceLock<Arc<dyn InvalidationSink>>,
     /// Serializes the application of upstream transactions.
     apply_lock: Mutex<()>,
@@ -197,6 +200,8 @@ impl UpstreamStorage {
         })?;
         let last = cache.last_tid();
         info!(last_tid = %last, dir = %config.cache.dir.display(), "opened proxy cache");
+        let cache = Arc::new(cache);
+        let stores = StoreQueue::start(cache.clone()).map_err(StorageError::Io)?;
         let blobs = match &config.blobs {
             Some(b) => Some(ProxyBlobs::open(b).map_err(|e| {
                 StorageError::Io(std::io::Error::new(
@@ -211,7 +216,8 @@ impl UpstreamStorage {
         Ok(UpstreamStorage {
             inner: Arc::new(Inner {
                 config,
-                cache: Arc::new(cache),
+                stores,
+                cache,
                 sink: OnceLock::new(),
                 apply_lock: Mutex::new(()),
                 last_tid: AtomicU64::new(last.0),
@@ -587,8 +593,8 @@ impl Inner {
         }
         let _ = conn.send_oneway("iterator_gc", vec![Value::List(vec![iid])]);
         let seen = self.last_tid();
-        let cache = self.cache.clone();
-        tokio::task::spawn_blocking(move || {
+        let bytes = latest.values().map(|(_, d)| d.len()).sum();
+        self.stores.submit(bytes, move |cache| {
             for (oid, (start, data)) in latest {
                 cache.store(oid, start, None, data, seen);
             }
@@ -839,11 +845,13 @@ impl Inner {
                         unclaimed.insert(oid);
                         inner.any_unclaimed.store(true, Ordering::Release);
                     }
-                    let cache = inner.cache.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        cache.store(oid, start, end, data, seen)
-                    })
-                    .await;
+                    // Done once it is stored, or at once if the store is skipped.
+                    let (stored_tx, stored_rx) = tokio::sync::oneshot::channel::<()>();
+                    inner.stores.submit(data.len(), move |cache| {
+                        cache.store(oid, start, end, data, seen);
+                        let _ = stored_tx.send(());
+                    });
+                    let _ = stored_rx.await;
                 }
                 inner.prefetching.lock().remove(&oid);
                 let _ = done.send(true);
@@ -1021,9 +1029,10 @@ impl Storage for UpstreamStorage {
                 if end.is_none() {
                     inner.prefetch_references(&data);
                 }
-                let cache = inner.cache.clone();
                 let stored = data.clone();
-                tokio::task::spawn_blocking(move || cache.store(oid, start, end, stored, seen));
+                inner.stores.submit(stored.len(), move |cache| {
+                    cache.store(oid, start, end, stored, seen)
+                });
                 Ok(LoadBefore {
                     revision: Some(Loaded { data, start, end }),
                     snapshot: seen,
@@ -1271,8 +1280,11 @@ impl Storage for UpstreamStorage {
             // Keep what was committed as the new current revisions, off the reader (a
             // store may have to evict). If a later invalidation overtakes it, the cache
             // refuses it, since it was seen at `tid`.
-            let cache = inner.cache.clone();
-            tokio::task::spawn_blocking(move || {
+            let bytes = stored
+                .iter()
+                .map(|(_, d)| d.as_ref().map_or(0, Bytes::len))
+                .sum();
+            inner.stores.submit(bytes, move |cache| {
                 // A transaction voted again after conflicts holds several stores of the
                 // same oid: upstream commits the last one (the client's resolution), so
                 // only that one may be cached; an earlier one is the unresolved state.
@@ -1382,6 +1394,12 @@ impl Storage for UpstreamStorage {
                 inner.prefetched.load(Ordering::Relaxed),
             ),
             m(
+                "cache_stores_skipped",
+                "Records not written to the proxy cache because its store queue was full.",
+                true,
+                inner.stores.skipped(),
+            ),
+            m(
                 "cache_evictions",
                 "Records evicted from the proxy cache.",
                 true,
@@ -1427,6 +1445,13 @@ impl Storage for UpstreamStorage {
         self.inner.shutdown.send_replace(true);
         if let Some(conn) = self.inner.link.write().take() {
             conn.close();
+        }
+        // Let the stores already queued land first, so that the flush keeps them.
+        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+        if self.inner.stores.submit(0, move |_| {
+            let _ = drained_tx.send(());
+        }) {
+            let _ = tokio::time::timeout(Duration::from_secs(10), drained_rx).await;
         }
         let cache = self.inner.cache.clone();
         tokio::task::spawn_blocking(move || cache.flush())

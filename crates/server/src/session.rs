@@ -252,6 +252,14 @@ enum Event {
     Read(std::io::Result<usize>),
 }
 
+/// Sleeps until `deadline`, or forever without one (no clock read when there is none).
+async fn sleep_until_deadline(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn wait_txn(state: &mut TxnState) -> TxnEvent {
     match state {
         TxnState::Voting { handle, .. } => TxnEvent::Voted(Box::new(handle.await)),
@@ -274,6 +282,14 @@ impl Session {
         if let Err(close) = self.handle_buffered(&mut buf, max_frame).await {
             return close;
         }
+        // Made once, not on every turn of the loop: each new one would register (and drop
+        // one unregister) a waiter under a lock, for every request. Both end the session
+        // when they fire, so neither is polled after completing.
+        let outbox = self.outbox.clone();
+        let trouble = outbox.trouble.notified();
+        tokio::pin!(trouble);
+        let shutdown_changed = shutdown.changed();
+        tokio::pin!(shutdown_changed);
         loop {
             let can_read = self.pending.len() < self.shared.config.max_pipelined;
             let deadline = match &self.txn {
@@ -281,11 +297,11 @@ impl Session {
                 _ => None,
             };
             let event = tokio::select! {
-                _ = shutdown.changed() => Event::Shutdown,
-                _ = self.outbox.trouble.notified() => Event::Trouble,
+                _ = &mut shutdown_changed => Event::Shutdown,
+                _ = &mut trouble => Event::Trouble,
                 Some(()) = self.pending.next(), if !self.pending.is_empty() => Event::RequestDone,
                 ev = wait_txn(&mut self.txn) => Event::Txn(ev),
-                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => Event::TxnTimeout,
+                _ = sleep_until_deadline(deadline), if deadline.is_some() => Event::TxnTimeout,
                 r = rd.read_buf(&mut buf), if can_read => Event::Read(r),
             };
             match event {

@@ -114,6 +114,21 @@ pub struct ServeArgs {
     /// round trips in a cold traversal; 0 turns prefetching off.
     #[arg(long, default_value_t = 64, value_name = "N")]
     prefetch: usize,
+
+    /// Proxy mode (also with -C): memory for the cache's index (its page cache and the
+    /// window of recent invalidations), e.g. 64MB. Default: 1/64 of the cache size,
+    /// between 16MB and 256MB.
+    #[arg(long, value_parser = crate::parse_size, value_name = "SIZE")]
+    cache_index_memory: Option<u64>,
+}
+
+/// Settings of proxy storages that come from the command line even with -C.
+#[derive(Debug, Clone, Copy)]
+struct ProxyTuning {
+    /// References prefetched per miss.
+    prefetch: usize,
+    /// Memory for each cache's index; `None`: derived from the cache size.
+    index_memory: Option<u64>,
 }
 
 /// Everything needed to start, whether it came from flags or a file.
@@ -126,8 +141,7 @@ struct Plan {
     metrics_address: Option<String>,
     tls: Option<server::tls::TlsSettings>,
     warnings: Vec<String>,
-    /// Proxy storages: references prefetched per miss.
-    prefetch: usize,
+    proxy: ProxyTuning,
 }
 
 fn plan(args: &ServeArgs) -> Result<Plan> {
@@ -237,7 +251,10 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         metrics_address: args.metrics_address.clone(),
         tls,
         warnings: conf.warnings,
-        prefetch: args.prefetch,
+        proxy: ProxyTuning {
+            prefetch: args.prefetch,
+            index_memory: args.cache_index_memory,
+        },
     })
 }
 
@@ -285,7 +302,7 @@ fn init_logging(log: &LogConf) -> Result<Option<LogFile>> {
 fn open_storage(
     conf: &config::StorageConf,
     server_read_only: bool,
-    prefetch: usize,
+    tuning: ProxyTuning,
 ) -> Result<Opened> {
     match &conf.kind {
         StorageKind::File {
@@ -340,6 +357,7 @@ fn open_storage(
                 dir: cache_dir.clone(),
                 max_bytes: *cache_size,
                 invalidation_log_size: proxy::cache::DEFAULT_INVALIDATION_LOG_SIZE,
+                index_memory: tuning.index_memory,
             };
             let mut pconfig = proxy::ProxyConfig::new(
                 servers
@@ -350,7 +368,7 @@ fn open_storage(
             );
             pconfig.storage = storage.clone();
             pconfig.read_only = *read_only || server_read_only;
-            pconfig.prefetch = prefetch;
+            pconfig.prefetch = tuning.prefetch;
             pconfig.blobs = blob_dir.as_ref().map(|dir| proxy::blobs::BlobConfig {
                 dir: dir.clone(),
                 // Python's ClientStorage does not bound its blob cache by default either.
@@ -374,7 +392,7 @@ async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
     let mut storages: Vec<(String, Arc<dyn zodb::Storage>)> = Vec::new();
     let mut proxies = Vec::new();
     for conf in &plan.storages {
-        match open_storage(conf, plan.server.read_only, plan.prefetch)? {
+        match open_storage(conf, plan.server.read_only, plan.proxy)? {
             Opened::File(s) => storages.push((conf.name.clone(), s)),
             Opened::Proxy(p) => {
                 proxies.push(p.clone());

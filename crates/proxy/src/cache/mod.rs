@@ -128,8 +128,11 @@ const BAD_INDEX_FILE: &str = "index.redb.bad";
 const SEGMENTS_DIR: &str = "segments";
 const MIN_SEGMENT: u64 = 1 << 20;
 const MAX_SEGMENT: u64 = 256 << 20;
-/// Oids remembered by the "answer overtaken by an invalidation" check.
-const RECENT_OIDS: usize = 256 * 1024;
+/// Bytes of index memory per oid remembered by the "answer overtaken by an invalidation"
+/// check: 16 MB of index memory (the default for caches up to 1 GB) remember 256 Ki oids.
+const INDEX_MEMORY_PER_RECENT_OID: u64 = 64;
+/// The least index memory honoured: below it the page cache thrashes on every lookup.
+const MIN_INDEX_MEMORY: u64 = 256 << 10;
 /// Location rows handled per batch while evicting a segment.
 const EVICT_BATCH: usize = 1024;
 
@@ -142,6 +145,12 @@ pub struct CacheConfig {
     pub max_bytes: u64,
     /// Transactions kept in the invalidation log; 0 disables the log.
     pub invalidation_log_size: usize,
+    /// Memory for the index: the page cache of `index.redb` and, 1/64 of it counted in
+    /// oids, the window of recent invalidations. `None`: 1/64 of `max_bytes`, between 16
+    /// and 256 MB. Together with the second-chance marks (`max_bytes / 2048` records)
+    /// these are what the cache holds in memory; they fill as the cache is used and
+    /// then stay at their bound.
+    pub index_memory: Option<u64>,
 }
 
 impl CacheConfig {
@@ -151,7 +160,15 @@ impl CacheConfig {
             dir: dir.into(),
             max_bytes,
             invalidation_log_size: DEFAULT_INVALIDATION_LOG_SIZE,
+            index_memory: None,
         }
+    }
+
+    /// The index memory in effect (see [`CacheConfig::index_memory`]).
+    pub fn effective_index_memory(&self) -> u64 {
+        self.index_memory
+            .unwrap_or((self.max_bytes / 64).clamp(16 << 20, 256 << 20))
+            .max(MIN_INDEX_MEMORY)
     }
 }
 
@@ -356,6 +373,7 @@ impl Cache {
         info!(dir = %config.dir.display(), last_tid = %cache.last_tid(),
               entries = cache.counters.entries.load(Ordering::Relaxed),
               bytes = cache.counters.bytes.load(Ordering::Relaxed),
+              max_bytes = config.max_bytes, index_memory = config.effective_index_memory(),
               elapsed_ms = started.elapsed().as_millis() as u64, "proxy cache opened");
         Ok(cache)
     }
@@ -383,7 +401,7 @@ impl Cache {
         fs::create_dir_all(&segments_dir).map_err(io_err)?;
         let index_path = config.dir.join(INDEX_FILE);
         let created = !index_path.exists();
-        let index_cache = (config.max_bytes / 64).clamp(16 << 20, 256 << 20);
+        let index_cache = config.effective_index_memory();
         let db = Database::builder()
             .set_cache_size(usize::try_from(index_cache).unwrap_or(16 << 20))
             .create(&index_path)?;
@@ -517,7 +535,8 @@ impl Cache {
                     } else {
                         last_tid
                     },
-                    RECENT_OIDS,
+                    usize::try_from(config.effective_index_memory() / INDEX_MEMORY_PER_RECENT_OID)
+                        .unwrap_or(usize::MAX),
                 ),
             }),
             files: RwLock::new(files),
