@@ -678,3 +678,44 @@ fn cache_is_send_and_sync() {
     fn is<T: Send + Sync>() {}
     is::<Cache>();
 }
+
+/// `index_memory` sizes the window of recent invalidations: an answer "current as of
+/// `seen`" older than the window cannot be checked and is not cached, with the smallest
+/// setting, while the default window still covers it.
+#[test]
+fn index_memory_sizes_the_window_of_recent_invalidations() {
+    let small = CacheConfig {
+        index_memory: Some(0),
+        ..config(Path::new("unused"), 64 * MIB)
+    };
+    assert_eq!(small.effective_index_memory(), MIN_INDEX_MEMORY);
+    let window = MIN_INDEX_MEMORY / INDEX_MEMORY_PER_RECENT_OID;
+    assert_eq!(
+        config(Path::new("unused"), 64 * MIB).effective_index_memory(),
+        16 * MIB
+    );
+    assert_eq!(
+        config(Path::new("unused"), 64 << 30).effective_index_memory(),
+        256 * MIB
+    );
+    for (index_memory, cached) in [(Some(0), false), (None, true)] {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(CacheConfig {
+            index_memory,
+            ..config(dir.path(), 64 * MIB)
+        })
+        .unwrap();
+        cache.drop_current(Tid(1));
+        // Twice the small window of other oids' invalidations after tid 2.
+        for t in 0..2 * window {
+            cache.invalidate(Tid(3 + t), &[Oid(1000 + t)]);
+        }
+        // An answer for oid 1 that upstream gave as current at tid 2.
+        cache.store(Oid(1), Tid(2), None, data(1, 2, 100), Tid(2));
+        assert_eq!(
+            cache.load_before(Oid(1), Tid::MAX).is_some(),
+            cached,
+            "index_memory {index_memory:?}"
+        );
+    }
+}
