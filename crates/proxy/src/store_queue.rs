@@ -84,6 +84,18 @@ impl StoreQueue {
         sent
     }
 
+    /// Like [`StoreQueue::submit`], and returns once `run` has run, or at once if it was
+    /// skipped.
+    pub async fn submit_and_wait(&self, bytes: usize, run: impl FnOnce(&Cache) + Send + 'static) {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        // A skipped job is dropped with its sender, which ends the wait too.
+        self.submit(bytes, move |cache| {
+            run(cache);
+            let _ = done_tx.send(());
+        });
+        let _ = done_rx.await;
+    }
+
     /// Stores skipped because the queue was full.
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)

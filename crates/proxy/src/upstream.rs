@@ -845,13 +845,12 @@ impl Inner {
                         unclaimed.insert(oid);
                         inner.any_unclaimed.store(true, Ordering::Release);
                     }
-                    // Done once it is stored, or at once if the store is skipped.
-                    let (stored_tx, stored_rx) = tokio::sync::oneshot::channel::<()>();
-                    inner.stores.submit(data.len(), move |cache| {
-                        cache.store(oid, start, end, data, seen);
-                        let _ = stored_tx.send(());
-                    });
-                    let _ = stored_rx.await;
+                    inner
+                        .stores
+                        .submit_and_wait(data.len(), move |cache| {
+                            cache.store(oid, start, end, data, seen)
+                        })
+                        .await;
                 }
                 inner.prefetching.lock().remove(&oid);
                 let _ = done.send(true);
@@ -1447,12 +1446,8 @@ impl Storage for UpstreamStorage {
             conn.close();
         }
         // Let the stores already queued land first, so that the flush keeps them.
-        let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-        if self.inner.stores.submit(0, move |_| {
-            let _ = drained_tx.send(());
-        }) {
-            let _ = tokio::time::timeout(Duration::from_secs(10), drained_rx).await;
-        }
+        let drained = self.inner.stores.submit_and_wait(0, |_| {});
+        let _ = tokio::time::timeout(Duration::from_secs(10), drained).await;
         let cache = self.inner.cache.clone();
         tokio::task::spawn_blocking(move || cache.flush())
             .await

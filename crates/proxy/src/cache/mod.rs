@@ -401,9 +401,9 @@ impl Cache {
         fs::create_dir_all(&segments_dir).map_err(io_err)?;
         let index_path = config.dir.join(INDEX_FILE);
         let created = !index_path.exists();
-        let index_cache = config.effective_index_memory();
+        let index_memory = config.effective_index_memory();
         let db = Database::builder()
-            .set_cache_size(usize::try_from(index_cache).unwrap_or(16 << 20))
+            .set_cache_size(usize::try_from(index_memory).unwrap_or(16 << 20))
             .create(&index_path)?;
         if created {
             File::open(&config.dir)
@@ -535,7 +535,7 @@ impl Cache {
                     } else {
                         last_tid
                     },
-                    usize::try_from(config.effective_index_memory() / INDEX_MEMORY_PER_RECENT_OID)
+                    usize::try_from(index_memory / INDEX_MEMORY_PER_RECENT_OID)
                         .unwrap_or(usize::MAX),
                 ),
             }),
