@@ -94,6 +94,9 @@ class Client(threading.Thread):
         self.seq = 0
         self.outcome = {}  # attempt -> ACK | FAILED | UNKNOWN
         self.idle = threading.Event()
+        # Set once its database is open (or it failed): the first kill must not land
+        # inside `ZODB.DB()`, whose first load is not retried by ZODB on a disconnect.
+        self.opened = threading.Event()
         self.error = None
 
     def run(self):
@@ -101,6 +104,7 @@ class Client(threading.Thread):
             d = ZODB.DB(ClientStorage(self.bank.addr, wait_timeout=60), cache_size=1000)
             tm = transaction.TransactionManager()
             conn = d.open(tm)
+            self.opened.set()
             while not self.bank.stop.is_set():
                 if not self.bank.running.is_set():
                     self.idle.set()
@@ -112,6 +116,7 @@ class Client(threading.Thread):
         except BaseException as e:  # surfaces in the test through `check_clients`
             self.error = f"{e!r}\n{traceback.format_exc()}"
             self.idle.set()
+            self.opened.set()
 
     def transfer(self, tm, conn):
         src, dst = self.rng.sample(range(ACCOUNTS), 2)
@@ -161,6 +166,9 @@ class Bank:
     def start(self):
         for c in self.clients:
             c.start()
+        for c in self.clients:
+            assert c.opened.wait(60), f"client {c.cid} did not open its database"
+        self.check_clients()
 
     def pause(self, timeout=120):
         """Stops new transfers and waits until every client is idle."""
