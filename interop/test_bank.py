@@ -12,7 +12,9 @@ connection dropped somewhere in the two-phase commit).
 
 The server is killed with SIGKILL (now and then stopped with SIGTERM instead, which
 leaves an index the next crash makes stale) after a random stretch of this load,
-sometimes only moments after it came back. Clients keep their connections and reconnect
+sometimes only moments after it came back. How many rounds end each way is fixed (only
+their order is drawn); some kills wait until a client is inside its commit, and the test
+asserts that some transfers were cut in flight. Clients keep their connections and reconnect
 by themselves. After every restart, with the clients paused, a fresh client checks:
 
 - every acknowledged transfer is in its ledger (durability);
@@ -93,6 +95,8 @@ class Client(threading.Thread):
         self.rng = random.Random(cid * 7919 + bank.seed)
         self.seq = 0
         self.outcome = {}  # attempt -> ACK | FAILED | UNKNOWN
+        # The attempt inside `tm.commit()` right now, if any: what a mid-commit kill waits for.
+        self.committing = None
         self.idle = threading.Event()
         # Set once its database is open (or it failed): the first kill must not land
         # inside `ZODB.DB()`, whose first load is not retried by ZODB on a disconnect.
@@ -135,7 +139,11 @@ class Client(threading.Thread):
             root[f"ledger{self.cid}"][seq] = (src, dst, amount)
             root["count"].change(1)
             self.outcome[seq] = UNKNOWN
-            tm.commit()
+            self.committing = seq
+            try:
+                tm.commit()
+            finally:
+                self.committing = None
             self.outcome[seq] = ACK
         except ConflictError:
             if seq in self.outcome:
@@ -192,6 +200,21 @@ class Bank:
         for c in self.clients:
             assert c.error is None, f"client {c.cid} crashed: {c.error}"
 
+    def run_until_acknowledged(self, n, timeout=180):
+        """Keeps the load going until `n` transfers are acknowledged in all, so that the
+        final checks always have enough commits behind them, however short the drawn
+        rounds were; fails only if the clients stop making progress."""
+        self.resume()
+        deadline = time.time() + timeout
+        while self.counts()[ACK] < n:
+            self.check_clients()
+            assert time.time() < deadline, f"only {self.counts()[ACK]} of {n} transfers acknowledged in {timeout} s"
+            time.sleep(0.1)
+
+    def in_commit(self):
+        """[(client, attempt)] of the transfers inside `tm.commit()` at this moment."""
+        return [(c.cid, seq) for c in self.clients if (seq := c.committing) is not None]
+
     def counts(self):
         out = {ACK: 0, FAILED: 0, UNKNOWN: 0}
         for c in self.clients:
@@ -243,13 +266,63 @@ def zeors_check(path):
     assert r.returncode == 0, f"zeors check failed:\n{r.stdout}\n{r.stderr}"
 
 
-def kill_or_stop(server, rng, stats):
-    if rng.random() < 0.15:
+STOP, KILL, KILL_MID_COMMIT = "stop", "kill", "kill mid-commit"
+
+
+def crash_schedule(rng, rounds):
+    """How each round ends, fixed by construction (only the order is drawn): about 15%
+    clean stops (SIGTERM, at least one), and of the SIGKILLs half wait for a commit in
+    flight (at least one), so that every run exercises all three and the assertions on
+    their counts cannot fail by chance."""
+    stops = max(1, round(rounds * 0.15))
+    mid = max(1, (rounds - stops) // 2)
+    kinds = [STOP] * stops + [KILL_MID_COMMIT] * mid + [KILL] * (rounds - stops - mid)
+    rng.shuffle(kinds)
+    return kinds
+
+
+def kill_mid_commit(server, bank, rng, timeout=60):
+    """SIGKILLs `server` while a client is inside `tm.commit()` waiting on it: the server
+    is frozen (SIGSTOP) the moment some client is committing, and killed only if after a
+    pause some client is still inside its commit, which then cannot have completed. Returns
+    the attempts that were in flight."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not bank.in_commit():
+            time.sleep(0.002)
+            continue
+        server.proc.send_signal(signal.SIGSTOP)
+        # Long enough for the clients to consume any reply already in their sockets.
+        time.sleep(0.3)
+        inflight = bank.in_commit()
+        if inflight:
+            server.kill()
+            return inflight
+        server.proc.send_signal(signal.SIGCONT)
+        time.sleep(rng.uniform(0.02, 0.2))
+    raise AssertionError(f"no commit was in flight within {timeout} s: the clients are stuck")
+
+
+def end_round(kind, server, bank, rng, stats):
+    if kind == STOP:
         assert server.stop(signal.SIGTERM) == 0
         stats["clean_stops"] += 1
-    else:
+    elif kind == KILL:
         server.kill()
         stats["crashes"] += 1
+    else:
+        stats["inflight_at_kill"] += len(kill_mid_commit(server, bank, rng))
+        stats["crashes"] += 1
+        stats["mid_commit_crashes"] += 1
+
+
+def check_schedule(stats, schedule, counts):
+    """The rounds ended as scheduled, and the mid-commit kills did cut commits: some
+    transfers ended with their outcome unknown to the client."""
+    assert stats["clean_stops"] == schedule.count(STOP)
+    assert stats["crashes"] == schedule.count(KILL) + schedule.count(KILL_MID_COMMIT)
+    assert stats["mid_commit_crashes"] == schedule.count(KILL_MID_COMMIT) >= 1
+    assert counts[UNKNOWN] >= 1, "no kill interrupted a commit: the mid-commit kills did not do their job"
 
 
 def run_rounds(bank, rng, rounds, crash, verify):
@@ -270,11 +343,12 @@ def test_bank_survives_sigkill(make_server, tmp_path):
     server = make_server()
     setup_bank(server.addr)
     bank = Bank(server.addr, seed)
-    stats = {"crashes": 0, "clean_stops": 0, "checks": 0}
+    stats = {"crashes": 0, "clean_stops": 0, "mid_commit_crashes": 0, "inflight_at_kill": 0, "checks": 0}
+    schedule = crash_schedule(rng, CRASHES)
     t0 = time.time()
 
     def crash(r):
-        kill_or_stop(server, rng, stats)
+        end_round(schedule[r], server, bank, rng, stats)
         server.start()
 
     def verify(r):
@@ -286,6 +360,7 @@ def test_bank_survives_sigkill(make_server, tmp_path):
     bank.start()
     try:
         run_rounds(bank, rng, CRASHES, crash, verify)
+        bank.run_until_acknowledged(10 * CRASHES + 1)
     finally:
         bank.finish()
     state = read_state(ClientStorage(server.addr, wait_timeout=30))
@@ -298,8 +373,7 @@ def test_bank_survives_sigkill(make_server, tmp_path):
     report({"test": "bank", "seed": seed, **stats, "acknowledged": acked, "unknown": counts[UNKNOWN],
             "failed_conflicts": counts[FAILED], "committed": state[2], "lost": 0,
             "seconds": round(time.time() - t0, 1)})
-    assert stats["crashes"] >= CRASHES * 0.6
-    assert acked > 10 * CRASHES, "too few commits to prove anything"
+    check_schedule(stats, schedule, counts)
 
 
 def current_revisions(storage):
@@ -320,11 +394,13 @@ def test_bank_through_a_proxy_killed_mid_commit(make_server, tmp_path):
     proxy = make_server.proxy(upstream.addr)
     setup_bank(proxy.addr)
     bank = Bank(proxy.addr, seed)
-    stats = {"crashes": 0, "clean_stops": 0, "upstream_crashes": 0, "checks": 0, "objects_compared": 0}
+    stats = {"crashes": 0, "clean_stops": 0, "mid_commit_crashes": 0, "inflight_at_kill": 0,
+             "upstream_crashes": 0, "checks": 0, "objects_compared": 0}
+    schedule = crash_schedule(rng, CRASHES)
     t0 = time.time()
 
     def crash(r):
-        kill_or_stop(proxy, rng, stats)
+        end_round(schedule[r], proxy, bank, rng, stats)
         if r % 3 == 2:
             upstream.kill()
             stats["upstream_crashes"] += 1
@@ -355,6 +431,7 @@ def test_bank_through_a_proxy_killed_mid_commit(make_server, tmp_path):
     bank.start()
     try:
         run_rounds(bank, rng, CRASHES, crash, verify)
+        bank.run_until_acknowledged(5 * CRASHES + 1)
     finally:
         bank.finish()
     state = read_state(ClientStorage(upstream.addr, wait_timeout=30))
@@ -366,8 +443,7 @@ def test_bank_through_a_proxy_killed_mid_commit(make_server, tmp_path):
     report({"test": "bank-proxy", "seed": seed, **stats, "acknowledged": acked, "unknown": counts[UNKNOWN],
             "failed_conflicts": counts[FAILED], "committed": state[2], "lost": 0,
             "seconds": round(time.time() - t0, 1)})
-    assert stats["crashes"] >= CRASHES * 0.6
-    assert acked > 5 * CRASHES, "too few commits to prove anything"
+    check_schedule(stats, schedule, counts)
 
 
 # Regressions for the two proxy bugs the bank test found. Both lost or corrupted

@@ -739,13 +739,21 @@ impl FileStorageCore {
         }
         let last_committed = self.last_transaction();
         let tid = match txn.meta.tid {
-            Some(t) if t <= last_committed => {
-                return Err(StorageError::Value(format!(
-                    "transaction id {t} is not later than the last transaction {last_committed}"
-                )))
+            Some(t) => {
+                zodb::timestamp::check_explicit_tid(
+                    t,
+                    last_committed,
+                    zodb::timestamp::now_unix(),
+                )
+                .map_err(StorageError::Value)?;
+                t
             }
-            Some(t) => t,
-            None => zodb::timestamp::new_tid(c.last_tid_used),
+            None => zodb::timestamp::new_tid(c.last_tid_used).ok_or_else(|| {
+                StorageError::Value(format!(
+                    "no transaction id after the last one used, {}: the file's tids are at the end of their range",
+                    c.last_tid_used
+                ))
+            })?,
         };
         c.last_tid_used = c.last_tid_used.max(tid);
         let pos = c.append_pos;

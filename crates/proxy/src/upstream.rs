@@ -1096,6 +1096,14 @@ impl Storage for UpstreamStorage {
         let mut fwd = match taken {
             Some(f) => f,
             None => {
+                if let Some(tid) = txn.meta.tid {
+                    // Checked here too, whatever upstream would accept: a stock upstream
+                    // takes any tid, and one far ahead would stamp every later upstream
+                    // transaction after it.
+                    let last = Tid(self.inner.last_tid.load(Ordering::Acquire));
+                    zodb::timestamp::check_explicit_tid(tid, last, zodb::timestamp::now_unix())
+                        .map_err(StorageError::Value)?;
+                }
                 let conn = self.inner.link().await?;
                 let ext = Value::Dict(zeo_proto::extension_from_bytes(&txn.meta.extension));
                 conn.send_oneway(

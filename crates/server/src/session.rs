@@ -1420,6 +1420,13 @@ fn py_eq(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// How long a load may keep being overtaken by invalidations before it gives up. Each
+/// retry sees a newer snapshot unless the storage is behind what the hub already sent (a
+/// proxy between telling its clients of a transaction and publishing it: microseconds),
+/// so reaching this means the two disagree for good, and the client gets an error rather
+/// than a server thread spinning.
+const LOAD_RETRY_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// `loadBefore`, retried if an invalidation overtook it (see [`Outbox::send_load_reply`]).
 async fn load_before(
     handle: Arc<StorageHandle>,
@@ -1428,7 +1435,27 @@ async fn load_before(
     oid: zodb::Oid,
     before: Tid,
 ) {
+    let mut retries = 0u32;
+    let started = std::time::Instant::now();
     loop {
+        if retries > 0 {
+            // Never spin: let the task that publishes the newer state (and every other
+            // connection on this thread) run first.
+            if retries < 64 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            if started.elapsed() > LOAD_RETRY_LIMIT {
+                tracing::error!(%oid, snapshot_behind = true, "load overtaken by invalidations for 10 s: the storage is behind the invalidations sent; failing the load");
+                let e = zodb::StorageError::Transaction(format!(
+                    "the storage's state stays older than the invalidations sent to this client (oid {oid})"
+                ));
+                send_error(&outbox, &msgid, &e);
+                return;
+            }
+        }
+        retries += 1;
         match handle.storage.load_before(oid, before).await {
             Ok(lb) => {
                 let (value, current) = match lb.revision {

@@ -124,12 +124,18 @@ pub fn tid_to_unix(tid: Tid) -> f64 {
 
 /// `TimeStamp.laterThan`: `ts` if it is later than `prev`, else the smallest tid after
 /// `prev`. When the second field overflows, the minute advances on the real calendar.
-pub fn later_than(ts: Tid, prev: Tid) -> Tid {
+///
+/// `None` when there is no usable tid after `prev`: at the top of the range (year 9917)
+/// Python's `laterThan` wraps around to tid 0, which would write a "time-stamp reduction"
+/// into the file and send clients a tid that goes backwards; and `0xff..ff` itself is
+/// never returned (see [`LAST_TID_EXCLUSIVE`]).
+pub fn later_than(ts: Tid, prev: Tid) -> Option<Tid> {
+    let usable = |t: Tid| t > prev && t < LAST_TID_EXCLUSIVE;
     if ts > prev {
-        return ts;
+        return Some(ts).filter(|t| usable(*t));
     }
     if prev.0 & 0xffff_ffff != 0xffff_ffff {
-        return Tid(prev.0 + 1);
+        return Some(Tid(prev.0 + 1)).filter(|t| usable(*t));
     }
     let mut p = Parts::from_tid(prev);
     p.second = 0.0;
@@ -150,7 +156,38 @@ pub fn later_than(ts: Tid, prev: Tid) -> Tid {
             }
         }
     }
-    p.to_tid()
+    // When the minutes since 1900 no longer fit in 32 bits, `to_tid` wraps around to a
+    // small tid: there is nothing after `prev`.
+    Some(p.to_tid()).filter(|t| usable(*t))
+}
+
+/// The one tid never handed out: ZODB's MVCC adapter computes `last tid + 1` when a
+/// connection opens, so a storage whose last tid is `0xff..ff` cannot be opened by ZODB.
+const LAST_TID_EXCLUSIVE: Tid = Tid(u64::MAX);
+
+/// How far ahead of this server's clock an explicit tid may be (clock skew between the
+/// machine that wrote a transaction being copied and this one). Beyond it, a tid is a
+/// client's mistake or an attack: every later transaction would be stamped after it.
+pub const EXPLICIT_TID_MAX_AHEAD_SECONDS: f64 = 24.0 * 3600.0;
+
+/// Whether an explicit tid given at `tpc_begin` (copies and restores, ZODB's own tests)
+/// may be used after `last`: it must be later than `last` and not more than
+/// [`EXPLICIT_TID_MAX_AHEAD_SECONDS`] ahead of `now` (POSIX seconds). The error says why.
+pub fn check_explicit_tid(tid: Tid, last: Tid, now: f64) -> Result<(), String> {
+    if tid <= last {
+        return Err(format!(
+            "transaction id {tid} is not later than the last transaction {last}"
+        ));
+    }
+    let limit = tid_from_unix(now + EXPLICIT_TID_MAX_AHEAD_SECONDS);
+    if tid > limit {
+        return Err(format!(
+            "transaction id {tid} ({}) is more than {} hours ahead of the server's clock",
+            format_tid(tid),
+            EXPLICIT_TID_MAX_AHEAD_SECONDS / 3600.0
+        ));
+    }
+    Ok(())
 }
 
 /// The current wall-clock time as a POSIX float.
@@ -161,8 +198,9 @@ pub fn now_unix() -> f64 {
         .unwrap_or(0.0)
 }
 
-/// A new tid for a transaction starting now, strictly after `prev`.
-pub fn new_tid(prev: Tid) -> Tid {
+/// A new tid for a transaction starting now, strictly after `prev`; `None` when `prev`
+/// is the last tid there is (see [`later_than`]).
+pub fn new_tid(prev: Tid) -> Option<Tid> {
     later_than(tid_from_unix(now_unix()), prev)
 }
 
@@ -206,18 +244,55 @@ mod tests {
     fn later_than_rolls_into_next_real_month() {
         assert_eq!(
             later_than(Tid(0x03eead5fffffffff), Tid(0x03eead5fffffffff)),
-            Tid(0x03eebe4000000000)
+            Some(Tid(0x03eebe4000000000))
         );
-        assert_eq!(later_than(Tid(5), Tid(9)), Tid(10));
-        assert_eq!(later_than(Tid(11), Tid(9)), Tid(11));
+        assert_eq!(later_than(Tid(5), Tid(9)), Some(Tid(10)));
+        assert_eq!(later_than(Tid(11), Tid(9)), Some(Tid(11)));
+    }
+
+    #[test]
+    fn no_tid_after_the_last_one() {
+        // Python's laterThan wraps these to tid 0 (a "time-stamp reduction").
+        assert_eq!(later_than(Tid(0), Tid(u64::MAX)), None);
+        assert_eq!(new_tid(Tid(u64::MAX)), None);
+        // The last minute of the range: its seconds can still advance, the minute cannot.
+        let last_minute = Tid(0xffff_ffff_0000_0000);
+        assert_eq!(
+            later_than(Tid(0), last_minute),
+            Some(Tid(0xffff_ffff_0000_0001))
+        );
+        assert_eq!(
+            later_than(Tid(0), Tid(0xffff_ffff_ffff_fffd)),
+            Some(Tid(0xffff_ffff_ffff_fffe))
+        );
+        // 0xff..ff would make ZODB's MVCC overflow: never handed out.
+        assert_eq!(later_than(Tid(0), Tid(0xffff_ffff_ffff_fffe)), None);
+        assert_eq!(later_than(Tid(u64::MAX), Tid(5)), None);
+        // A minute that rolls over into a year that still fits.
+        let t = later_than(Tid(0), Tid(0xfff0_0000_ffff_ffff)).unwrap();
+        assert!(t > Tid(0xfff0_0000_ffff_ffff));
+    }
+
+    #[test]
+    fn explicit_tids_within_a_day_of_the_clock() {
+        let now = 1_704_164_645.5;
+        let last = tid_from_unix(now - 60.0);
+        assert!(check_explicit_tid(tid_from_unix(now), last, now).is_ok());
+        assert!(check_explicit_tid(tid_from_unix(now + 23.0 * 3600.0), last, now).is_ok());
+        assert!(check_explicit_tid(Tid(1), Tid::ZERO, now).is_ok());
+        let e = check_explicit_tid(tid_from_unix(now + 25.0 * 3600.0), last, now).unwrap_err();
+        assert!(e.contains("ahead of the server's clock"), "{e}");
+        assert!(check_explicit_tid(Tid(u64::MAX), last, now).is_err());
+        let e = check_explicit_tid(last, last, now).unwrap_err();
+        assert!(e.contains("not later than"), "{e}");
     }
 
     #[test]
     fn new_tids_increase() {
-        let a = new_tid(Tid::ZERO);
-        let b = new_tid(a);
+        let a = new_tid(Tid::ZERO).unwrap();
+        let b = new_tid(a).unwrap();
         assert!(b > a);
         let far = Tid(u64::MAX >> 1);
-        assert!(new_tid(far) > far);
+        assert!(new_tid(far).unwrap() > far);
     }
 }

@@ -274,7 +274,7 @@ fn pack_removes_the_files_of_removed_revisions() {
         );
         let before = blob_files(&dir.path().join("blobs"));
         assert_eq!(before.len(), 3);
-        let pack_time = zodb::timestamp::new_tid(core.last_transaction());
+        let pack_time = zodb::timestamp::new_tid(core.last_transaction()).unwrap();
         core.pack(pack_time, PackOptions::default()).unwrap();
 
         let after = blob_files(&dir.path().join("blobs"));

@@ -37,7 +37,7 @@ fn packed(outcome: PackOutcome) -> crate::pack::PackStats {
 }
 
 fn now_tid() -> Tid {
-    zodb::timestamp::new_tid(Tid::ZERO)
+    zodb::timestamp::new_tid(Tid::ZERO).unwrap()
 }
 
 /// root → 1 → 2; 3 unreferenced; several revisions of 1.

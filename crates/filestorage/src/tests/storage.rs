@@ -797,7 +797,7 @@ fn loads_race_commits_safely() {
     let sink = Arc::new(MaxTold(Default::default()));
     core.attach(sink.clone());
     let mut serials = [Tid::ZERO; 8];
-    let first = zodb::timestamp::new_tid(Tid::ZERO);
+    let first = zodb::timestamp::new_tid(Tid::ZERO).unwrap();
     let mut t0 = txn(
         0,
         (0..8)
@@ -832,7 +832,7 @@ fn loads_race_commits_safely() {
         }
         for k in 1..200u64 {
             let o = (k % 8) as usize;
-            let next = zodb::timestamp::new_tid(core.last_transaction());
+            let next = zodb::timestamp::new_tid(core.last_transaction()).unwrap();
             // Data names its own tid, so readers can check it; use an explicit tid.
             let mut t = txn(
                 k,
