@@ -83,15 +83,49 @@ pub fn exception_for(err: &StorageError) -> (String, Value) {
     }
 }
 
+/// Errors of the protocol itself rather than of the storage, each with the exception the
+/// Python server raises in the same situation.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProtocolError {
+    /// Arguments of the wrong type or number: Python raises `TypeError` calling the method.
+    #[error("{0}")]
+    BadArguments(String),
+    /// A method the Python server lists but does not implement (`new_oid`).
+    #[error("'ZEOStorage' object has no attribute '{0}'")]
+    NoSuchAttribute(&'static str),
+    /// `tpc_finish` for a transaction that does not hold the commit lock (not voted, or
+    /// voted with conflicts the client gave up resolving).
+    #[error("finished called wo lock")]
+    FinishedWithoutLock,
+    /// An iterator id this connection does not have (`KeyError(iid)`).
+    #[error("{0}")]
+    UnknownIterator(i64),
+    /// `iterator_record_start` for a transaction other than the one its iterator is at.
+    #[error("Out-of-order request for record iterator for transaction {0:?}")]
+    OutOfOrderRecordIterator(Value),
+}
+
+/// Class path and payload for a protocol error, as the Python server sends them.
+pub fn exception_for_protocol(err: &ProtocolError) -> (String, Value) {
+    let class = match err {
+        ProtocolError::BadArguments(_) => "builtins.TypeError",
+        ProtocolError::NoSuchAttribute(_) => "builtins.AttributeError",
+        ProtocolError::FinishedWithoutLock => "builtins.AssertionError",
+        ProtocolError::UnknownIterator(_) => "builtins.KeyError",
+        ProtocolError::OutOfOrderRecordIterator(_) => "builtins.Exception",
+    };
+    (
+        class.into(),
+        Value::Tuple(vec![Value::Str(err.to_string())]),
+    )
+}
+
 fn conflict_dict(message: &str, oid: zodb::Oid, committed: zodb::Tid, read: zodb::Tid) -> Value {
     Value::dict([
         ("message", Value::str(message)),
         ("oid", Value::from(oid)),
         ("class_name", Value::None),
-        (
-            "serials",
-            Value::Tuple(vec![Value::from(committed), Value::from(read)]),
-        ),
+        ("serials", crate::reply::serials(committed, read)),
     ])
 }
 
@@ -104,12 +138,7 @@ pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
         v.and_then(|v| v.as_bytes())
             .and_then(|b| zodb::Oid::from_slice(b))
     };
-    let serials = || -> Option<(zodb::Tid, zodb::Tid)> {
-        let s = payload.get("serials")?.as_seq()?;
-        let a = zodb::Tid::from_slice(s.first()?.as_bytes()?)?;
-        let b = zodb::Tid::from_slice(s.get(1)?.as_bytes()?)?;
-        Some((a, b))
-    };
+    let serials = || crate::reply::serials_of(payload.get("serials")?);
     let message = || match payload {
         Value::Tuple(items) | Value::List(items) => items
             .iter()

@@ -3,21 +3,26 @@
 //! Bytes in, typed messages out, and back: length-prefixed frames ([`frame`]), the
 //! handshake and the `(msgid, flag, name, args)` tuple ([`message`]), both marshallings
 //! ([`pickle`], [`msgpack`]) over one [`Value`] type, typed client requests
-//! ([`request`]) and the mapping of storage errors to the exception classes the Python
+//! ([`request`]), typed replies and callbacks ([`reply`]), both with encode *and* decode,
+//! and the mapping of storage errors to the exception classes the Python
 //! client expects ([`exception`]). No sockets and no tokio, so the server, the client and
 //! the tests all drive the same code.
 
 pub mod exception;
 pub mod frame;
+#[cfg(feature = "io")]
+pub mod io;
 mod limits;
 pub mod message;
 pub mod msgpack;
 pub mod pickle;
+pub mod reply;
 pub mod request;
 pub mod value;
 
 pub use limits::{DecodeError, Limits};
 pub use message::{Encoding, Message};
+pub use reply::{Callback, Reply};
 pub use request::Request;
 pub use value::Value;
 

@@ -528,6 +528,151 @@ impl Request {
         })
     }
 
+    /// The method name and argument tuple that make this request, as `ClientStorage`
+    /// sends it: the inverse of [`Request::parse`] (`parse(to_call(r)) == r`).
+    pub fn to_call(&self) -> (&'static str, Vec<Value>) {
+        let id = |i: &Oid| Value::from(*i);
+        let t = |t: &Tid| Value::from(*t);
+        let opt_t = |o: &Option<Tid>| o.map(Value::from).unwrap_or(Value::None);
+        match self {
+            Request::Register { storage, read_only } => (
+                "register",
+                vec![Value::str(storage.as_str()), Value::Bool(*read_only)],
+            ),
+            Request::GetInfo => ("get_info", vec![]),
+            Request::LastTransaction => ("lastTransaction", vec![]),
+            Request::GetInvalidations { tid } => ("getInvalidations", vec![t(tid)]),
+            Request::NewOids { count } => ("new_oids", vec![Value::Int(*count as i64)]),
+            Request::NewOid => ("new_oid", vec![]),
+            Request::Pack { time, wait } => ("pack", vec![Value::Float(*time), Value::Bool(*wait)]),
+            Request::LoadBefore { oid, before } => ("loadBefore", vec![id(oid), t(before)]),
+            Request::LoadSerial { oid, serial } => ("loadSerial", vec![id(oid), t(serial)]),
+            Request::GetTid { oid } => ("getTid", vec![id(oid)]),
+            Request::History { oid, size } => ("history", vec![id(oid), Value::Int(*size as i64)]),
+            Request::TpcBegin {
+                txn,
+                user,
+                description,
+                extension,
+                tid,
+                status,
+            } => (
+                "tpc_begin",
+                vec![
+                    txn.clone(),
+                    Value::Bytes(user.clone()),
+                    Value::Bytes(description.clone()),
+                    extension.clone(),
+                    opt_t(tid),
+                    Value::Str((*status as char).to_string()),
+                ],
+            ),
+            Request::Storea {
+                oid,
+                serial,
+                data,
+                txn,
+            } => (
+                "storea",
+                vec![id(oid), t(serial), Value::Bytes(data.clone()), txn.clone()],
+            ),
+            Request::CheckCurrentSerialInTransaction { oid, serial, txn } => (
+                "checkCurrentSerialInTransaction",
+                vec![id(oid), t(serial), txn.clone()],
+            ),
+            Request::DeleteObject { oid, serial, txn } => {
+                ("deleteObject", vec![id(oid), t(serial), txn.clone()])
+            }
+            Request::Restorea {
+                oid,
+                serial,
+                data,
+                prev_txn,
+                txn,
+            } => (
+                "restorea",
+                vec![
+                    id(oid),
+                    t(serial),
+                    data.clone().map(Value::Bytes).unwrap_or(Value::None),
+                    opt_t(prev_txn),
+                    txn.clone(),
+                ],
+            ),
+            Request::Undoa {
+                transaction_id,
+                txn,
+            } => (
+                "undoa",
+                vec![Value::Bytes(transaction_id.clone()), txn.clone()],
+            ),
+            Request::StoreBlobStart => ("storeBlobStart", vec![]),
+            Request::StoreBlobChunk { chunk } => {
+                ("storeBlobChunk", vec![Value::Bytes(chunk.clone())])
+            }
+            Request::StoreBlobEnd {
+                oid,
+                serial,
+                data,
+                txn,
+            } => (
+                "storeBlobEnd",
+                vec![id(oid), t(serial), Value::Bytes(data.clone()), txn.clone()],
+            ),
+            Request::StoreBlobShared {
+                oid,
+                serial,
+                data,
+                filename,
+                txn,
+            } => (
+                "storeBlobShared",
+                vec![
+                    id(oid),
+                    t(serial),
+                    Value::Bytes(data.clone()),
+                    Value::str(filename.as_str()),
+                    txn.clone(),
+                ],
+            ),
+            Request::SendBlob { oid, serial } => ("sendBlob", vec![id(oid), t(serial)]),
+            Request::Vote { txn } => ("vote", vec![txn.clone()]),
+            Request::TpcFinish { txn } => ("tpc_finish", vec![txn.clone()]),
+            Request::TpcAbort { txn } => ("tpc_abort", vec![txn.clone()]),
+            Request::UndoLog { first, last } => {
+                ("undoLog", vec![Value::Int(*first), Value::Int(*last)])
+            }
+            Request::UndoInfo { first, last, spec } => (
+                "undoInfo",
+                vec![Value::Int(*first), Value::Int(*last), spec.clone()],
+            ),
+            Request::IteratorStart { start, stop } => {
+                ("iterator_start", vec![opt_t(start), opt_t(stop)])
+            }
+            Request::IteratorNext { iid } => ("iterator_next", vec![Value::Int(*iid)]),
+            Request::IteratorRecordStart { txn_iid, tid } => {
+                ("iterator_record_start", vec![Value::Int(*txn_iid), t(tid)])
+            }
+            Request::IteratorRecordNext { riid } => {
+                ("iterator_record_next", vec![Value::Int(*riid)])
+            }
+            Request::IteratorGc { iids } => (
+                "iterator_gc",
+                vec![Value::List(iids.iter().map(|i| Value::Int(*i)).collect())],
+            ),
+            Request::RecordIternext { next } => (
+                "record_iternext",
+                vec![next.clone().map(Value::Bytes).unwrap_or(Value::None)],
+            ),
+            Request::ServerStatus => ("server_status", vec![]),
+            Request::SetClientLabel { label } => {
+                ("set_client_label", vec![Value::str(label.as_str())])
+            }
+            Request::Ping => ("ping", vec![]),
+            Request::ChangedSince { tid } => ("zeors_changed_since", vec![t(tid)]),
+        }
+    }
+
     /// Methods that only a registered connection may call all parse; this tells whether
     /// a request modifies the storage (refused on read-only connections).
     pub fn is_write(&self) -> bool {

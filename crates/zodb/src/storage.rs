@@ -54,7 +54,7 @@ pub struct LoadBefore {
 }
 
 /// One entry of `history(oid, size)`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct HistoryEntry {
     pub tid: Tid,
     pub user: Vec<u8>,
