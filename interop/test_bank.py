@@ -480,7 +480,11 @@ def test_proxy_caches_the_resolved_state_after_a_conflict(make_server, tmp_path)
         d.close()
 
 
-def test_a_commit_through_the_proxy_while_another_client_resolves_a_conflict(make_server, tmp_path):
+def test_a_commit_through_the_proxy_waits_while_another_client_resolves_a_conflict(make_server, tmp_path):
+    """A transaction keeps the commit lock through its conflict rounds, end to end
+    through the proxy: another client's commit waits until the resolving one finishes
+    (rather than committing in between and making its second vote conflict again), then
+    goes through; nothing is lost on either side."""
     from rawzeo import Raw
     from zodbpickle import pickle
 
@@ -503,14 +507,30 @@ def test_a_commit_through_the_proxy_while_another_client_resolves_a_conflict(mak
     raw.send("storea", oid, stale, state, 1, oneway=True)
     conflicts = raw.call("vote", 1)[3]
     assert [c["oid"] for c in conflicts] == [oid]
-    # While that client "resolves", another one commits through the proxy.
-    with d.transaction() as conn:
-        conn.root()["other"] = 1
-    current = d.storage.load(oid)[1]
+    assert conflicts[0]["serials"] == (current, stale)
+    # While that client "resolves", another one commits through the proxy: it waits.
+    other_done = threading.Event()
+    errors = []
+
+    def other():
+        try:
+            with d.transaction() as conn:
+                conn.root()["other"] = 1
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(repr(e))
+        other_done.set()
+
+    t = threading.Thread(target=other, daemon=True)
+    t.start()
+    assert not other_done.wait(1.5), "a commit went through while another transaction held the lock"
+    # The resolution is stored on the serial the conflict named: nothing committed since.
     raw.send("storea", oid, current, state, 1, oneway=True)
     assert raw.call("vote", 1)[3] == []
     assert raw.call("tpc_finish", 1)[1] == 0
     raw.close()
+    assert other_done.wait(30), "the waiting commit never went through"
+    t.join(5)
+    assert errors == []
     d.close()
     assert "lost" not in proxy.log_text()
     du = ZODB.DB(ClientStorage(upstream.addr, wait_timeout=30))

@@ -35,9 +35,13 @@ class ZeorsTestBase(StorageTestBase.StorageTestBase):
 
     def setUp(self):
         StorageTestBase.StorageTestBase.setUp(self)
-        self._tmp = tempfile.mkdtemp(prefix="zeors-conf-")
-        self._server = Server(os.path.join(self._tmp, "Data.fs"), *self.server_args).start()
+        if not hasattr(self, "_tmp"):
+            self._tmp = tempfile.mkdtemp(prefix="zeors-conf-")
+        self._server = self._start_server()
         self._storage = self._new_client()
+
+    def _start_server(self):
+        return Server(os.path.join(self._tmp, "Data.fs"), *self.server_args).start()
 
     def _new_client(self, **kw):
         kw.setdefault("wait", 1)
@@ -128,11 +132,15 @@ NOT_YET = {
 }
 
 
-def _expose(cls):
+def _expose_checks(cls):
     """The mixins name their tests check*; expose them to pytest as test_*."""
     for name in dir(cls):
         if name.startswith("check") and callable(getattr(cls, name)):
             setattr(cls, "test_" + name[5:], getattr(cls, name))
+
+
+def _expose(cls):
+    _expose_checks(cls)
     for name, why in NOT_YET.items():
         setattr(cls, name, unittest.skip(why)(getattr(cls, name)))
 

@@ -19,7 +19,8 @@ use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tracing::debug;
 use zeo_client::Connection;
-use zeo_proto::Value;
+use zeo_proto::reply::Info;
+use zeo_proto::{Request, Value};
 use zodb::blob::BlobDir;
 use zodb::{Oid, StorageError, StorageMetric, Tid};
 
@@ -111,8 +112,7 @@ impl ProxyBlobs {
                 cache
                     .open_blob(oid, serial, move || async move {
                         let conn = link?;
-                        conn.call("sendBlob", vec![Value::from(oid), Value::from(serial)])
-                            .await?;
+                        conn.call(&Request::SendBlob { oid, serial }).await?;
                         Ok(())
                     })
                     .await
@@ -143,13 +143,6 @@ impl ProxyBlobs {
         file: &Path,
         txn: &Value,
     ) -> Result<(), StorageError> {
-        let end_args = || {
-            vec![
-                Value::from(oid),
-                Value::from(serial),
-                Value::Bytes(data.clone()),
-            ]
-        };
         match self {
             ProxyBlobs::Shared(dir) => {
                 // A name of ours in the object's directory, as a client would write it;
@@ -163,22 +156,28 @@ impl ProxyBlobs {
                 })
                 .await
                 .map_err(io::Error::other)??;
-                let mut args = end_args();
-                args.push(Value::Str(name));
-                args.push(txn.clone());
-                conn.send_oneway("storeBlobShared", args)?;
+                conn.send(&Request::StoreBlobShared {
+                    oid,
+                    serial,
+                    data: data.clone(),
+                    filename: name,
+                    txn: txn.clone(),
+                })?;
                 Ok(())
             }
             ProxyBlobs::Cache(_) => {
-                conn.send_oneway("storeBlobStart", vec![])?;
+                conn.send(&Request::StoreBlobStart)?;
                 // Once started, the upload is always ended, even if reading fails: the
                 // upstream server must not be left with an upload in progress (its next
                 // `storeBlobStart` would fail and drop the connection). The caller then
                 // aborts the transaction.
                 let sent = send_chunks(conn, file).await;
-                let mut args = end_args();
-                args.push(txn.clone());
-                conn.send_oneway("storeBlobEnd", args)?;
+                conn.send(&Request::StoreBlobEnd {
+                    oid,
+                    serial,
+                    data: data.clone(),
+                    txn: txn.clone(),
+                })?;
                 let bytes = sent?;
                 debug!(%oid, bytes, "blob forwarded upstream");
                 Ok(())
@@ -266,18 +265,8 @@ impl ProxyBlobs {
 
 /// Whether a `get_info` answer lists `IBlobStorage`: without it, a server drops a
 /// connection that uploads a blob.
-pub fn advertises_blobs(info: &Value) -> bool {
-    info.get("interfaces")
-        .and_then(Value::as_seq)
-        .is_some_and(|ifaces| {
-            ifaces.iter().any(|i| {
-                i.as_seq().is_some_and(|pair| {
-                    pair.len() == 2
-                        && pair[0].as_str() == Some("ZODB.interfaces")
-                        && pair[1].as_str() == Some("IBlobStorage")
-                })
-            })
-        })
+pub fn advertises_blobs(info: &Info) -> bool {
+    info.provides("IBlobStorage")
 }
 
 /// Streams `file` upstream as `storeBlobChunk`s, pacing on the connection's queue.
@@ -296,6 +285,8 @@ async fn send_chunks(conn: &Connection, file: &Path) -> Result<u64, StorageError
             return Ok(total);
         }
         total += buf.len() as u64;
-        conn.send_oneway("storeBlobChunk", vec![Value::Bytes(buf.freeze())])?;
+        conn.send(&Request::StoreBlobChunk {
+            chunk: buf.freeze(),
+        })?;
     }
 }

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use zeo_proto::{frame, message, Encoding, Value};
+use zeo_proto::{Callback, Encoding};
 use zodb::{InvalidationSink, Oid, Tid, TxnKey};
 
 pub type SessionId = u64;
@@ -122,25 +122,22 @@ impl Hub {
     }
 
     /// Sends a callback to every session (used for `info` after a pack).
-    pub fn broadcast(&self, name: &str, args: Vec<Value>) {
+    pub fn broadcast(&self, callback: &Callback) {
         let inner = self.inner.lock();
         let mut frames: [Option<Bytes>; 2] = [None, None];
         for out in inner.sessions.values() {
-            let f = encoded(&mut frames, out.encoding, || {
-                message::encode_callback(out.encoding, name, args.clone())
-            });
-            out.send(f);
+            out.send(encoded(&mut frames, out.encoding, callback));
         }
     }
 }
 
-/// Encodes a message once per encoding and shares the frame among sessions.
-fn encoded(cache: &mut [Option<Bytes>; 2], enc: Encoding, make: impl FnOnce() -> Vec<u8>) -> Bytes {
+/// Encodes a callback once per encoding and shares the frame among sessions.
+fn encoded(cache: &mut [Option<Bytes>; 2], enc: Encoding, callback: &Callback) -> Bytes {
     let slot = &mut cache[match enc {
         Encoding::Pickle => 0,
         Encoding::Msgpack => 1,
     }];
-    slot.get_or_insert_with(|| frame::frame(&make())).clone()
+    slot.get_or_insert_with(|| callback.frame(enc)).clone()
 }
 
 impl InvalidationSink for Hub {
@@ -167,7 +164,10 @@ impl InvalidationSink for Hub {
         }
         inner.last_tid = tid;
         let skip = committer.and_then(|k| inner.committers.get(&k).copied());
-        let oid_values: Vec<Value> = oids.iter().map(|o| Value::from(*o)).collect();
+        let callback = Callback::InvalidateTransaction {
+            tid,
+            oids: oids.to_vec(),
+        };
         let mut frames: [Option<Bytes>; 2] = [None, None];
         let mut sent = 0;
         for (id, out) in inner.sessions.iter() {
@@ -175,13 +175,7 @@ impl InvalidationSink for Hub {
                 out.send_invalidation(tid, None);
                 continue;
             }
-            let f = encoded(&mut frames, out.encoding, || {
-                message::encode_callback(
-                    out.encoding,
-                    "invalidateTransaction",
-                    vec![Value::from(tid), Value::List(oid_values.clone())],
-                )
-            });
+            let f = encoded(&mut frames, out.encoding, &callback);
             out.send_invalidation(tid, Some(f));
             sent += 1;
         }

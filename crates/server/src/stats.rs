@@ -12,6 +12,8 @@ pub struct Stats {
     pub commits: AtomicU64,
     pub aborts: AtomicU64,
     pub conflicts: AtomicU64,
+    /// Conflicts the server resolved itself (native resolution of BTrees and Length).
+    pub conflicts_resolved: AtomicU64,
     pub active_txns: AtomicI64,
     /// Sessions waiting for the commit lock.
     pub waiting: AtomicUsize,
@@ -60,7 +62,7 @@ impl Stats {
                     .unwrap_or(Value::None),
             ),
             ("conflicts", n(&self.conflicts)),
-            ("conflicts_resolved", Value::Int(0)),
+            ("conflicts_resolved", n(&self.conflicts_resolved)),
             ("start", Value::Str(self.start.clone())),
             (
                 "waiting",

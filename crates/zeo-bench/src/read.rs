@@ -230,7 +230,11 @@ async fn read_all(
                         Err(e) => return Err(e.into()),
                     }
                 };
-                let (data, serial, _) = loaded.ok_or_else(|| anyhow!("{oid} not found"))?;
+                let zodb::Loaded {
+                    data,
+                    start: serial,
+                    ..
+                } = loaded.ok_or_else(|| anyhow!("{oid} not found"))?;
                 out.push((i, (serial, data.len(), fnv1a(&data))));
             }
             anyhow::Ok((out, refused))

@@ -13,8 +13,9 @@ use anyhow::{anyhow, Result};
 use bytes::Bytes;
 use futures::future::try_join_all;
 use zeo_client::{ClientError, Connection};
-use zeo_proto::Value;
-use zodb::{Oid, StorageError, Tid};
+use zeo_proto::reply::VoteResult;
+use zeo_proto::{Request, Value};
+use zodb::{Conflict, Loaded, Oid, StorageError, Tid};
 
 /// How often a client votes again after resolving conflicts (ClientStorage allows 9).
 const MAX_VOTES: usize = 9;
@@ -59,19 +60,20 @@ impl Writer {
 
         let id = Value::Int(self.next_txn);
         self.next_txn += 1;
-        self.conn.send_oneway(
-            "tpc_begin",
-            vec![
-                id.clone(),
-                Value::str(""),
-                Value::str("zeo-bench"),
-                Value::Dict(Vec::new()),
-                Value::None,
-                Value::str(" "),
-            ],
-        )?;
+        self.conn.send(&Request::TpcBegin {
+            txn: id.clone(),
+            user: Bytes::new(),
+            description: Bytes::from_static(b"zeo-bench"),
+            extension: Value::Dict(Vec::new()),
+            tid: None,
+            status: b' ',
+        })?;
         for (i, (&oid, loaded)) in oids.iter().zip(current).enumerate() {
-            let (data, serial, _) = loaded.0.ok_or_else(|| anyhow!("{oid} does not exist"))?;
+            let Loaded {
+                data,
+                start: serial,
+                ..
+            } = loaded.0.ok_or_else(|| anyhow!("{oid} does not exist"))?;
             let new = if i < items.len() {
                 meta.new_item_record(rng)
             } else {
@@ -85,22 +87,17 @@ impl Writer {
         let mut resolved_by_client = 0;
         let mut resolved_by_server = 0;
         for _ in 0..MAX_VOTES {
-            let reply = match self.conn.call("vote", vec![id.clone()]).await {
-                Ok(v) => v,
-                Err(ClientError::Remote(e)) if is_conflict(&e.to_storage_error()) => {
-                    self.abort(&id).await;
-                    return Ok(VoteOutcome::Conflict);
-                }
-                Err(e) => return Err(e.into()),
-            };
-            let mut to_resolve = Vec::new();
-            for entry in reply.as_seq().unwrap_or(&[]) {
-                match entry {
-                    Value::Bytes(_) => resolved_by_server += 1,
-                    Value::Dict(_) => to_resolve.push(Conflict::parse(entry)?),
-                    _ => {}
-                }
-            }
+            let reply: VoteResult =
+                match self.conn.request(&Request::Vote { txn: id.clone() }).await {
+                    Ok(v) => v,
+                    Err(ClientError::Remote(e)) if is_conflict(&e.to_storage_error()) => {
+                        self.abort(&id).await;
+                        return Ok(VoteOutcome::Conflict);
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+            resolved_by_server += reply.resolved().count() as u64;
+            let to_resolve: Vec<Conflict> = reply.conflicts().cloned().collect();
             if to_resolve.is_empty() {
                 return Ok(VoteOutcome::Voted(Voted {
                     id,
@@ -124,10 +121,12 @@ impl Writer {
 
     /// Finishes a voted transaction; returns its tid.
     pub async fn finish(&mut self, voted: &Voted) -> Result<Tid> {
-        let v = self.conn.call("tpc_finish", vec![voted.id.clone()]).await?;
-        v.as_bytes()
-            .and_then(|b| Tid::from_slice(b))
-            .ok_or_else(|| anyhow!("tpc_finish returned {v:?}"))
+        Ok(self
+            .conn
+            .request(&Request::TpcFinish {
+                txn: voted.id.clone(),
+            })
+            .await?)
     }
 
     /// Commits one transaction, retrying after unresolvable conflicts with fresh reads.
@@ -161,15 +160,12 @@ impl Writer {
     }
 
     fn storea(&self, oid: Oid, serial: Tid, data: Bytes, id: &Value) -> Result<()> {
-        self.conn.send_oneway(
-            "storea",
-            vec![
-                Value::from(oid),
-                Value::from(serial),
-                Value::Bytes(data),
-                id.clone(),
-            ],
-        )?;
+        self.conn.send(&Request::Storea {
+            oid,
+            serial,
+            data,
+            txn: id.clone(),
+        })?;
         Ok(())
     }
 
@@ -196,39 +192,7 @@ impl Writer {
     async fn abort(&self, id: &Value) {
         // The server may already have ended the transaction (a vote that raised); the
         // abort is then a no-op on either server, and its outcome does not matter.
-        let _ = self.conn.call("tpc_abort", vec![id.clone()]).await;
-    }
-}
-
-/// A conflict the server returned for the client to resolve.
-struct Conflict {
-    oid: Oid,
-    committed: Tid,
-    read: Tid,
-    data: Bytes,
-}
-
-impl Conflict {
-    fn parse(v: &Value) -> Result<Conflict> {
-        let bad = || anyhow!("malformed conflict from vote: {v:?}");
-        let oid = v
-            .get("oid")
-            .and_then(Value::as_bytes)
-            .and_then(|b| Oid::from_slice(b));
-        let serials = v.get("serials").and_then(Value::as_seq).unwrap_or(&[]);
-        let tid = |i: usize| {
-            serials
-                .get(i)
-                .and_then(Value::as_bytes)
-                .and_then(|b| Tid::from_slice(b))
-        };
-        let data = v.get("data").and_then(Value::as_bytes).cloned();
-        Ok(Conflict {
-            oid: oid.ok_or_else(bad)?,
-            committed: tid(0).ok_or_else(bad)?,
-            read: tid(1).ok_or_else(bad)?,
-            data: data.ok_or_else(bad)?,
-        })
+        let _ = self.conn.call(&Request::TpcAbort { txn: id.clone() }).await;
     }
 }
 

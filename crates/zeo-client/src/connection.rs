@@ -4,13 +4,17 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-use zeo_proto::{exception, frame, message, Encoding, Limits, Message, Value};
-use zodb::{Oid, StorageError, Tid};
+use zeo_proto::reply::{Info, Invalidations, NewOids, ReplyError, SizeInfo};
+use zeo_proto::{
+    exception, frame, message, Callback, Encoding, Limits, Message, Reply, Request, Value,
+};
+use zodb::{Loaded, Oid, StorageError, Tid};
 
 /// Where a server listens: `HOST:PORT`, or a unix socket path (contains `/`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,8 +84,8 @@ pub enum ClientError {
     Disconnected,
     #[error("server error {}: {:?}", .0.class_path, .0.payload)]
     Remote(RemoteError),
-    #[error("unexpected reply to {0}: {1:?}")]
-    UnexpectedReply(&'static str, Value),
+    #[error("unexpected reply: {0}")]
+    UnexpectedReply(#[from] ReplyError),
 }
 
 impl From<ClientError> for StorageError {
@@ -93,9 +97,9 @@ impl From<ClientError> for StorageError {
     }
 }
 
-/// The answer to a call.
+/// The answer to a call, before it is read as a typed reply.
 #[derive(Debug)]
-pub struct Reply {
+pub struct RawReply {
     pub result: Result<Value, RemoteError>,
     /// The tid of the last `invalidateTransaction` handled before this reply arrived
     /// (or the tid `register` returned if none): the reply reflects at least that state.
@@ -107,7 +111,7 @@ pub struct Reply {
 #[async_trait]
 pub trait Callbacks: Send + Sync + 'static {
     async fn invalidate_transaction(&self, _tid: Tid, _oids: Vec<Oid>) {}
-    async fn info(&self, _info: Value) {}
+    async fn info(&self, _info: SizeInfo) {}
     async fn receive_blob_start(&self, _oid: Oid, _serial: Tid) {}
     async fn receive_blob_chunk(&self, _oid: Oid, _serial: Tid, _chunk: Bytes) {}
     async fn receive_blob_stop(&self, _oid: Oid, _serial: Tid) {}
@@ -126,7 +130,7 @@ impl Callbacks for NoCallbacks {}
 pub type ReplyHook = Box<dyn FnOnce(&Result<Value, RemoteError>) + Send>;
 
 struct Pending {
-    tx: oneshot::Sender<Reply>,
+    tx: oneshot::Sender<RawReply>,
     hook: Option<ReplyHook>,
 }
 
@@ -196,7 +200,7 @@ impl Connection {
     {
         let (mut rd, mut wr) = tokio::io::split(stream);
         let mut buf = BytesMut::with_capacity(64 * 1024);
-        let hello = read_frame(&mut rd, &mut buf, 64)
+        let hello = zeo_proto::io::read_frame(&mut rd, &mut buf, 64)
             .await
             .map_err(|e| ClientError::Connect(address.clone(), e))?
             .ok_or(ClientError::Disconnected)?;
@@ -243,16 +247,12 @@ impl Connection {
             inner,
             registered_tid: Tid::ZERO,
         };
-        let tid = conn
-            .call(
-                "register",
-                vec![
-                    Value::str(opts.storage.as_str()),
-                    Value::Bool(opts.read_only),
-                ],
-            )
+        let tid: Tid = conn
+            .request(&Request::Register {
+                storage: opts.storage.clone(),
+                read_only: opts.read_only,
+            })
             .await?;
-        let tid = tid_of(&tid).ok_or(ClientError::UnexpectedReply("register", tid))?;
         conn.registered_tid = tid;
         // Invalidations before this point are older than the tid register returned.
         conn.inner
@@ -288,59 +288,91 @@ impl Connection {
         self.inner.shut();
     }
 
+    // The calls below send their request at once, when called, and return a future of
+    // the reply that borrows nothing: requests made one after the other go out in that
+    // order however their futures are then awaited (pipelining relies on it).
+
     /// A two-way call; returns the reply and what it reflects.
-    pub async fn call_with_seen(&self, name: &str, args: Vec<Value>) -> Result<Reply, ClientError> {
-        self.call_inner(name, args, None).await
+    pub fn call_with_seen(
+        &self,
+        request: &Request,
+    ) -> impl Future<Output = Result<RawReply, ClientError>> + Send + 'static {
+        self.call_inner(request, None)
     }
 
     /// A two-way call whose `hook` runs in the reader, in order with callbacks, as soon
     /// as the reply arrives (see [`ReplyHook`]).
-    pub async fn call_with_hook(
+    pub fn call_with_hook(
         &self,
-        name: &str,
-        args: Vec<Value>,
+        request: &Request,
         hook: ReplyHook,
-    ) -> Result<Value, ClientError> {
-        self.call_inner(name, args, Some(hook))
-            .await?
-            .result
-            .map_err(ClientError::Remote)
+    ) -> impl Future<Output = Result<Value, ClientError>> + Send + 'static {
+        let reply = self.call_inner(request, Some(hook));
+        async move { reply.await?.result.map_err(ClientError::Remote) }
     }
 
-    async fn call_inner(
+    fn call_inner(
         &self,
-        name: &str,
-        args: Vec<Value>,
+        request: &Request,
         hook: Option<ReplyHook>,
-    ) -> Result<Reply, ClientError> {
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err(ClientError::Disconnected);
-        }
-        let msgid = self.inner.next_msgid.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        self.inner.calls.lock().insert(msgid, Pending { tx, hook });
-        let payload =
-            message::encode_call(self.inner.encoding, &Value::Int(msgid), false, name, args);
-        if !self.inner.push(frame::frame(&payload)) || self.inner.closed.load(Ordering::Acquire) {
-            self.inner.calls.lock().remove(&msgid);
-            return Err(ClientError::Disconnected);
-        }
-        rx.await.map_err(|_| ClientError::Disconnected)
+    ) -> impl Future<Output = Result<RawReply, ClientError>> + Send + 'static {
+        let sent = (|| {
+            if self.inner.closed.load(Ordering::Acquire) {
+                return Err(ClientError::Disconnected);
+            }
+            let msgid = self.inner.next_msgid.fetch_add(1, Ordering::Relaxed);
+            let (tx, rx) = oneshot::channel();
+            self.inner.calls.lock().insert(msgid, Pending { tx, hook });
+            let (name, args) = request.to_call();
+            let payload =
+                message::encode_call(self.inner.encoding, &Value::Int(msgid), false, name, args);
+            if !self.inner.push(frame::frame(&payload)) || self.inner.closed.load(Ordering::Acquire)
+            {
+                self.inner.calls.lock().remove(&msgid);
+                return Err(ClientError::Disconnected);
+            }
+            Ok(rx)
+        })();
+        async move { sent?.await.map_err(|_| ClientError::Disconnected) }
     }
 
     /// A two-way call; a server exception becomes [`ClientError::Remote`].
-    pub async fn call(&self, name: &str, args: Vec<Value>) -> Result<Value, ClientError> {
-        self.call_with_seen(name, args)
-            .await?
-            .result
-            .map_err(ClientError::Remote)
+    pub fn call(
+        &self,
+        request: &Request,
+    ) -> impl Future<Output = Result<Value, ClientError>> + Send + 'static {
+        let reply = self.call_with_seen(request);
+        async move { reply.await?.result.map_err(ClientError::Remote) }
+    }
+
+    /// A two-way call whose reply is read as `R`.
+    pub fn request<R: Reply + Send + 'static>(
+        &self,
+        request: &Request,
+    ) -> impl Future<Output = Result<R, ClientError>> + Send + 'static {
+        let reply = self.call(request);
+        async move { Ok(R::from_value(&reply.await?)?) }
+    }
+
+    /// [`Connection::request`], with the tid the reply reflects (see [`RawReply::seen`]).
+    pub fn request_with_seen<R: Reply + Send + 'static>(
+        &self,
+        request: &Request,
+    ) -> impl Future<Output = Result<(R, Tid), ClientError>> + Send + 'static {
+        let reply = self.call_with_seen(request);
+        async move {
+            let reply = reply.await?;
+            let v = reply.result.map_err(ClientError::Remote)?;
+            Ok((R::from_value(&v)?, reply.seen))
+        }
     }
 
     /// A one-way call (no reply).
-    pub fn send_oneway(&self, name: &str, args: Vec<Value>) -> Result<(), ClientError> {
+    pub fn send(&self, request: &Request) -> Result<(), ClientError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(ClientError::Disconnected);
         }
+        let (name, args) = request.to_call();
         let payload = message::encode_call(self.inner.encoding, &Value::Int(0), true, name, args);
         if self.inner.push(frame::frame(&payload)) {
             Ok(())
@@ -370,67 +402,30 @@ impl Connection {
         }
     }
 
-    // Typed calls used by the proxy, the bench tool and tests.
+    // Shorthands for the calls the proxy, the bench tool and tests make most.
 
     pub async fn last_transaction(&self) -> Result<Tid, ClientError> {
-        let v = self.call("lastTransaction", vec![]).await?;
-        tid_of(&v).ok_or(ClientError::UnexpectedReply("lastTransaction", v))
+        self.request(&Request::LastTransaction).await
     }
 
-    /// `loadBefore(oid, before)`: `None` if there is no revision before `before`.
-    #[allow(clippy::type_complexity)]
+    /// `loadBefore(oid, before)` (`None` if there is no revision before `before`), and the
+    /// tid the answer reflects.
     pub async fn load_before(
         &self,
         oid: Oid,
         before: Tid,
-    ) -> Result<(Option<(Bytes, Tid, Option<Tid>)>, Tid), ClientError> {
-        let reply = self
-            .call_with_seen("loadBefore", vec![Value::from(oid), Value::from(before)])
-            .await?;
-        let seen = reply.seen;
-        let v = reply.result.map_err(ClientError::Remote)?;
-        if v == Value::None {
-            return Ok((None, seen));
-        }
-        let parsed = (|| {
-            let s = v.as_seq()?;
-            let data = s.first()?.as_bytes()?.clone();
-            let start = tid_of(s.get(1)?)?;
-            let end = match s.get(2)? {
-                Value::None => None,
-                other => Some(tid_of(other)?),
-            };
-            Some((data, start, end))
-        })();
-        match parsed {
-            Some(p) => Ok((Some(p), seen)),
-            None => Err(ClientError::UnexpectedReply("loadBefore", v)),
-        }
+    ) -> Result<(Option<Loaded>, Tid), ClientError> {
+        self.request_with_seen(&Request::LoadBefore { oid, before })
+            .await
     }
 
     pub async fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Bytes, ClientError> {
-        match self
-            .call("loadSerial", vec![Value::from(oid), Value::from(serial)])
-            .await?
-        {
-            Value::Bytes(b) => Ok(b),
-            other => Err(ClientError::UnexpectedReply("loadSerial", other)),
-        }
+        self.request(&Request::LoadSerial { oid, serial }).await
     }
 
     pub async fn new_oids(&self, count: usize) -> Result<Vec<Oid>, ClientError> {
-        let v = self
-            .call("new_oids", vec![Value::Int(count as i64)])
-            .await?;
-        let oids = v.as_seq().map(|s| {
-            s.iter()
-                .filter_map(|o| o.as_bytes().and_then(|b| Oid::from_slice(b)))
-                .collect::<Vec<_>>()
-        });
-        match oids {
-            Some(o) if !o.is_empty() => Ok(o),
-            _ => Err(ClientError::UnexpectedReply("new_oids", v)),
-        }
+        let oids: NewOids = self.request(&Request::NewOids { count }).await?;
+        Ok(oids.0)
     }
 
     /// `getInvalidations(tid)`: `None` if the server cannot tell.
@@ -438,34 +433,16 @@ impl Connection {
         &self,
         tid: Tid,
     ) -> Result<Option<(Tid, Vec<Oid>)>, ClientError> {
-        let v = self
-            .call("getInvalidations", vec![Value::from(tid)])
-            .await?;
-        if v == Value::None {
-            return Ok(None);
-        }
-        let parsed = (|| {
-            let s = v.as_seq()?;
-            let tid = tid_of(s.first()?)?;
-            let oids = s
-                .get(1)?
-                .as_seq()?
-                .iter()
-                .filter_map(|o| o.as_bytes().and_then(|b| Oid::from_slice(b)))
-                .collect();
-            Some((tid, oids))
-        })();
-        parsed
-            .map(Some)
-            .ok_or(ClientError::UnexpectedReply("getInvalidations", v))
+        let i: Invalidations = self.request(&Request::GetInvalidations { tid }).await?;
+        Ok(i.0)
     }
 
-    pub async fn get_info(&self) -> Result<Value, ClientError> {
-        self.call("get_info", vec![]).await
+    pub async fn get_info(&self) -> Result<Info, ClientError> {
+        self.request(&Request::GetInfo).await
     }
 
     pub async fn ping(&self) -> Result<(), ClientError> {
-        self.call("ping", vec![]).await.map(|_| ())
+        self.request(&Request::Ping).await
     }
 
     /// The tid of the last invalidation handled so far.
@@ -494,37 +471,6 @@ impl Inner {
         // Dropping the senders fails every waiting call with Disconnected.
         self.calls.lock().clear();
         let _ = self.closed_tx.send(true);
-    }
-}
-
-pub(crate) fn tid_of(v: &Value) -> Option<Tid> {
-    v.as_bytes().and_then(|b| Tid::from_slice(b))
-}
-
-fn oids_of(v: &Value) -> Vec<Oid> {
-    v.as_seq()
-        .map(|s| {
-            s.iter()
-                .filter_map(|o| o.as_bytes().and_then(|b| Oid::from_slice(b)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-async fn read_frame<R: AsyncRead + Unpin>(
-    rd: &mut R,
-    buf: &mut BytesMut,
-    max: usize,
-) -> std::io::Result<Option<Bytes>> {
-    loop {
-        match frame::decode_frame(buf, max) {
-            Ok(Some(f)) => return Ok(Some(f)),
-            Ok(None) => {}
-            Err(e) => return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)),
-        }
-        if rd.read_buf(buf).await? == 0 {
-            return Ok(None);
-        }
     }
 }
 
@@ -630,49 +576,28 @@ async fn dispatch(inner: &Inner, callbacks: &dyn Callbacks, msg: Message) {
             hook(&result);
         }
         let seen = Tid(inner.last_invalidation.load(Ordering::Acquire));
-        let _ = pending.tx.send(Reply { result, seen });
+        let _ = pending.tx.send(RawReply { result, seen });
         return;
     }
-    let args: Vec<Value> = match msg.args {
-        Value::Tuple(v) | Value::List(v) => v,
-        other => vec![other],
-    };
-    let oid_serial = |a: &[Value]| -> Option<(Oid, Tid)> {
-        Some((
-            Oid::from_slice(a.first()?.as_bytes()?)?,
-            Tid::from_slice(a.get(1)?.as_bytes()?)?,
-        ))
-    };
-    match msg.name.as_str() {
-        "invalidateTransaction" => {
-            let Some(tid) = args.first().and_then(tid_of) else {
-                return;
-            };
-            let oids = args.get(1).map(oids_of).unwrap_or_default();
+    match Callback::parse(&msg.name, &msg.args) {
+        Ok(Some(Callback::InvalidateTransaction { tid, oids })) => {
             callbacks.invalidate_transaction(tid, oids).await;
             inner.last_invalidation.fetch_max(tid.0, Ordering::AcqRel);
         }
-        "info" => {
-            if let Some(v) = args.into_iter().next() {
-                callbacks.info(v).await;
-            }
+        Ok(Some(Callback::Info(info))) => callbacks.info(info).await,
+        Ok(Some(Callback::ReceiveBlobStart { oid, serial })) => {
+            callbacks.receive_blob_start(oid, serial).await
         }
-        "receiveBlobStart" => {
-            if let Some((o, s)) = oid_serial(&args) {
-                callbacks.receive_blob_start(o, s).await;
-            }
+        Ok(Some(Callback::ReceiveBlobChunk { oid, serial, chunk })) => {
+            callbacks.receive_blob_chunk(oid, serial, chunk).await
         }
-        "receiveBlobChunk" => {
-            if let (Some((o, s)), Some(Value::Bytes(chunk))) = (oid_serial(&args), args.get(2)) {
-                callbacks.receive_blob_chunk(o, s, chunk.clone()).await;
-            }
+        Ok(Some(Callback::ReceiveBlobStop { oid, serial })) => {
+            callbacks.receive_blob_stop(oid, serial).await
         }
-        "receiveBlobStop" => {
-            if let Some((o, s)) = oid_serial(&args) {
-                callbacks.receive_blob_stop(o, s).await;
-            }
+        Ok(None) => tracing::debug!(callback = %msg.name, "ignoring unknown callback"),
+        Err(e) => {
+            tracing::warn!(address = %inner.address, error = %e, "malformed callback ignored")
         }
-        other => tracing::debug!(callback = other, "ignoring unknown callback"),
     }
 }
 

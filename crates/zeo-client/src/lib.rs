@@ -4,7 +4,7 @@
 //! it pipelines calls (any number in flight, matched by msgid), sends one-way calls, and
 //! hands server callbacks to a [`Callbacks`] implementation **in arrival order**, awaiting
 //! each before reading further. That ordering is what a caching client relies on: a reply
-//! carries the tid of the last invalidation processed before it ([`Reply::seen`]), so the
+//! carries the tid of the last invalidation processed before it ([`RawReply::seen`]), so the
 //! caller knows exactly which transactions its data already reflects.
 //!
 //! Used by the proxy storage (upstream link), the benchmark load generator and tests.
@@ -13,5 +13,5 @@ mod connection;
 
 pub use connection::{
     connect_any, Address, Backoff, Callbacks, ClientError, ConnectOptions, Connection, NoCallbacks,
-    RemoteError, Reply, ReplyHook, Traffic,
+    RawReply, RemoteError, ReplyHook, Traffic,
 };

@@ -93,6 +93,16 @@ impl Reply for Tid {
     }
 }
 
+/// Iterator ids (`iterator_start`, `iterator_record_start`).
+impl Reply for i64 {
+    fn to_value(&self) -> Value {
+        Value::Int(*self)
+    }
+    fn from_value(v: &Value) -> Result<Self, ReplyError> {
+        v.as_int().map_or_else(|| bad("int", v), Ok)
+    }
+}
+
 impl Reply for () {
     fn to_value(&self) -> Value {
         Value::None

@@ -528,6 +528,49 @@ impl Request {
         })
     }
 
+    /// The one-way request that sends a buffered transaction operation as part of
+    /// transaction `txn` (what a proxy forwards upstream). `None` for a blob store, which
+    /// takes an upload of several messages (`storeBlobStart`, chunks, `storeBlobEnd`).
+    pub fn for_op(op: &zodb::TxnOp, txn: &ClientTxnId) -> Option<Request> {
+        use zodb::TxnOp;
+        let txn = txn.clone();
+        Some(match op {
+            TxnOp::Store { oid, serial, data } => Request::Storea {
+                oid: *oid,
+                serial: *serial,
+                data: data.clone(),
+                txn,
+            },
+            TxnOp::CheckCurrent { oid, serial } => Request::CheckCurrentSerialInTransaction {
+                oid: *oid,
+                serial: *serial,
+                txn,
+            },
+            TxnOp::Delete { oid, serial } => Request::DeleteObject {
+                oid: *oid,
+                serial: *serial,
+                txn,
+            },
+            TxnOp::Restore {
+                oid,
+                serial,
+                data,
+                prev_txn,
+            } => Request::Restorea {
+                oid: *oid,
+                serial: *serial,
+                data: data.clone(),
+                prev_txn: *prev_txn,
+                txn,
+            },
+            TxnOp::Undo { transaction_id } => Request::Undoa {
+                transaction_id: Bytes::from(transaction_id.clone()),
+                txn,
+            },
+            TxnOp::StoreBlob { .. } => return None,
+        })
+    }
+
     /// The method name and argument tuple that make this request, as `ClientStorage`
     /// sends it: the inverse of [`Request::parse`] (`parse(to_call(r)) == r`).
     pub fn to_call(&self) -> (&'static str, Vec<Value>) {
@@ -671,6 +714,27 @@ impl Request {
             Request::Ping => ("ping", vec![]),
             Request::ChangedSince { tid } => ("zeors_changed_since", vec![t(tid)]),
         }
+    }
+
+    /// Whether the request belongs to a transaction (begin, buffered operations, blob
+    /// uploads, vote, finish, abort).
+    pub fn is_transactional(&self) -> bool {
+        matches!(
+            self,
+            Request::TpcBegin { .. }
+                | Request::Storea { .. }
+                | Request::CheckCurrentSerialInTransaction { .. }
+                | Request::DeleteObject { .. }
+                | Request::Restorea { .. }
+                | Request::Undoa { .. }
+                | Request::StoreBlobStart
+                | Request::StoreBlobChunk { .. }
+                | Request::StoreBlobEnd { .. }
+                | Request::StoreBlobShared { .. }
+                | Request::Vote { .. }
+                | Request::TpcFinish { .. }
+                | Request::TpcAbort { .. }
+        )
     }
 
     /// Methods that only a registered connection may call all parse; this tells whether

@@ -33,7 +33,7 @@ pub struct StorageInfo {
 }
 
 /// One revision of an object.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loaded {
     pub data: Bytes,
     /// The tid that wrote this revision (its serial).

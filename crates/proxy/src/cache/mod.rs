@@ -172,16 +172,11 @@ impl CacheConfig {
     }
 }
 
-/// A cached revision and what it is known to be valid for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CachedRevision {
-    pub data: Bytes,
-    /// The tid that wrote it (its serial).
-    pub start: Tid,
-    /// `None`: current as of the cache's `last_tid`. `Some(e)`: valid for `[start, e)` (`e`
-    /// is the next revision's tid, or an earlier bound when that is all the cache knows).
-    pub end: Option<Tid>,
-}
+/// A revision as the cache returns it: the one loaded-revision type of the project.
+/// `end == None` means current as of the cache's `last_tid`; `Some(e)`: valid for
+/// `[start, e)` (`e` is the next revision's tid, or an earlier bound when that is all the
+/// cache knows).
+pub type CachedRevision = zodb::Loaded;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {

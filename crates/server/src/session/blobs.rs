@@ -16,14 +16,15 @@
 //! bytes wait in the outbox, so a blob of any size costs a few MiB of memory per
 //! download and the client's reading speed paces the disk reads.
 
-use super::{send_error, Close, Session, TxnState};
+use super::txn_core::Event;
+use super::{send_error, Close, Session};
 use crate::StorageHandle;
 use bytes::{Bytes, BytesMut};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, error, warn};
-use zeo_proto::{frame, message, Value};
+use zeo_proto::{message, Callback, Value};
 use zodb::{Oid, Tid, TxnOp};
 
 /// Bytes of blob data per `receiveBlobChunk` (Python sends 59 000; larger chunks mean
@@ -40,7 +41,7 @@ pub(super) const SEND_WINDOW: usize = 4 << 20;
 pub(super) struct TempFiles(Vec<PathBuf>);
 
 impl TempFiles {
-    fn push(&mut self, path: PathBuf) {
+    pub(super) fn push(&mut self, path: PathBuf) {
         self.0.push(path);
     }
 
@@ -48,7 +49,7 @@ impl TempFiles {
         TempFiles(std::mem::take(&mut self.0))
     }
 
-    fn append(&mut self, mut other: TempFiles) {
+    pub(super) fn append(&mut self, mut other: TempFiles) {
         self.0.append(&mut other.0);
     }
 }
@@ -101,7 +102,7 @@ impl Session {
         if read_only {
             return Err(self.blob_misuse("storeBlobStart on a read-only connection"));
         }
-        if !matches!(self.txn, TxnState::Begun(_)) {
+        if !self.txn.core().accepts_ops(None) {
             return Err(self.blob_misuse("storeBlobStart outside a transaction"));
         }
         if self.upload.is_some() {
@@ -153,6 +154,7 @@ impl Session {
     /// buffers the store.
     pub(super) async fn store_blob_end(
         &mut self,
+        handle: &Arc<StorageHandle>,
         oid: Oid,
         serial: Tid,
         data: Bytes,
@@ -161,7 +163,7 @@ impl Session {
         let Some(mut upload) = self.upload.take() else {
             return Err(self.blob_misuse("storeBlobEnd without storeBlobStart"));
         };
-        if !matches!(&self.txn, TxnState::Begun(open) if open.id == txn) {
+        if !self.txn.core().accepts_ops(Some(&txn)) {
             return Err(self.blob_misuse("storeBlobEnd outside its transaction"));
         }
         let synced = async {
@@ -173,22 +175,25 @@ impl Session {
             return Err(Close::Io(e));
         }
         debug!(session = self.id, %oid, bytes = upload.size, "blob uploaded");
-        if let TxnState::Begun(open) = &mut self.txn {
-            open.txn.ops.push(TxnOp::StoreBlob {
+        self.txn.blob_files.append(upload.guard.take());
+        let op = Event::Op {
+            id: txn,
+            op: TxnOp::StoreBlob {
                 oid,
                 serial,
                 data,
                 file: upload.path,
-            });
-            open.blob_files.append(upload.guard.take());
-        }
-        Ok(())
+            },
+            what: "storeBlobEnd",
+        };
+        let ctx = txn_ctx!(self, handle);
+        self.txn.feed(&ctx, op).await
     }
 
     /// `storeBlobShared(oid, serial, data, filename, txn)`: the client wrote the file
     /// into the oid's directory of the blob directory it shares with us.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn store_blob_shared(
+    pub(super) async fn store_blob_shared(
         &mut self,
         handle: &Arc<StorageHandle>,
         read_only: bool,
@@ -206,7 +211,7 @@ impl Session {
             error!(session = self.id, peer = %self.peer, ?filename, "bad file name in storeBlobShared");
             return Err(Close::Protocol("bad file name in storeBlobShared".into()));
         }
-        if !matches!(&self.txn, TxnState::Begun(open) if open.id == txn) {
+        if !self.txn.core().accepts_ops(Some(&txn)) {
             return Err(self.blob_misuse("storeBlobShared outside its transaction"));
         }
         let dir = match handle.storage.blob_shared_dir(oid) {
@@ -217,16 +222,19 @@ impl Session {
             }
         };
         let file = dir.join(&filename);
-        if let TxnState::Begun(open) = &mut self.txn {
-            open.blob_files.push(file.clone());
-            open.txn.ops.push(TxnOp::StoreBlob {
+        self.txn.blob_files.push(file.clone());
+        let op = Event::Op {
+            id: txn,
+            op: TxnOp::StoreBlob {
                 oid,
                 serial,
                 data,
                 file,
-            });
-        }
-        Ok(())
+            },
+            what: "storeBlobShared",
+        };
+        let ctx = txn_ctx!(self, handle);
+        self.txn.feed(&ctx, op).await
     }
 
     /// `sendBlob(oid, serial)`: streams the file back through callbacks, then replies.
@@ -244,12 +252,7 @@ impl Session {
                 Ok(f) => f,
                 Err(e) => return send_error(&outbox, &msgid, &e),
             };
-            let callback = |name: &str, chunk: Option<Bytes>| {
-                let mut args = vec![Value::from(oid), Value::from(serial)];
-                args.extend(chunk.map(Value::Bytes));
-                frame::frame(&message::encode_callback(outbox.encoding, name, args))
-            };
-            outbox.send(callback("receiveBlobStart", None));
+            outbox.send(Callback::ReceiveBlobStart { oid, serial }.frame(outbox.encoding));
             let mut file = tokio::fs::File::from_std(file);
             let mut sent = 0u64;
             loop {
@@ -270,14 +273,11 @@ impl Session {
                     break;
                 }
                 sent += chunk.len() as u64;
-                outbox.send(callback("receiveBlobChunk", Some(chunk)));
+                outbox
+                    .send(Callback::ReceiveBlobChunk { oid, serial, chunk }.frame(outbox.encoding));
             }
-            outbox.send(callback("receiveBlobStop", None));
-            outbox.send(frame::frame(&message::encode_reply(
-                outbox.encoding,
-                &msgid,
-                Value::None,
-            )));
+            outbox.send(Callback::ReceiveBlobStop { oid, serial }.frame(outbox.encoding));
+            outbox.send(message::reply_frame(outbox.encoding, &msgid, Value::None));
             debug!(%oid, %serial, bytes = sent, "blob sent");
         }));
     }

@@ -1,0 +1,473 @@
+//! Running one request: decoding, the checks every request passes (registered, not
+//! read-only), then the storage call, answered inline or as a future of the session.
+
+use super::txn_core::Event as TxnEvent;
+use super::{send_error, Close, Registered, Session};
+use crate::outbox::Outbox;
+use crate::stats::Stats;
+use crate::{Shared, StorageHandle};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tracing::{debug, info, warn};
+use zeo_proto::exception::ProtocolError;
+use zeo_proto::reply::{History, Info, Invalidations, NewOids, SizeInfo};
+use zeo_proto::request::{Request, RequestError};
+use zeo_proto::{message, Callback, Message, Reply, Value};
+use zodb::{StorageError, Tid, TransactionMeta, TxnOp};
+
+impl Session {
+    pub(super) async fn handle_frame(&mut self, payload: &[u8]) -> Result<(), Close> {
+        let limits = self.limits.for_message(payload.len());
+        let msg = Message::decode(self.encoding, payload, &limits).map_err(|e| {
+            warn!(session = self.id, peer = %self.peer, error = %e, "undecodable message");
+            Close::Protocol(e.to_string())
+        })?;
+        if msg.is_heartbeat() || msg.name == message::REPLY {
+            return Ok(());
+        }
+        let oneway = msg.is_oneway();
+        let request = match Request::parse(&msg.name, &msg.args) {
+            Ok(r) => r,
+            Err(RequestError::UnknownMethod(name)) => {
+                warn!(session = self.id, peer = %self.peer, method = %name, "invalid method, closing");
+                return Err(Close::Protocol(format!("invalid method {name:?}")));
+            }
+            Err(e) => {
+                warn!(session = self.id, peer = %self.peer, error = %e, "bad request");
+                if oneway {
+                    return Err(Close::Protocol(e.to_string()));
+                }
+                self.reply_protocol_error(&msg.msgid, &ProtocolError::BadArguments(e.to_string()));
+                return Ok(());
+            }
+        };
+        let Some(reg) = &self.registered else {
+            return match request {
+                Request::Register { storage, read_only } => {
+                    self.register(&msg.msgid, storage, read_only);
+                    Ok(())
+                }
+                _ => {
+                    warn!(session = self.id, peer = %self.peer, method = %msg.name, "call before register, closing");
+                    Err(Close::Protocol(format!("{} before register", msg.name)))
+                }
+            };
+        };
+        let handle = reg.handle.clone();
+        let read_only = reg.read_only;
+        let msgid = msg.msgid;
+        if request.is_transactional() {
+            return self.transactional(&handle, read_only, msgid, request).await;
+        }
+        match request {
+            Request::Register { .. } => {
+                warn!(session = self.id, peer = %self.peer, "duplicate register, closing");
+                return Err(Close::Protocol("duplicate register".into()));
+            }
+            Request::GetInfo => self.reply(&msgid, info(&handle).to_value()),
+            Request::LastTransaction => self.reply(&msgid, handle.hub.last_tid().to_value()),
+            Request::Ping => self.reply(&msgid, Value::None),
+            Request::SetClientLabel { label } => self.label = label,
+            Request::ServerStatus => self.reply(&msgid, server_status(&handle, &self.shared)),
+            Request::NewOid => {
+                self.reply_protocol_error(&msgid, &ProtocolError::NoSuchAttribute("new_oid"))
+            }
+            Request::GetInvalidations { tid } => match handle.hub.invalidations_since(tid) {
+                Some(answer) => self.reply(&msgid, Invalidations(Some(answer)).to_value()),
+                None => {
+                    let storage = handle.storage.clone();
+                    self.spawn_call(msgid, async move {
+                        Ok(Invalidations(storage.invalidations_since(tid).await?).to_value())
+                    });
+                }
+            },
+            Request::ChangedSince { tid } => {
+                let storage = handle.storage.clone();
+                self.spawn_call(msgid, async move {
+                    Ok(Invalidations(storage.invalidations_since(tid).await?).to_value())
+                });
+            }
+            Request::NewOids { count } => {
+                if read_only {
+                    self.reply_error(&msgid, &StorageError::ReadOnly);
+                } else {
+                    let storage = handle.storage.clone();
+                    self.spawn_call(msgid, async move {
+                        Ok(NewOids(storage.new_oids(count).await?).to_value())
+                    });
+                }
+            }
+            Request::LoadBefore { oid, before } => {
+                Stats::incr(&handle.stats.loads);
+                let outbox = self.outbox.clone();
+                self.pending
+                    .push(Box::pin(load_before(handle, outbox, msgid, oid, before)));
+            }
+            Request::LoadSerial { oid, serial } => {
+                Stats::incr(&handle.stats.loads);
+                let storage = handle.storage.clone();
+                self.spawn_call(msgid, async move {
+                    Ok(storage.load_serial(oid, serial).await?.to_value())
+                });
+            }
+            Request::GetTid { oid } => {
+                let storage = handle.storage.clone();
+                self.spawn_call(msgid, async move {
+                    match storage.load_before(oid, Tid::MAX).await?.revision {
+                        Some(rev) => Ok(rev.start.to_value()),
+                        None => Err(StorageError::PosKey(oid)),
+                    }
+                });
+            }
+            Request::History { oid, size } => {
+                let storage = handle.storage.clone();
+                self.spawn_call(msgid, async move {
+                    Ok(History(storage.history(oid, size).await?).to_value())
+                });
+            }
+            Request::UndoLog { first, last } => self.undo_log(&handle, msgid, first, last, None),
+            Request::UndoInfo { first, last, spec } => {
+                self.undo_log(&handle, msgid, first, last, Some(spec))
+            }
+            Request::IteratorStart { start, stop } => {
+                self.iterator_start(&handle, msgid, start, stop)
+            }
+            Request::IteratorNext { iid } => self.iterator_next(msgid, iid),
+            Request::IteratorRecordStart { txn_iid, tid } => {
+                self.iterator_record_start(msgid, txn_iid, tid)
+            }
+            Request::IteratorRecordNext { riid } => self.iterator_record_next(msgid, riid),
+            Request::IteratorGc { iids } => {
+                self.iterator_gc(iids);
+                // Sent one-way by ClientStorage, but answered when called.
+                if !oneway {
+                    self.reply(&msgid, Value::None);
+                }
+            }
+            Request::RecordIternext { next } => {
+                let storage = handle.storage.clone();
+                let next = match next.as_deref().map(zodb::Oid::from_slice) {
+                    None => None,
+                    Some(Some(oid)) => Some(oid),
+                    Some(None) => {
+                        self.reply_error(
+                            &msgid,
+                            &StorageError::Value("record_iternext: next must be an oid".into()),
+                        );
+                        return Ok(());
+                    }
+                };
+                self.spawn_call(msgid, async move {
+                    Ok(storage.record_iternext(next).await?.to_value())
+                });
+            }
+            Request::Pack { time, wait } => self.pack(&handle, msgid, time, wait, oneway),
+            Request::SendBlob { oid, serial } => {
+                if oneway {
+                    return Err(Close::Protocol("sendBlob sent one-way".into()));
+                }
+                self.send_blob(&handle, msgid, oid, serial);
+            }
+            // Every transactional request went to `transactional` above.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The requests that belong to a transaction: checked here (read-only connections),
+    /// then run by the transaction's state machine.
+    pub(super) async fn transactional(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        read_only: bool,
+        msgid: Value,
+        request: Request,
+    ) -> Result<(), Close> {
+        let event = match request {
+            Request::TpcBegin {
+                txn,
+                user,
+                description,
+                extension,
+                tid,
+                status,
+            } => {
+                if read_only {
+                    warn!(session = self.id, peer = %self.peer, "tpc_begin on a read-only connection, closing");
+                    return Err(Close::Protocol("read-only".into()));
+                }
+                let ctx = txn_ctx!(self, handle);
+                self.txn.settle_finish(&ctx).await?;
+                TxnEvent::Begin {
+                    id: txn,
+                    key: self.shared.next_txn.fetch_add(1, Ordering::Relaxed),
+                    meta: TransactionMeta {
+                        user: user.to_vec(),
+                        description: description.to_vec(),
+                        extension: zeo_proto::extension_to_bytes(&extension),
+                        tid,
+                        status,
+                    },
+                }
+            }
+            Request::Storea {
+                oid,
+                serial,
+                data,
+                txn,
+            } => {
+                Stats::incr(&handle.stats.stores);
+                self.op(read_only, txn, "storea", TxnOp::Store { oid, serial, data })?
+            }
+            Request::CheckCurrentSerialInTransaction { oid, serial, txn } => self.op(
+                read_only,
+                txn,
+                "checkCurrentSerialInTransaction",
+                TxnOp::CheckCurrent { oid, serial },
+            )?,
+            Request::DeleteObject { oid, serial, txn } => self.op(
+                read_only,
+                txn,
+                "deleteObject",
+                TxnOp::Delete { oid, serial },
+            )?,
+            Request::Restorea {
+                oid,
+                serial,
+                data,
+                prev_txn,
+                txn,
+            } => {
+                Stats::incr(&handle.stats.stores);
+                self.op(
+                    read_only,
+                    txn,
+                    "restorea",
+                    TxnOp::Restore {
+                        oid,
+                        serial,
+                        data,
+                        prev_txn,
+                    },
+                )?
+            }
+            Request::Undoa {
+                transaction_id,
+                txn,
+            } => self.op(
+                read_only,
+                txn,
+                "undoa",
+                TxnOp::Undo {
+                    transaction_id: transaction_id.to_vec(),
+                },
+            )?,
+            Request::Vote { txn } | Request::TpcFinish { txn } | Request::TpcAbort { txn }
+                if read_only =>
+            {
+                let _ = txn;
+                self.reply_error(&msgid, &StorageError::ReadOnly);
+                return Ok(());
+            }
+            Request::Vote { txn } => TxnEvent::Vote { msgid, id: txn },
+            Request::TpcFinish { txn } => TxnEvent::Finish { msgid, id: txn },
+            Request::TpcAbort { txn } => {
+                // An unfinished blob upload belongs to the transaction: its file goes too.
+                self.upload = None;
+                TxnEvent::Abort { msgid, id: txn }
+            }
+            Request::StoreBlobStart => return self.store_blob_start(handle, read_only).await,
+            Request::StoreBlobChunk { chunk } => return self.store_blob_chunk(chunk).await,
+            Request::StoreBlobEnd {
+                oid,
+                serial,
+                data,
+                txn,
+            } => return self.store_blob_end(handle, oid, serial, data, txn).await,
+            Request::StoreBlobShared {
+                oid,
+                serial,
+                data,
+                filename,
+                txn,
+            } => {
+                return self
+                    .store_blob_shared(handle, read_only, oid, serial, data, filename, txn)
+                    .await
+            }
+            _ => return Ok(()),
+        };
+        let ctx = txn_ctx!(self, handle);
+        self.txn.feed(&ctx, event).await
+    }
+
+    /// A buffered operation, refused on a read-only connection (closing it, as a failing
+    /// one-way call does in ZEO: there is no way to report it).
+    pub(super) fn op(
+        &self,
+        read_only: bool,
+        id: Value,
+        what: &'static str,
+        op: TxnOp,
+    ) -> Result<TxnEvent, Close> {
+        if read_only {
+            warn!(session = self.id, peer = %self.peer, "{what} on a read-only connection, closing");
+            return Err(Close::Protocol("read-only".into()));
+        }
+        Ok(TxnEvent::Op { id, op, what })
+    }
+
+    pub(super) fn register(&mut self, msgid: &Value, storage: String, read_only: bool) {
+        let Some(handle) = self.shared.storages.get(&storage).cloned() else {
+            info!(session = self.id, peer = %self.peer, %storage, "register: unknown storage");
+            self.reply_error(
+                msgid,
+                &StorageError::Value(format!("unknown storage: {storage}")),
+            );
+            return;
+        };
+        if !read_only && (self.shared.config.read_only || handle.storage.is_read_only()) {
+            self.reply_error(msgid, &StorageError::ReadOnly);
+            return;
+        }
+        // Reading the last tid, subscribing and queueing the reply happen under the hub's
+        // lock, so the reply precedes every invalidation after that tid.
+        let encoding = self.encoding;
+        let msgid = msgid.clone();
+        let tid = handle.hub.register(self.id, self.outbox.clone(), |tid| {
+            message::reply_frame(encoding, &msgid, Value::from(tid))
+        });
+        debug!(session = self.id, peer = %self.peer, %storage, read_only, %tid, "registered");
+        self.registered = Some(Registered { handle, read_only });
+    }
+
+    /// `pack(t, wait)`: runs as its own task, so it completes (and tells every client the
+    /// new size) even if this client goes away; `wait` decides whether the reply waits.
+    /// Allowed on read-only connections, as in ZEO.
+    pub(super) fn pack(
+        &mut self,
+        handle: &Arc<StorageHandle>,
+        msgid: Value,
+        time: f64,
+        wait: bool,
+        oneway: bool,
+    ) {
+        let h = handle.clone();
+        let task = tokio::spawn(async move {
+            info!(storage = %h.name, time, "pack started");
+            let result = h.storage.pack(time).await;
+            match &result {
+                Ok(()) => {
+                    info!(storage = %h.name, "pack finished");
+                    let info = h.storage.info();
+                    h.hub.broadcast(&Callback::Info(SizeInfo {
+                        length: info.length,
+                        size: info.size,
+                    }));
+                }
+                Err(e) => warn!(storage = %h.name, error = %e, "pack failed"),
+            }
+            result
+        });
+        if oneway {
+            return;
+        }
+        if !wait {
+            self.reply(&msgid, Value::None);
+            return;
+        }
+        self.spawn_call(msgid, async move {
+            match task.await {
+                Ok(result) => result.map(|()| Value::None),
+                Err(e) => Err(StorageError::Io(std::io::Error::other(format!(
+                    "pack task failed: {e}"
+                )))),
+            }
+        });
+    }
+}
+
+/// How long a load may keep being overtaken by invalidations before it gives up. Each
+/// retry sees a newer snapshot unless the storage is behind what the hub already sent (a
+/// proxy between telling its clients of a transaction and publishing it: microseconds),
+/// so reaching this means the two disagree for good, and the client gets an error rather
+/// than a server thread spinning.
+const LOAD_RETRY_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `loadBefore`, retried if an invalidation overtook it (see [`Outbox::send_load_reply`]).
+async fn load_before(
+    handle: Arc<StorageHandle>,
+    outbox: Arc<Outbox>,
+    msgid: Value,
+    oid: zodb::Oid,
+    before: Tid,
+) {
+    let mut retries = 0u32;
+    let started = std::time::Instant::now();
+    loop {
+        if retries > 0 {
+            // Never spin: let the task that publishes the newer state (and every other
+            // connection on this thread) run first.
+            if retries < 64 {
+                tokio::task::yield_now().await;
+            } else {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            if started.elapsed() > LOAD_RETRY_LIMIT {
+                tracing::error!(%oid, snapshot_behind = true, "load overtaken by invalidations for 10 s: the storage is behind the invalidations sent; failing the load");
+                let e = zodb::StorageError::Transaction(format!(
+                    "the storage's state stays older than the invalidations sent to this client (oid {oid})"
+                ));
+                send_error(&outbox, &msgid, &e);
+                return;
+            }
+        }
+        retries += 1;
+        match handle.storage.load_before(oid, before).await {
+            Ok(lb) => {
+                let current = lb.revision.as_ref().is_some_and(|r| r.end.is_none());
+                let f = message::reply_frame(outbox.encoding, &msgid, lb.revision.to_value());
+                if !current {
+                    outbox.send(f);
+                    return;
+                }
+                if outbox.send_load_reply(f, lb.snapshot).is_ok() {
+                    return;
+                }
+            }
+            Err(e) => {
+                send_error(&outbox, &msgid, &e);
+                return;
+            }
+        }
+    }
+}
+
+/// `get_info`: the storage's figures and interfaces, and zeors' protocol extensions.
+fn info(handle: &StorageHandle) -> Info {
+    let info = handle.storage.info();
+    let mut interfaces: Vec<(String, String)> = info
+        .interfaces
+        .iter()
+        .map(|(m, n)| (m.to_string(), n.to_string()))
+        .collect();
+    interfaces.push(("zope.interface".into(), "Interface".into()));
+    Info {
+        length: info.length,
+        size: info.size,
+        name: info.name,
+        supports_undo: info.supports_undo,
+        supports_record_iternext: info.supports_record_iternext,
+        interfaces,
+        // For zeors clients (proxies); stock clients ignore unknown keys.
+        extensions: vec!["changed_since".into()],
+    }
+}
+
+pub(super) fn server_status(handle: &StorageHandle, shared: &Shared) -> Value {
+    handle.stats.status(
+        handle.hub.connections(),
+        format!("{:016x}", handle.hub.last_tid().0),
+        shared.config.transaction_timeout.is_some(),
+    )
+}

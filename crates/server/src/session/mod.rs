@@ -1,0 +1,448 @@
+//! One client connection.
+//!
+//! A session performs the handshake, then reads messages and runs them ([`dispatch`]).
+//! Cheap requests are answered inline; loads and other storage reads run as futures
+//! inside the session (so one client's pipelined loads proceed concurrently). The
+//! transaction — buffered operations, `vote`, `tpc_finish`, `tpc_abort`, conflict rounds,
+//! timeout — is a state machine without I/O ([`txn_core`]) run by an async shell
+//! ([`txn`]) that holds the commit lock and the vote and finish tasks. Iterators
+//! ([`iterators`]), undo ([`undo`]) and blobs ([`blobs`]) have modules of their own.
+//!
+//! Invariant: everything a connection sends goes through its [`Outbox`], written by one
+//! writer task in queue order.
+
+use crate::hub::SessionId;
+use crate::outbox::Outbox;
+use crate::{stats, Shared, StorageHandle};
+use bytes::{Bytes, BytesMut};
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use zeo_proto::exception::{self, ProtocolError};
+use zeo_proto::message::{self, ClientHello};
+use zeo_proto::{frame, Encoding, Limits, Value};
+use zodb::StorageError;
+
+/// The context the transaction shell runs its actions in, borrowing the session's
+/// fields one by one (so that the shell itself can be borrowed mutably beside it).
+macro_rules! txn_ctx {
+    ($session:expr, $handle:expr) => {
+        $crate::session::txn::Ctx {
+            session: $session.id,
+            handle: $handle,
+            shared: &$session.shared,
+            outbox: &$session.outbox,
+        }
+    };
+}
+
+mod blobs;
+mod dispatch;
+mod iterators;
+mod txn;
+mod txn_core;
+mod undo;
+
+use dispatch::server_status;
+use iterators::Iterators;
+use txn::TxnShell;
+
+/// How long a new connection may take to answer the protocol handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long queued output may take to drain when a session ends.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Frames at least this large are written directly instead of being coalesced.
+const DIRECT_WRITE: usize = 64 * 1024;
+
+pub(crate) async fn run<S>(stream: S, peer: String, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let server_encoding = shared.config.encoding;
+    if wr
+        .write_all(&frame::frame(server_encoding.server_hello()))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Small to start with: a thousand idle connections must not cost a thousand large
+    // buffers; a client sending big records makes its own buffer grow.
+    let mut buf = BytesMut::with_capacity(4 * 1024);
+    let hello = match tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        zeo_proto::io::read_frame(&mut rd, &mut buf, 64),
+    )
+    .await
+    {
+        Ok(Ok(Some(f))) => f,
+        Ok(Ok(None)) => return,
+        Ok(Err(e)) => {
+            debug!(%peer, error = %e, "connection lost during handshake");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "no handshake within {HANDSHAKE_TIMEOUT:?}, closing");
+            return;
+        }
+    };
+    let encoding = match message::parse_client_hello(&hello) {
+        Ok(ClientHello::Protocol(e)) => e,
+        Ok(ClientHello::Ruok) => {
+            let status = Value::Dict(
+                shared
+                    .storages
+                    .values()
+                    .map(|h| (Value::Str(h.name.clone()), server_status(h, &shared)))
+                    .collect(),
+            );
+            let _ = wr
+                .write_all(&frame::frame(stats::to_json(&status).as_bytes()))
+                .await;
+            let _ = wr.shutdown().await;
+            return;
+        }
+        Err(e) => {
+            warn!(%peer, error = %e, "bad handshake, closing");
+            return;
+        }
+    };
+
+    let (outbox, rx) = Outbox::new(encoding, shared.config.max_queued_bytes);
+    let outbox = Arc::new(outbox);
+    let mut writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        Arc::downgrade(&outbox),
+        shared.metrics.clone(),
+    ));
+    let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
+    debug!(session = id, %peer, ?encoding, "connected");
+    let txn = TxnShell::new(shared.config.transaction_timeout);
+    let mut session = Session {
+        id,
+        peer,
+        shared,
+        outbox,
+        encoding,
+        label: String::new(),
+        registered: None,
+        txn,
+        pending: FuturesUnordered::new(),
+        limits: Limits::default(),
+        iterators: Arc::new(parking_lot::Mutex::new(Iterators::default())),
+        upload: None,
+    };
+    // A panic while serving (a bug: none is known to be reachable from the network) is
+    // confined to this connection. Tokio would contain it to this task anyway, but the
+    // session must still be cleaned up: without that, a transaction it had voted would
+    // stay staged in the storage and wedge every later commit, and the hub would keep
+    // queueing invalidations for it.
+    let reason = match AssertUnwindSafe(session.serve(&mut rd, buf))
+        .catch_unwind()
+        .await
+    {
+        Ok(reason) => reason,
+        Err(panic) => Close::Panic(panic_message(panic.as_ref())),
+    };
+    session.cleanup(&reason).await;
+    drop(session);
+    // The writer ends when every handle on the outbox is gone and the queue is drained.
+    if tokio::time::timeout(FLUSH_TIMEOUT, &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+/// The text of a panic payload (`panic!` with a literal or a formatted message).
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Why a session ended.
+enum Close {
+    PeerClosed,
+    Io(std::io::Error),
+    Protocol(String),
+    Shutdown,
+    Stuck,
+    Timeout,
+    /// Serving the connection panicked (the message).
+    Panic(String),
+}
+
+impl std::fmt::Display for Close {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Close::PeerClosed => f.write_str("closed by the client"),
+            Close::Io(e) => write!(f, "I/O error: {e}"),
+            Close::Protocol(why) => write!(f, "protocol error: {why}"),
+            Close::Shutdown => f.write_str("server shutting down"),
+            Close::Stuck => f.write_str("client not reading"),
+            Close::Timeout => f.write_str("transaction timeout"),
+            Close::Panic(what) => write!(f, "internal error (panic: {what})"),
+        }
+    }
+}
+
+struct Registered {
+    handle: Arc<StorageHandle>,
+    read_only: bool,
+}
+
+struct Session {
+    id: SessionId,
+    peer: String,
+    shared: Arc<Shared>,
+    outbox: Arc<Outbox>,
+    encoding: Encoding,
+    label: String,
+    registered: Option<Registered>,
+    txn: TxnShell,
+    /// Requests in progress (loads and other reads).
+    pending: FuturesUnordered<BoxFuture<'static, ()>>,
+    limits: Limits,
+    /// This connection's transaction and record iterators (`iterator_start`…).
+    iterators: Arc<parking_lot::Mutex<Iterators>>,
+    /// A blob upload between `storeBlobStart` and `storeBlobEnd`.
+    upload: Option<blobs::Upload>,
+}
+
+enum Event {
+    Shutdown,
+    Trouble,
+    RequestDone,
+    Txn(txn::TxnWait),
+    Read(std::io::Result<usize>),
+}
+
+impl Session {
+    pub(super) async fn serve<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        mut buf: BytesMut,
+    ) -> Close {
+        let mut shutdown = self.shared.shutdown.clone();
+        if *shutdown.borrow() {
+            return Close::Shutdown;
+        }
+        let max_frame = self.shared.config.max_message_size;
+        // The client pipelines its first requests behind the handshake.
+        if let Err(close) = self.handle_buffered(&mut buf, max_frame).await {
+            return close;
+        }
+        // Made once, not on every turn of the loop: each new one would register (and drop
+        // one unregister) a waiter under a lock, for every request. Both end the session
+        // when they fire, so neither is polled after completing.
+        let outbox = self.outbox.clone();
+        let trouble = outbox.trouble.notified();
+        tokio::pin!(trouble);
+        let shutdown_changed = shutdown.changed();
+        tokio::pin!(shutdown_changed);
+        loop {
+            let can_read = self.pending.len() < self.shared.config.max_pipelined;
+            let event = tokio::select! {
+                _ = &mut shutdown_changed => Event::Shutdown,
+                _ = &mut trouble => Event::Trouble,
+                Some(()) = self.pending.next(), if !self.pending.is_empty() => Event::RequestDone,
+                ev = self.txn.next_event() => Event::Txn(ev),
+                r = rd.read_buf(&mut buf), if can_read => Event::Read(r),
+            };
+            match event {
+                Event::Shutdown => return Close::Shutdown,
+                Event::Trouble => {
+                    if self.outbox.is_overflowed() {
+                        warn!(session = self.id, peer = %self.peer, queued = self.outbox.queued_bytes(),
+                              "client is not reading its replies; disconnecting it");
+                        return Close::Stuck;
+                    }
+                    return Close::PeerClosed;
+                }
+                Event::RequestDone => {}
+                Event::Txn(ev) => {
+                    let Some(reg) = &self.registered else {
+                        continue;
+                    };
+                    let ctx = txn_ctx!(self, &reg.handle);
+                    if let Err(close) = self.txn.on_wait(&ctx, ev).await {
+                        return close;
+                    }
+                }
+                Event::Read(Ok(0)) => return Close::PeerClosed,
+                Event::Read(Err(e)) => return Close::Io(e),
+                Event::Read(Ok(n)) => {
+                    self.shared
+                        .metrics
+                        .bytes_in
+                        .fetch_add(n as u64, Ordering::Relaxed);
+                    if let Err(close) = self.handle_buffered(&mut buf, max_frame).await {
+                        return close;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs every complete message in `buf`.
+    pub(super) async fn handle_buffered(
+        &mut self,
+        buf: &mut BytesMut,
+        max_frame: usize,
+    ) -> Result<(), Close> {
+        loop {
+            match frame::decode_frame(buf, max_frame) {
+                Ok(Some(payload)) => self.handle_frame(&payload).await?,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    warn!(session = self.id, peer = %self.peer, error = %e, "bad frame, closing");
+                    return Err(Close::Protocol(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Ends the session: stop receiving invalidations, abort what the client left
+    /// unfinished and wait for a finish in progress.
+    pub(super) async fn cleanup(&mut self, reason: &Close) {
+        match reason {
+            Close::PeerClosed | Close::Shutdown => {
+                debug!(session = self.id, peer = %self.peer, %reason, "disconnected")
+            }
+            Close::Panic(_) => {
+                tracing::error!(session = self.id, peer = %self.peer, label = %self.label, %reason,
+                                "closing connection; aborting its transaction")
+            }
+            _ => {
+                info!(session = self.id, peer = %self.peer, label = %self.label, %reason, "closing connection")
+            }
+        }
+        let Some(reg) = &self.registered else { return };
+        reg.handle.hub.unregister(self.id);
+        // An unfinished blob upload belongs to the transaction: its file goes too.
+        self.upload = None;
+        let ctx = txn_ctx!(self, &reg.handle);
+        self.txn.disconnected(&ctx).await;
+    }
+
+    pub(super) fn spawn_call<F>(&mut self, msgid: Value, fut: F)
+    where
+        F: Future<Output = zodb::Result<Value>> + Send + 'static,
+    {
+        let outbox = self.outbox.clone();
+        self.pending.push(Box::pin(async move {
+            match fut.await {
+                Ok(v) => outbox.send(message::reply_frame(outbox.encoding, &msgid, v)),
+                Err(e) => send_error(&outbox, &msgid, &e),
+            }
+        }));
+    }
+
+    pub(super) fn reply(&self, msgid: &Value, v: Value) {
+        self.outbox
+            .send(message::reply_frame(self.encoding, msgid, v));
+    }
+
+    pub(super) fn reply_error(&self, msgid: &Value, e: &StorageError) {
+        send_error(&self.outbox, msgid, e);
+    }
+
+    pub(super) fn reply_protocol_error(&self, msgid: &Value, e: &ProtocolError) {
+        send_protocol_error(&self.outbox, msgid, e);
+    }
+}
+
+fn send_protocol_error(outbox: &Outbox, msgid: &Value, e: &ProtocolError) {
+    let (class, payload) = exception::exception_for_protocol(e);
+    outbox.send(message::exception_frame(
+        outbox.encoding,
+        msgid,
+        &class,
+        payload,
+    ));
+}
+
+fn send_error(outbox: &Outbox, msgid: &Value, e: &StorageError) {
+    if e.is_expected() {
+        debug!(error = %e, "error reply");
+    } else {
+        warn!(error = %e, "error reply");
+    }
+    let (class, payload) = exception::exception_for(e);
+    outbox.send(message::exception_frame(
+        outbox.encoding,
+        msgid,
+        &class,
+        payload,
+    ));
+}
+
+/// Writes queued frames, coalescing small ones into one write.
+async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    outbox: Weak<Outbox>,
+    metrics: Arc<crate::metrics::ServerMetrics>,
+) {
+    let mut batch = BytesMut::new();
+    while let Some(first) = rx.recv().await {
+        let mut n = first.len();
+        let result = if first.len() >= DIRECT_WRITE {
+            wr.write_all(&first).await
+        } else {
+            batch.extend_from_slice(&first);
+            while batch.len() < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok(f) if f.len() < DIRECT_WRITE => {
+                        n += f.len();
+                        batch.extend_from_slice(&f);
+                    }
+                    Ok(f) => {
+                        n += f.len();
+                        if let Err(e) = wr.write_all(&batch).await {
+                            batch.clear();
+                            report_write_failure(&outbox, e);
+                            return;
+                        }
+                        batch.clear();
+                        batch.extend_from_slice(&f);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let r = wr.write_all(&batch).await;
+            batch.clear();
+            r
+        };
+        if let Err(e) = result {
+            report_write_failure(&outbox, e);
+            return;
+        }
+        metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        if let Some(o) = outbox.upgrade() {
+            o.written(n);
+        }
+    }
+    let _ = wr.shutdown().await;
+}
+
+fn report_write_failure(outbox: &Weak<Outbox>, e: std::io::Error) {
+    debug!(error = %e, "write failed");
+    if let Some(o) = outbox.upgrade() {
+        o.close();
+    }
+}

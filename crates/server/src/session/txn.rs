@@ -1,0 +1,311 @@
+//! The async shell around [`TxnCore`]: it holds what the core must not (the commit lock's
+//! guard, the vote and finish tasks, the deadline timer, the transaction's temporary blob
+//! files) and runs the core's actions against the storage and the outbox.
+//!
+//! `vote` and `tpc_finish` run as tasks of their own, because they must complete or
+//! clean up even if the connection drops mid-way; the session loop awaits them
+//! ([`TxnShell::next_event`]) and feeds their outcome back to the core.
+
+use super::blobs::TempFiles;
+use super::txn_core::{Action, Answer, Closing, Event, TxnCore, VoteReport};
+use super::{send_error, Close};
+use crate::outbox::Outbox;
+use crate::stats::Stats;
+use crate::{Shared, StorageHandle};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::OwnedMutexGuard;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, error, warn};
+use zeo_proto::exception::exception_for_protocol;
+use zeo_proto::reply::SizeInfo;
+use zeo_proto::{message, Callback, Reply, Value};
+use zodb::{StorageError, Transaction, TxnKey, Vote};
+
+/// What a vote task hands back.
+pub(super) struct VoteDone {
+    txn: Transaction,
+    report: VoteReport,
+    guard: OwnedMutexGuard<()>,
+}
+
+/// What the session loop waits for on behalf of the transaction.
+pub(super) enum TxnWait {
+    Voted(Box<Result<VoteDone, tokio::task::JoinError>>),
+    Finished,
+    Timeout,
+}
+
+pub(super) struct TxnShell {
+    core: TxnCore,
+    /// The commit lock, while this connection's transaction holds it between tasks.
+    guard: Option<OwnedMutexGuard<()>>,
+    vote_task: Option<JoinHandle<VoteDone>>,
+    finish_task: Option<JoinHandle<()>>,
+    deadline: Option<Instant>,
+    /// The blob files the open transaction's operations name, removed when it ends.
+    pub blob_files: TempFiles,
+}
+
+/// What the shell needs from the session to run actions.
+pub(super) struct Ctx<'a> {
+    pub session: u64,
+    pub handle: &'a Arc<StorageHandle>,
+    pub shared: &'a Arc<Shared>,
+    pub outbox: &'a Arc<Outbox>,
+}
+
+impl TxnShell {
+    pub fn new(timeout: Option<std::time::Duration>) -> TxnShell {
+        TxnShell {
+            core: TxnCore::new(timeout),
+            guard: None,
+            vote_task: None,
+            finish_task: None,
+            deadline: None,
+            blob_files: TempFiles::default(),
+        }
+    }
+
+    pub fn core(&self) -> &TxnCore {
+        &self.core
+    }
+
+    /// The next thing the transaction needs the session to act on; pending forever when
+    /// there is none.
+    pub async fn next_event(&mut self) -> TxnWait {
+        if let Some(task) = &mut self.vote_task {
+            let done = task.await;
+            self.vote_task = None;
+            return TxnWait::Voted(Box::new(done));
+        }
+        if let Some(task) = &mut self.finish_task {
+            let _ = task.await;
+            self.finish_task = None;
+            return TxnWait::Finished;
+        }
+        match self.deadline {
+            Some(d) => {
+                tokio::time::sleep_until(d).await;
+                TxnWait::Timeout
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Feeds what [`TxnShell::next_event`] returned.
+    pub async fn on_wait(&mut self, ctx: &Ctx<'_>, wait: TxnWait) -> Result<(), Close> {
+        let event = match wait {
+            TxnWait::Voted(joined) => match *joined {
+                Ok(done) => {
+                    count_conflicts(ctx.handle, &done.report);
+                    self.guard = Some(done.guard);
+                    Event::Voted {
+                        txn: done.txn,
+                        report: done.report,
+                        now: std::time::Instant::now(),
+                    }
+                }
+                Err(e) => {
+                    // The vote task panicked; its lock guard was dropped with it.
+                    error!(session = ctx.session, error = %e, "vote failed unexpectedly");
+                    Event::VoteLost
+                }
+            },
+            TxnWait::Finished => Event::Finished,
+            TxnWait::Timeout => {
+                warn!(
+                    session = ctx.session,
+                    "transaction timeout: commit lock held too long; aborting and disconnecting"
+                );
+                Event::Timeout
+            }
+        };
+        self.feed(ctx, event).await
+    }
+
+    /// A client may start its next transaction as soon as it has the `tpc_finish` reply,
+    /// which the finish task queues just before it ends: wait for that task here rather
+    /// than mistaking the new `tpc_begin` for a second concurrent transaction.
+    pub async fn settle_finish(&mut self, ctx: &Ctx<'_>) -> Result<(), Close> {
+        if let Some(task) = self.finish_task.take() {
+            let _ = task.await;
+            return self.feed(ctx, Event::Finished).await;
+        }
+        Ok(())
+    }
+
+    /// The connection is gone: let a vote or finish in progress complete, then drop what
+    /// the transaction holds.
+    pub async fn disconnected(&mut self, ctx: &Ctx<'_>) {
+        if self.vote_task.is_some() {
+            let wait = self.next_event().await;
+            let _ = self.on_wait(ctx, wait).await;
+        }
+        if self.finish_task.is_some() {
+            let _ = self.settle_finish(ctx).await;
+        }
+        let _ = self.feed(ctx, Event::Disconnected).await;
+    }
+
+    /// Runs one event through the core and carries out its actions, all of them, before
+    /// reporting a close it asked for.
+    pub async fn feed(&mut self, ctx: &Ctx<'_>, event: Event) -> Result<(), Close> {
+        let mut close = None;
+        for action in self.core.handle(event) {
+            match action {
+                Action::Reply { msgid, answer } => reply(ctx.outbox, &msgid, answer),
+                Action::Vote { txn, lock_held } => {
+                    let guard = if lock_held { self.guard.take() } else { None };
+                    self.vote_task = Some(spawn_vote(ctx, txn, guard));
+                }
+                Action::Finish { key, msgid } => {
+                    let guard = self.guard.take();
+                    // The files stay until the storage is done with them (a proxy keeps
+                    // its uploads in its blob cache once upstream has committed them).
+                    let files = std::mem::take(&mut self.blob_files);
+                    self.finish_task = Some(spawn_finish(ctx, key, msgid, guard, files));
+                }
+                Action::AbortInStorage { key } => ctx.handle.storage.abort(key).await,
+                Action::ReleaseLock { key } => release_lock(ctx.handle, key, self.guard.take()),
+                Action::Deadline(d) => self.deadline = d.map(Instant::from_std),
+                Action::Began => {
+                    ctx.handle.stats.active_txns.fetch_add(1, Ordering::Relaxed);
+                }
+                Action::Ended { aborted } => {
+                    end_txn_stats(ctx.handle, aborted);
+                    self.blob_files = TempFiles::default();
+                }
+                Action::Close(Closing::Timeout) => close = Some(Close::Timeout),
+                Action::Close(Closing::Protocol(why)) => {
+                    warn!(session = ctx.session, "{why}, closing");
+                    close = Some(Close::Protocol(why));
+                }
+            }
+        }
+        close.map_or(Ok(()), Err)
+    }
+}
+
+fn reply(outbox: &Outbox, msgid: &Value, answer: Answer) {
+    let frame = |v: Value| message::reply_frame(outbox.encoding, msgid, v);
+    match answer {
+        Answer::None => outbox.send(frame(Value::None)),
+        Answer::Vote(v) => outbox.send(frame(v.to_value())),
+        Answer::Error(e) => send_error(outbox, msgid, &e),
+        Answer::Protocol(p) => {
+            let (class, payload) = exception_for_protocol(&p);
+            outbox.send(message::exception_frame(
+                outbox.encoding,
+                msgid,
+                &class,
+                payload,
+            ));
+        }
+    }
+}
+
+fn count_conflicts(handle: &StorageHandle, report: &VoteReport) {
+    let n = match &report.result {
+        Ok(Vote::Conflicts(c)) => c.len() as u64,
+        Err(StorageError::Conflict { .. } | StorageError::ReadConflict { .. }) => 1,
+        _ => 0,
+    };
+    handle.stats.conflicts.fetch_add(n, Ordering::Relaxed);
+    handle
+        .stats
+        .conflicts_resolved
+        .fetch_add(report.resolved.len() as u64, Ordering::Relaxed);
+}
+
+/// Takes the commit lock (unless `guard` holds it already: a conflict round), then votes.
+fn spawn_vote(
+    ctx: &Ctx<'_>,
+    txn: Transaction,
+    guard: Option<OwnedMutexGuard<()>>,
+) -> JoinHandle<VoteDone> {
+    let handle = ctx.handle.clone();
+    let metrics = ctx.shared.metrics.clone();
+    let session = ctx.session;
+    tokio::spawn(async move {
+        let guard = match guard {
+            Some(g) => g,
+            None => {
+                handle.stats.waiting.fetch_add(1, Ordering::Relaxed);
+                let waiting_since = std::time::Instant::now();
+                let guard = handle.commit_lock.clone().lock_owned().await;
+                metrics
+                    .commit_lock_wait
+                    .observe(waiting_since.elapsed().as_secs_f64());
+                handle.stats.waiting.fetch_sub(1, Ordering::Relaxed);
+                *handle.stats.lock_time.lock() = Some(zodb::timestamp::now_unix());
+                handle.hub.begin_commit(txn.key, session);
+                guard
+            }
+        };
+        let result = handle.storage.vote(&txn).await;
+        VoteDone {
+            txn,
+            report: VoteReport {
+                result,
+                resolved: Vec::new(),
+            },
+            guard,
+        }
+    })
+}
+
+/// Finishes `key`: the reply (after the `info` callback), then the lock.
+fn spawn_finish(
+    ctx: &Ctx<'_>,
+    key: TxnKey,
+    msgid: Value,
+    guard: Option<OwnedMutexGuard<()>>,
+    files: TempFiles,
+) -> JoinHandle<()> {
+    let handle = ctx.handle.clone();
+    let outbox = ctx.outbox.clone();
+    tokio::spawn(async move {
+        match handle.storage.finish(key).await {
+            Ok(tid) => {
+                Stats::incr(&handle.stats.commits);
+                let info = handle.storage.info();
+                outbox.send(
+                    Callback::Info(SizeInfo {
+                        length: info.length,
+                        size: info.size,
+                    })
+                    .frame(outbox.encoding),
+                );
+                outbox.send(message::reply_frame(
+                    outbox.encoding,
+                    &msgid,
+                    tid.to_value(),
+                ));
+            }
+            Err(e) => {
+                error!(storage = %handle.name, error = %e, "tpc_finish failed; transaction aborted");
+                handle.storage.abort(key).await;
+                send_error(&outbox, &msgid, &e);
+            }
+        }
+        // Only now, after the reply is queued, may the next transaction commit.
+        release_lock(&handle, key, guard);
+        drop(files);
+        debug!(storage = %handle.name, key, "transaction finished");
+    })
+}
+
+fn release_lock(handle: &StorageHandle, key: TxnKey, guard: Option<OwnedMutexGuard<()>>) {
+    *handle.stats.lock_time.lock() = None;
+    handle.hub.end_commit(key);
+    drop(guard);
+}
+
+fn end_txn_stats(handle: &StorageHandle, aborted: bool) {
+    handle.stats.active_txns.fetch_sub(1, Ordering::Relaxed);
+    if aborted {
+        Stats::incr(&handle.stats.aborts);
+    }
+}
