@@ -8,14 +8,16 @@
 //!
 //! Only this modern form is read; anything else (the legacy dict form, Python 2 pickles,
 //! damage) is reported as an error and the caller rebuilds the index from `Data.fs`.
-//! The parser is a bounds-checked cursor over the file's bytes: it never panics and never
-//! allocates more than the input holds.
+//! The parser reads through zodb's shared, bounds-checked pickle [`Reader`] and the
+//! writer emits through its [`Writer`]: it never panics and never allocates more than the
+//! input holds.
 
 use crate::index::{Bucket, Index};
 use bytes::Bytes;
 use std::fs;
 use std::io::{self, Write};
 use std::path::Path;
+use zodb::pickle::{self, op, Reader, Truncated, Writer};
 
 /// Why a `.index` file was not usable.
 #[derive(Debug, thiserror::Error)]
@@ -26,69 +28,59 @@ pub enum IndexFileError {
     Bad { at: usize, what: &'static str },
 }
 
-const PROTO: u8 = 0x80;
-const STOP: u8 = b'.';
-const NONE: u8 = b'N';
-const BININT1: u8 = b'K';
-const BININT2: u8 = b'M';
-const BININT: u8 = b'J';
-const LONG1: u8 = 0x8a;
-const LONG4: u8 = 0x8b;
-const SHORT_BINBYTES: u8 = b'C';
-const BINBYTES: u8 = b'B';
-const BINBYTES8: u8 = 0x8e;
-const TUPLE2: u8 = 0x86;
-const FRAME: u8 = 0x95;
-
+/// A cursor over the file: the shared pickle [`Reader`], with this format's errors.
 struct Cursor<'a> {
-    b: &'a [u8],
-    at: usize,
+    r: Reader<'a>,
 }
 
 impl<'a> Cursor<'a> {
-    fn bad(&self, what: &'static str) -> IndexFileError {
-        IndexFileError::Bad { at: self.at, what }
+    fn new(b: &'a [u8]) -> Self {
+        Cursor { r: Reader::new(b) }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], IndexFileError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.b.len())
-            .ok_or_else(|| self.bad("truncated"))?;
-        let s = &self.b[self.at..end];
-        self.at = end;
-        Ok(s)
+    fn bad(&self, what: &'static str) -> IndexFileError {
+        IndexFileError::Bad {
+            at: self.r.pos(),
+            what,
+        }
+    }
+
+    fn truncated(t: Truncated) -> IndexFileError {
+        IndexFileError::Bad {
+            at: t.at,
+            what: "truncated",
+        }
+    }
+
+    fn take(&mut self, n: u64) -> Result<&'a [u8], IndexFileError> {
+        self.r.take(n).map_err(Self::truncated)
     }
 
     fn byte(&mut self) -> Result<u8, IndexFileError> {
-        Ok(self.take(1)?[0])
+        self.r.byte().map_err(Self::truncated)
     }
 
     fn le(&mut self, n: usize) -> Result<u64, IndexFileError> {
-        let s = self.take(n)?;
-        let mut a = [0u8; 8];
-        a[..n].copy_from_slice(s);
-        Ok(u64::from_le_bytes(a))
+        self.r.uint_le(n).map_err(Self::truncated)
     }
 
     /// `PROTO n` (2..=5) and, for protocol ≥ 4, an optional `FRAME`.
     fn start_pickle(&mut self) -> Result<(), IndexFileError> {
-        if self.byte()? != PROTO {
+        if self.byte()? != op::PROTO {
             return Err(self.bad("expected PROTO"));
         }
         let proto = self.byte()?;
         if !(2..=5).contains(&proto) {
             return Err(self.bad("unsupported pickle protocol"));
         }
-        if self.b.get(self.at) == Some(&FRAME) {
+        if self.r.peek() == Some(op::FRAME) {
             self.take(9)?;
         }
         Ok(())
     }
 
     fn stop(&mut self) -> Result<(), IndexFileError> {
-        if self.byte()? != STOP {
+        if self.byte()? != op::STOP {
             return Err(self.bad("expected STOP"));
         }
         Ok(())
@@ -97,30 +89,21 @@ impl<'a> Cursor<'a> {
     /// A non-negative int that fits in u64.
     fn uint(&mut self) -> Result<u64, IndexFileError> {
         match self.byte()? {
-            BININT1 => self.le(1),
-            BININT2 => self.le(2),
-            BININT => {
+            op::BININT1 => self.le(1),
+            op::BININT2 => self.le(2),
+            op::BININT => {
                 let v = self.le(4)? as u32 as i32;
                 u64::try_from(v).map_err(|_| self.bad("negative position"))
             }
-            op @ (LONG1 | LONG4) => {
-                let n = if op == LONG1 {
-                    self.le(1)? as usize
-                } else {
-                    self.le(4)? as usize
-                };
+            opcode @ (op::LONG1 | op::LONG4) => {
+                let n = self.le(if opcode == op::LONG1 { 1 } else { 4 })?;
                 let s = self.take(n)?;
                 if s.last().is_some_and(|&b| b & 0x80 != 0) {
                     return Err(self.bad("negative position"));
                 }
-                // Little endian; allow sign padding bytes beyond 8.
-                if s.iter().skip(8).any(|&b| b != 0) {
-                    return Err(self.bad("position too large"));
-                }
-                let mut a = [0u8; 8];
-                let k = s.len().min(8);
-                a[..k].copy_from_slice(&s[..k]);
-                Ok(u64::from_le_bytes(a))
+                pickle::decode_long(s)
+                    .and_then(|v| u64::try_from(v).ok())
+                    .ok_or_else(|| self.bad("position too large"))
             }
             _ => Err(self.bad("expected an int")),
         }
@@ -128,12 +111,11 @@ impl<'a> Cursor<'a> {
 
     fn bytes(&mut self) -> Result<&'a [u8], IndexFileError> {
         let n = match self.byte()? {
-            SHORT_BINBYTES => self.le(1)?,
-            BINBYTES => self.le(4)?,
-            BINBYTES8 => self.le(8)?,
+            op::SHORT_BINBYTES => self.le(1)?,
+            op::BINBYTES => self.le(4)?,
+            op::BINBYTES8 => self.le(8)?,
             _ => return Err(self.bad("expected bytes")),
         };
-        let n = usize::try_from(n).map_err(|_| self.bad("bytes too long"))?;
         self.take(n)
     }
 }
@@ -147,14 +129,14 @@ pub fn parse(b: &[u8]) -> Result<(u64, Index), IndexFileError> {
 /// until they are modified (see [`crate::index`]).
 pub fn parse_bytes(file: &Bytes) -> Result<(u64, Index), IndexFileError> {
     let b: &[u8] = file;
-    let mut c = Cursor { b, at: 0 };
+    let mut c = Cursor::new(b);
     c.start_pickle()?;
     let pos = c.uint()?;
     c.stop()?;
     let mut index = Index::new();
     loop {
         c.start_pickle()?;
-        if c.b.get(c.at) == Some(&NONE) {
+        if c.r.peek() == Some(op::NONE) {
             c.take(1)?;
             c.stop()?;
             break;
@@ -164,7 +146,7 @@ pub fn parse_bytes(file: &Bytes) -> Result<(u64, Index), IndexFileError> {
             .try_into()
             .map_err(|_| c.bad("oid prefix is not 6 bytes"))?;
         let data = c.bytes()?;
-        if c.byte()? != TUPLE2 {
+        if c.byte()? != op::TUPLE2 {
             return Err(c.bad("expected TUPLE2"));
         }
         c.stop()?;
@@ -189,55 +171,26 @@ pub fn load(path: &Path) -> Result<(u64, Index), IndexFileError> {
     parse_bytes(&b)
 }
 
-fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    if b.len() < 256 {
-        out.push(SHORT_BINBYTES);
-        out.push(b.len() as u8);
-    } else {
-        out.push(BINBYTES);
-        out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-    }
-    out.extend_from_slice(b);
-}
-
-/// Python's `save_long` for a non-negative int with protocol 3.
-fn put_uint(out: &mut Vec<u8>, n: u64) {
-    if n <= 0xff {
-        out.extend_from_slice(&[BININT1, n as u8]);
-    } else if n <= 0xffff {
-        out.push(BININT2);
-        out.extend_from_slice(&(n as u16).to_le_bytes());
-    } else if n <= 0x7fff_ffff {
-        out.push(BININT);
-        out.extend_from_slice(&(n as u32).to_le_bytes());
-    } else {
-        // encode_long: (bit_length >> 3) + 1 little-endian two's-complement bytes.
-        let nbytes = ((64 - n.leading_zeros()) >> 3) as usize + 1;
-        let le = n.to_le_bytes();
-        out.push(LONG1);
-        out.push(nbytes as u8);
-        out.extend_from_slice(&le[..nbytes.min(8)]);
-        out.extend(std::iter::repeat_n(0u8, nbytes.saturating_sub(8)));
-    }
-}
-
 /// Serialises `index` covering the file up to `pos`, byte-identical to `fsIndex.save`.
 pub fn serialize(index: &Index, pos: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + index.len() * 8 + index.buckets().count() * 24);
-    out.extend_from_slice(&[PROTO, 3]);
-    put_uint(&mut out, pos);
-    out.push(STOP);
+    let mut w = Writer::new(&mut out);
+    w.proto(pickle::ZODB_PROTOCOL);
+    w.int(pos.into());
+    w.op(op::STOP);
     let mut data = Vec::new();
     for (prefix, bucket) in index.buckets() {
-        out.extend_from_slice(&[PROTO, 3]);
-        put_bytes(&mut out, &prefix.to_be_bytes()[2..]);
+        w.proto(pickle::ZODB_PROTOCOL);
+        w.bytes(&prefix.to_be_bytes()[2..]);
         data.clear();
         bucket.write_string_form(&mut data);
-        put_bytes(&mut out, &data);
-        out.push(TUPLE2);
-        out.push(STOP);
+        w.bytes(&data);
+        w.op(op::TUPLE2);
+        w.op(op::STOP);
     }
-    out.extend_from_slice(&[PROTO, 3, NONE, STOP]);
+    w.proto(pickle::ZODB_PROTOCOL);
+    w.none();
+    w.op(op::STOP);
     out
 }
 
@@ -284,9 +237,9 @@ mod tests {
         ];
         for &(n, enc) in cases {
             let mut out = Vec::new();
-            put_uint(&mut out, n);
+            Writer::new(&mut out).int(n.into());
             assert_eq!(out, enc, "{n}");
-            let mut c = Cursor { b: &out, at: 0 };
+            let mut c = Cursor::new(&out);
             assert_eq!(c.uint().unwrap(), n);
         }
     }

@@ -5,14 +5,16 @@
 //! hostile or broken peer from crashing the server or making it allocate without bound:
 //!
 //! - every length is checked against the bytes actually left in the input before
-//!   anything is read or allocated ([`Input`]), so a 4 GiB length in a 20-byte message
-//!   fails as [`DecodeError::Truncated`];
+//!   anything is read or allocated ([`Input`], over zodb's shared pickle reader), so a
+//!   4 GiB length in a 20-byte message fails as [`DecodeError::Truncated`];
 //! - container nesting is capped by [`Limits::max_depth`]. The decoders themselves keep
 //!   nested containers on explicit stacks, but whoever then encodes, clones, compares
 //!   or drops the [`Value`](crate::Value) recurses once per level;
 //! - the amount of decoded data is capped by [`Limits::max_items`], charged for what is
 //!   *produced*, not for what is read: a pickle memo reference that copies a large
 //!   container is charged the full size of the copy.
+
+use zodb::pickle::{Reader, Truncated};
 
 /// Bounds applied while decoding one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,56 +129,46 @@ impl Budget {
     }
 }
 
-/// A bounds-checked cursor over one message. Every read, including every read whose
-/// length comes from the wire, goes through here, so no length is trusted beyond the
-/// bytes actually present and nothing is allocated from an unchecked length.
+/// A bounds-checked cursor over one message: zodb's shared pickle
+/// [`Reader`](zodb::pickle::Reader), which both decoders (msgpack included) read
+/// through, with its error reported as [`DecodeError::Truncated`]. No length from the
+/// wire is trusted beyond the bytes actually present and nothing is allocated from an
+/// unchecked length.
 #[derive(Debug)]
-pub(crate) struct Input<'a> {
-    data: &'a [u8],
-    pos: usize,
+pub(crate) struct Input<'a>(Reader<'a>);
+
+impl From<Truncated> for DecodeError {
+    fn from(_: Truncated) -> DecodeError {
+        DecodeError::Truncated
+    }
 }
 
 impl<'a> Input<'a> {
     pub(crate) fn new(data: &'a [u8]) -> Self {
-        Input { data, pos: 0 }
+        Input(Reader::new(data))
     }
 
     pub(crate) fn remaining(&self) -> usize {
-        self.data.len() - self.pos
+        self.0.remaining()
     }
 
     pub(crate) fn byte(&mut self) -> Result<u8, DecodeError> {
-        let b = *self.data.get(self.pos).ok_or(DecodeError::Truncated)?;
-        self.pos += 1;
-        Ok(b)
+        Ok(self.0.byte()?)
     }
 
     /// The next `len` bytes. `len` is a `u64` so that any length field, whatever its
     /// width, can be passed without a lossy cast.
     pub(crate) fn take(&mut self, len: u64) -> Result<&'a [u8], DecodeError> {
-        let len = usize::try_from(len)
-            .ok()
-            .filter(|&len| len <= self.remaining())
-            .ok_or(DecodeError::Truncated)?;
-        let bytes = &self.data[self.pos..self.pos + len];
-        self.pos += len;
-        Ok(bytes)
+        Ok(self.0.take(len)?)
     }
 
     pub(crate) fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        let bytes = self.take(N as u64)?;
-        Ok(bytes.try_into().expect("take returned N bytes"))
+        Ok(self.0.array()?)
     }
 
     /// The bytes up to the next `\n`, which is consumed but not returned.
     pub(crate) fn line(&mut self) -> Result<&'a [u8], DecodeError> {
-        let rest = &self.data[self.pos..];
-        let end = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or(DecodeError::Truncated)?;
-        self.pos += end + 1;
-        Ok(&rest[..end])
+        Ok(self.0.line()?)
     }
 }
 

@@ -19,88 +19,22 @@
 //! objects are duplicated, so it is charged against [`Limits::max_items`] and
 //! [`Limits::max_depth`] (which also turns reference cycles into a depth error).
 //! Neither the machine nor the copy recurses, so no input can overflow the stack.
+//!
+//! The opcodes, the bounds-checked reader and the protocol-3 output primitives are
+//! zodb's ([`zodb::pickle`]), shared with the other pickle decoders of zeors; this module
+//! only decides what a ZEO message may contain and what it becomes.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
+use zodb::pickle::{op, Writer, ZODB_PROTOCOL};
 
 use crate::limits::{Budget, DecodeError, Input, Limits};
-use crate::value::Value;
+use crate::value::{DictKey, DictKeyBuilder, Value};
 
-/// Opcode bytes, named as in Python's `pickletools`.
-mod op {
-    pub const MARK: u8 = b'(';
-    pub const STOP: u8 = b'.';
-    pub const POP: u8 = b'0';
-    pub const POP_MARK: u8 = b'1';
-    pub const DUP: u8 = b'2';
-    pub const FLOAT: u8 = b'F';
-    pub const INT: u8 = b'I';
-    pub const BININT: u8 = b'J';
-    pub const BININT1: u8 = b'K';
-    pub const LONG: u8 = b'L';
-    pub const BININT2: u8 = b'M';
-    pub const NONE: u8 = b'N';
-    pub const REDUCE: u8 = b'R';
-    pub const STRING: u8 = b'S';
-    pub const BINSTRING: u8 = b'T';
-    pub const SHORT_BINSTRING: u8 = b'U';
-    pub const UNICODE: u8 = b'V';
-    pub const BINUNICODE: u8 = b'X';
-    pub const APPEND: u8 = b'a';
-    pub const BUILD: u8 = b'b';
-    pub const GLOBAL: u8 = b'c';
-    pub const DICT: u8 = b'd';
-    pub const EMPTY_DICT: u8 = b'}';
-    pub const APPENDS: u8 = b'e';
-    pub const GET: u8 = b'g';
-    pub const BINGET: u8 = b'h';
-    pub const LONG_BINGET: u8 = b'j';
-    pub const LIST: u8 = b'l';
-    pub const EMPTY_LIST: u8 = b']';
-    pub const PUT: u8 = b'p';
-    pub const BINPUT: u8 = b'q';
-    pub const LONG_BINPUT: u8 = b'r';
-    pub const SETITEM: u8 = b's';
-    pub const TUPLE: u8 = b't';
-    pub const EMPTY_TUPLE: u8 = b')';
-    pub const SETITEMS: u8 = b'u';
-    pub const BINFLOAT: u8 = b'G';
-    // Protocol 2.
-    pub const PROTO: u8 = 0x80;
-    pub const NEWOBJ: u8 = 0x81;
-    pub const TUPLE1: u8 = 0x85;
-    pub const TUPLE2: u8 = 0x86;
-    pub const TUPLE3: u8 = 0x87;
-    pub const NEWTRUE: u8 = 0x88;
-    pub const NEWFALSE: u8 = 0x89;
-    pub const LONG1: u8 = 0x8a;
-    pub const LONG4: u8 = 0x8b;
-    // Protocol 3.
-    pub const BINBYTES: u8 = b'B';
-    pub const SHORT_BINBYTES: u8 = b'C';
-    // Protocol 4.
-    pub const SHORT_BINUNICODE: u8 = 0x8c;
-    pub const BINUNICODE8: u8 = 0x8d;
-    pub const BINBYTES8: u8 = 0x8e;
-    pub const EMPTY_SET: u8 = 0x8f;
-    pub const ADDITEMS: u8 = 0x90;
-    pub const FROZENSET: u8 = 0x91;
-    pub const NEWOBJ_EX: u8 = 0x92;
-    pub const STACK_GLOBAL: u8 = 0x93;
-    pub const MEMOIZE: u8 = 0x94;
-    pub const FRAME: u8 = 0x95;
-    // Protocol 5.
-    pub const BYTEARRAY8: u8 = 0x96;
-}
-
-/// The protocol ZEO speaks: the highest zodbpickle supports.
-const PROTOCOL: u8 = 3;
 /// The newest protocol the decoder understands.
 const HIGHEST_PROTOCOL: u8 = 5;
-/// Python pickles lists and dicts in batches of this many items.
-const BATCH_SIZE: usize = 1000;
 
 /// Encodes a complete pickle of `v` (protocol 3, fast mode) onto `out`, byte for byte
 /// what zodbpickle's `Pickler(f, 3)` with `fast = 1` writes for the same Python value.
@@ -116,9 +50,10 @@ const BATCH_SIZE: usize = 1000;
 /// If a bytes or text value is 4 GiB or longer: protocol 3 cannot express it (and no
 /// ZEO frame could carry it).
 pub fn encode(v: &Value, out: &mut Vec<u8>) {
-    out.extend_from_slice(&[op::PROTO, PROTOCOL]);
-    encode_value(v, out);
-    out.push(op::STOP);
+    let mut w = Writer::new(out);
+    w.proto(ZODB_PROTOCOL);
+    encode_value(v, &mut w);
+    w.op(op::STOP);
 }
 
 /// [`encode`] into a new vector.
@@ -128,70 +63,26 @@ pub fn to_vec(v: &Value) -> Vec<u8> {
     out
 }
 
-fn encode_value(v: &Value, out: &mut Vec<u8>) {
+fn encode_value(v: &Value, w: &mut Writer) {
     match v {
-        Value::None => out.push(op::NONE),
-        Value::Bool(true) => out.push(op::NEWTRUE),
-        Value::Bool(false) => out.push(op::NEWFALSE),
-        Value::Int(i) => encode_int(*i, out),
-        Value::Float(f) => {
-            out.push(op::BINFLOAT);
-            out.extend_from_slice(&f.to_be_bytes());
-        }
-        Value::Bytes(b) => {
-            match u8::try_from(b.len()) {
-                Ok(len) => out.extend_from_slice(&[op::SHORT_BINBYTES, len]),
-                Err(_) => {
-                    out.push(op::BINBYTES);
-                    out.extend_from_slice(&len_u32(b.len()).to_le_bytes());
-                }
-            }
-            out.extend_from_slice(b);
-        }
-        // Protocol 3 has no SHORT_BINUNICODE: every string is a BINUNICODE.
-        Value::Str(s) => {
-            out.push(op::BINUNICODE);
-            out.extend_from_slice(&len_u32(s.len()).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        }
-        Value::Tuple(items) => match items.as_slice() {
-            [] => out.push(op::EMPTY_TUPLE),
-            [a] => {
-                encode_value(a, out);
-                out.push(op::TUPLE1);
-            }
-            [a, b] => {
-                encode_value(a, out);
-                encode_value(b, out);
-                out.push(op::TUPLE2);
-            }
-            [a, b, c] => {
-                encode_value(a, out);
-                encode_value(b, out);
-                encode_value(c, out);
-                out.push(op::TUPLE3);
-            }
-            _ => {
-                out.push(op::MARK);
-                items.iter().for_each(|item| encode_value(item, out));
-                out.push(op::TUPLE);
-            }
-        },
-        Value::List(items) => {
-            out.push(op::EMPTY_LIST);
-            encode_appends(items, out);
-        }
-        Value::Dict(items) => {
-            out.push(op::EMPTY_DICT);
-            encode_setitems(items, out);
-        }
+        Value::None => w.none(),
+        Value::Bool(b) => w.bool(*b),
+        Value::Int(i) => w.int((*i).into()),
+        Value::Float(f) => w.float(*f),
+        Value::Bytes(b) => w.bytes(b),
+        Value::Str(s) => w.text(s),
+        Value::Tuple(items) => w.tuple(items, |w, item| encode_value(item, w)),
+        Value::List(items) => w.list(items, |w, item| encode_value(item, w)),
+        Value::Dict(items) => w.dict(items, |w, (k, v)| {
+            encode_value(k, w);
+            encode_value(v, w);
+        }),
         // Python < protocol 4 reduces a set to `set(list(items))`.
         Value::Set(items) => {
-            encode_global("builtins", "set", out);
-            out.push(op::EMPTY_LIST);
-            encode_appends(items, out);
-            out.push(op::TUPLE1);
-            out.push(op::REDUCE);
+            w.global("builtins", "set");
+            w.list(items, |w, item| encode_value(item, w));
+            w.op(op::TUPLE1);
+            w.op(op::REDUCE);
         }
         // `copyreg.__newobj__` with no arguments, then the instance state. Python
         // omits BUILD when there is no state.
@@ -200,105 +91,12 @@ fn encode_value(v: &Value, out: &mut Vec<u8>) {
             name,
             state,
         } => {
-            encode_global(module, name, out);
-            out.push(op::EMPTY_TUPLE);
-            out.push(op::NEWOBJ);
+            w.global(module, name);
+            w.op(op::EMPTY_TUPLE);
+            w.op(op::NEWOBJ);
             if **state != Value::None {
-                encode_value(state, out);
-                out.push(op::BUILD);
-            }
-        }
-    }
-}
-
-fn len_u32(len: usize) -> u32 {
-    u32::try_from(len).expect("pickle protocol 3 cannot encode bytes or text of 4 GiB or more")
-}
-
-/// Ints as CPython's `save_long`: the unsigned one- and two-byte forms for small
-/// non-negative values, BININT for the rest of the i32 range, LONG1 beyond.
-fn encode_int(i: i64, out: &mut Vec<u8>) {
-    if let Ok(b) = u8::try_from(i) {
-        out.extend_from_slice(&[op::BININT1, b]);
-    } else if let Ok(w) = u16::try_from(i) {
-        out.push(op::BININT2);
-        out.extend_from_slice(&w.to_le_bytes());
-    } else if let Ok(d) = i32::try_from(i) {
-        out.push(op::BININT);
-        out.extend_from_slice(&d.to_le_bytes());
-    } else {
-        // The shortest little-endian two's complement form, as `pickle.encode_long`:
-        // drop high bytes that only repeat the sign of the byte below them.
-        let bytes = i.to_le_bytes();
-        let mut len = bytes.len();
-        while len > 1 {
-            let (top, below) = (bytes[len - 1], bytes[len - 2]);
-            let redundant =
-                (top == 0x00 && below & 0x80 == 0) || (top == 0xff && below & 0x80 != 0);
-            if !redundant {
-                break;
-            }
-            len -= 1;
-        }
-        out.extend_from_slice(&[op::LONG1, len as u8]);
-        out.extend_from_slice(&bytes[..len]);
-    }
-}
-
-fn encode_global(module: &str, name: &str, out: &mut Vec<u8>) {
-    debug_assert!(!module.contains('\n') && !name.contains('\n'));
-    out.push(op::GLOBAL);
-    for part in [module, name] {
-        out.extend_from_slice(part.as_bytes());
-        out.push(b'\n');
-    }
-}
-
-/// List items as CPython's `batch_list_exact`: one item is a lone APPEND; more are
-/// written in MARK … APPENDS batches of up to 1000, even if the last batch holds a
-/// single item. (The pure-Python pickler would use APPEND for such a trailing item;
-/// zodbpickle uses the C code.)
-fn encode_appends(items: &[Value], out: &mut Vec<u8>) {
-    match items {
-        [] => {}
-        [item] => {
-            encode_value(item, out);
-            out.push(op::APPEND);
-        }
-        _ => {
-            for batch in items.chunks(BATCH_SIZE) {
-                out.push(op::MARK);
-                batch.iter().for_each(|item| encode_value(item, out));
-                out.push(op::APPENDS);
-            }
-        }
-    }
-}
-
-/// Dict items, batched as CPython's `batch_dict_exact` does: like list items, except
-/// that its loop runs again after every full batch, so a dict whose size is a multiple
-/// of 1000 ends with an empty MARK SETITEMS.
-fn encode_setitems(items: &[(Value, Value)], out: &mut Vec<u8>) {
-    match items {
-        [] => {}
-        [(k, v)] => {
-            encode_value(k, out);
-            encode_value(v, out);
-            out.push(op::SETITEM);
-        }
-        _ => {
-            let mut last_batch = 0;
-            for batch in items.chunks(BATCH_SIZE) {
-                out.push(op::MARK);
-                for (k, v) in batch {
-                    encode_value(k, out);
-                    encode_value(v, out);
-                }
-                out.push(op::SETITEMS);
-                last_batch = batch.len();
-            }
-            if last_batch == BATCH_SIZE {
-                out.extend_from_slice(&[op::MARK, op::SETITEMS]);
+                encode_value(state, w);
+                w.op(op::BUILD);
             }
         }
     }
@@ -405,11 +203,11 @@ enum Node {
 #[derive(Debug, Default)]
 struct DictNode {
     entries: Vec<(Id, Id)>,
-    index: HashMap<Key, usize>,
+    index: HashMap<DictKey, usize>,
 }
 
 impl DictNode {
-    fn insert(&mut self, key: Option<Key>, k: Id, v: Id) {
+    fn insert(&mut self, key: Option<DictKey>, k: Id, v: Id) {
         if let Some(key) = key {
             match self.index.entry(key) {
                 Entry::Occupied(e) => {
@@ -429,12 +227,12 @@ impl DictNode {
 #[derive(Debug, Default)]
 struct SetNode {
     items: Vec<Id>,
-    index: HashSet<Key>,
+    index: HashSet<DictKey>,
     frozen: bool,
 }
 
 impl SetNode {
-    fn insert(&mut self, key: Option<Key>, item: Id) {
+    fn insert(&mut self, key: Option<DictKey>, item: Id) {
         if let Some(key) = key {
             if !self.index.insert(key) {
                 return;
@@ -444,13 +242,6 @@ impl SetNode {
     }
 }
 
-/// The canonical bytes of a dict key or set element: equal exactly when Python would
-/// find the two keys equal (`1`, `1.0` and `True` are one key). A tagged, length- or
-/// count-prefixed pre-order encoding, so distinct keys never share bytes. Values
-/// Python cannot hash (lists, dicts, sets, objects) and NaN have none; such keys are
-/// kept as distinct entries instead of being rejected.
-type Key = Vec<u8>;
-
 /// Approximate cost, in items, of copying `len` bytes of text or key: one item per
 /// `size_of::<Value>()` bytes, so that `max_items` bounds memory even when one large
 /// string is fetched from the memo many times.
@@ -458,61 +249,40 @@ fn copy_cost(len: usize) -> usize {
     len / std::mem::size_of::<Value>()
 }
 
-/// The [`Key`] of `nodes[id]`, built with an explicit stack (a tuple key can be nested
-/// up to `max_depth`). Every node visited is charged to `budget`, since a memoized
-/// tuple can be used as a key any number of times.
+/// [`Value::dict_key`] of `nodes[id]`, read from the arena: built with an explicit stack
+/// (a tuple key can be nested up to `max_depth`). Every node visited is charged to
+/// `budget`, since a memoized tuple can be used as a key any number of times.
 fn key_of(
     nodes: &[Node],
     id: Id,
     limits: &Limits,
     budget: &mut Budget,
-) -> Result<Option<Key>, DecodeError> {
-    fn int(i: i64, key: &mut Key) {
-        key.push(b'I');
-        key.extend_from_slice(&i.to_le_bytes());
-    }
-    fn sized(tag: u8, data: &[u8], key: &mut Key) {
-        key.push(tag);
-        key.extend_from_slice(&(data.len() as u64).to_le_bytes());
-        key.extend_from_slice(data);
-    }
-    const TWO_63: f64 = 9_223_372_036_854_775_808.0;
-
-    let mut key = Key::new();
+) -> Result<Option<DictKey>, DecodeError> {
+    let mut key = DictKeyBuilder::new();
     budget.charge(1)?;
     let mut todo = vec![(id, 0)];
     while let Some((id, depth)) = todo.pop() {
         match &nodes[id] {
-            Node::Leaf(Value::None) => key.push(b'N'),
-            Node::Leaf(Value::Bool(b)) => int(i64::from(*b), &mut key),
-            Node::Leaf(Value::Int(i)) => int(*i, &mut key),
-            Node::Leaf(Value::Float(f)) if f.is_nan() => return Ok(None),
-            Node::Leaf(Value::Float(f)) if f.fract() == 0.0 && (-TWO_63..TWO_63).contains(f) => {
-                int(*f as i64, &mut key)
-            }
-            Node::Leaf(Value::Float(f)) => {
-                key.push(b'F');
-                key.extend_from_slice(&f.to_bits().to_le_bytes());
-            }
-            Node::Leaf(Value::Bytes(b)) => {
-                budget.charge(copy_cost(b.len()))?;
-                sized(b'B', b, &mut key);
-            }
-            Node::Leaf(Value::Str(s)) => {
-                budget.charge(copy_cost(s.len()))?;
-                sized(b'S', s.as_bytes(), &mut key);
+            Node::Leaf(leaf) => {
+                match leaf {
+                    Value::Bytes(b) => budget.charge(copy_cost(b.len()))?,
+                    Value::Str(s) => budget.charge(copy_cost(s.len()))?,
+                    _ => {}
+                }
+                if !key.scalar(leaf) {
+                    return Ok(None);
+                }
             }
             Node::Tuple(items) => {
                 let inner = limits.enter(depth)?;
                 budget.charge(items.len())?;
-                key.push(b'T');
-                key.extend_from_slice(&(items.len() as u64).to_le_bytes());
+                key.tuple(items.len());
                 todo.extend(items.iter().rev().map(|&item| (item, inner)));
             }
             _ => return Ok(None),
         }
     }
-    Ok(Some(key))
+    Ok(Some(key.finish()))
 }
 
 /// The pickle virtual machine: Python's `Unpickler` restricted to data.
@@ -898,7 +668,7 @@ impl Machine<'_> {
         self.push_ref(id)
     }
 
-    fn key(&mut self, id: Id) -> Result<Option<Key>, DecodeError> {
+    fn key(&mut self, id: Id) -> Result<Option<DictKey>, DecodeError> {
         key_of(&self.nodes, id, &self.limits, &mut self.budget)
     }
 
@@ -1184,23 +954,9 @@ fn parse_memo_index(text: &[u8]) -> Result<u64, DecodeError> {
 
 /// LONG1/LONG4 payload: little-endian two's complement of any length.
 fn decode_long(bytes: &[u8]) -> Result<i64, DecodeError> {
-    let Some(&last) = bytes.last() else {
-        return Ok(0);
-    };
-    let fill = if last & 0x80 != 0 { 0xff } else { 0x00 };
-    if bytes.len() > 8 {
-        // Beyond eight bytes only sign extension is allowed, and it must agree with
-        // the sign bit of the eighth byte.
-        let fits =
-            bytes[8..].iter().all(|&b| b == fill) && (bytes[7] & 0x80 != 0) == (fill == 0xff);
-        if !fits {
-            return Err(DecodeError::IntegerOverflow);
-        }
-    }
-    let mut buf = [fill; 8];
-    let n = bytes.len().min(8);
-    buf[..n].copy_from_slice(&bytes[..n]);
-    Ok(i64::from_le_bytes(buf))
+    zodb::pickle::decode_long(bytes)
+        .and_then(|i| i64::try_from(i).ok())
+        .ok_or(DecodeError::IntegerOverflow)
 }
 
 /// Strips the quotes of a STRING argument (`'...'` or `"..."`).

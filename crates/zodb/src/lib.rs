@@ -1,7 +1,8 @@
 //! ZODB's vocabulary, shared by every zeors layer.
 //!
 //! This crate knows nothing about the wire or about sockets: it holds the identifiers
-//! ([`Oid`], [`Tid`]), ZODB's timestamp arithmetic, the [`Storage`] trait that the server
+//! ([`Oid`], [`Tid`]), ZODB's timestamp arithmetic, the pickle opcodes, reader and
+//! writer every pickle decoder shares ([`pickle`]), the [`Storage`] trait that the server
 //! drives and that both the FileStorage and the upstream (proxy) storage implement, and the
 //! [`StorageError`] type whose variants the protocol layer maps to the Python exception
 //! classes ZEO clients expect.
@@ -9,6 +10,7 @@
 pub mod blob;
 mod error;
 mod ids;
+pub mod pickle;
 pub mod refs;
 mod storage;
 pub mod timestamp;

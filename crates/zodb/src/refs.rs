@@ -20,6 +20,7 @@
 //! tuple nesting below [`MAX_DEPTH`], holds memory proportional to the input, and reports
 //! any malformed input as a [`RefsError`]; it never panics.
 
+use crate::pickle::{op, Reader, Truncated};
 use crate::Oid;
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -99,50 +100,35 @@ enum Stopped {
 }
 
 struct Vm<'a, 's> {
-    data: &'a [u8],
-    at: usize,
+    r: Reader<'a>,
     s: &'s mut RefScanner,
 }
 
+impl From<Truncated> for RefsError {
+    fn from(t: Truncated) -> RefsError {
+        RefsError::Truncated(t.at)
+    }
+}
+
 impl<'a> Vm<'a, '_> {
-    fn take(&mut self, n: usize) -> Result<(usize, usize), RefsError> {
-        let end = self
-            .at
-            .checked_add(n)
-            .filter(|&e| e <= self.data.len())
-            .ok_or(RefsError::Truncated(self.data.len()))?;
-        let r = (self.at, end);
-        self.at = end;
-        Ok(r)
+    /// The range of the next `n` bytes, moving past them.
+    fn span(&mut self, n: u64) -> Result<(usize, usize), RefsError> {
+        let start = self.r.pos();
+        self.r.take(n)?;
+        Ok((start, self.r.pos()))
     }
 
-    fn byte(&mut self) -> Result<u8, RefsError> {
-        let (s, _) = self.take(1)?;
-        Ok(self.data[s])
-    }
-
-    fn le(&mut self, n: usize) -> Result<u64, RefsError> {
-        let (s, e) = self.take(n)?;
-        let mut a = [0u8; 8];
-        a[..n].copy_from_slice(&self.data[s..e]);
-        Ok(u64::from_le_bytes(a))
-    }
-
-    fn len_le(&mut self, n: usize) -> Result<usize, RefsError> {
-        let v = self.le(n)?;
-        usize::try_from(v).map_err(|_| RefsError::Truncated(self.data.len()))
+    /// A `width`-byte little-endian length, then the range of that many bytes.
+    fn counted(&mut self, width: usize) -> Result<(usize, usize), RefsError> {
+        let n = self.r.uint_le(width)?;
+        self.span(n)
     }
 
     /// The range of a line (without its `\n`), moving past it.
     fn line(&mut self) -> Result<(usize, usize), RefsError> {
-        let rest = &self.data[self.at..];
-        let n = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or(RefsError::Truncated(self.data.len()))?;
-        let r = (self.at, self.at + n);
-        self.at += n + 1;
-        Ok(r)
+        let start = self.r.pos();
+        let line = self.r.line()?;
+        Ok((start, start + line.len()))
     }
 
     fn push(&mut self, v: V) {
@@ -202,7 +188,7 @@ impl<'a> Vm<'a, '_> {
     }
 
     fn decimal(&self, (s, e): (usize, usize), at: usize) -> Result<u64, RefsError> {
-        std::str::from_utf8(&self.data[s..e])
+        std::str::from_utf8(&self.r.data()[s..e])
             .ok()
             .and_then(|t| t.trim().parse().ok())
             .ok_or(RefsError::BadReference {
@@ -218,30 +204,30 @@ impl<'a> Vm<'a, '_> {
     ) -> Result<Stopped, RefsError> {
         self.s.stack.clear();
         self.s.marks.clear();
-        if self.at == self.data.len() {
+        if self.r.at_end() {
             return Ok(Stopped::End);
         }
         loop {
-            let at = self.at;
-            let op = self.byte()?;
-            match op {
+            let at = self.r.pos();
+            let opcode = self.r.byte()?;
+            match opcode {
                 // Framing and protocol.
-                0x80 => {
-                    let proto = self.byte()?;
+                op::PROTO => {
+                    let proto = self.r.byte()?;
                     if proto > 5 {
                         return Err(RefsError::Protocol { proto, at });
                     }
                 }
-                0x95 => {
-                    self.take(8)?;
+                op::FRAME => {
+                    self.r.take(8)?;
                 }
-                b'.' => {
+                op::STOP => {
                     let v = self.pop(at)?;
                     return Ok(Stopped::Value(v));
                 }
                 // Stack and marks.
-                b'(' => self.s.marks.push(self.s.stack.len()),
-                b'0' => {
+                op::MARK => self.s.marks.push(self.s.stack.len()),
+                op::POP => {
                     // POP: a mark at the top of the stack is popped instead (CPython).
                     if self.s.marks.last() == Some(&self.s.stack.len()) {
                         self.s.marks.pop();
@@ -249,105 +235,87 @@ impl<'a> Vm<'a, '_> {
                         self.pop(at)?;
                     }
                 }
-                b'1' => {
+                op::POP_MARK => {
                     self.pop_to_mark(at)?;
                 }
-                b'2' => {
+                op::DUP => {
                     let v = self.top(at)?.clone();
                     self.push(v);
                 }
                 // Constants and numbers.
-                b'N' => self.push(V::None),
-                0x88 | 0x89 => self.push(V::Scalar),
-                b'I' | b'L' | b'F' => {
+                op::NONE => self.push(V::None),
+                op::NEWTRUE | op::NEWFALSE => self.push(V::Scalar),
+                op::INT | op::LONG | op::FLOAT => {
                     self.line()?;
                     self.push(V::Scalar);
                 }
-                b'J' => {
-                    self.take(4)?;
+                op::BININT => {
+                    self.r.take(4)?;
                     self.push(V::Scalar);
                 }
-                b'K' => {
-                    self.take(1)?;
+                op::BININT1 => {
+                    self.r.take(1)?;
                     self.push(V::Scalar);
                 }
-                b'M' => {
-                    self.take(2)?;
+                op::BININT2 => {
+                    self.r.take(2)?;
                     self.push(V::Scalar);
                 }
-                b'G' => {
-                    self.take(8)?;
+                op::BINFLOAT => {
+                    self.r.take(8)?;
                     self.push(V::Scalar);
                 }
-                0x8a => {
-                    let n = self.len_le(1)?;
-                    self.take(n)?;
+                op::LONG1 => {
+                    self.counted(1)?;
                     self.push(V::Scalar);
                 }
-                0x8b => {
-                    let n = self.len_le(4)?;
-                    self.take(n)?;
+                op::LONG4 => {
+                    self.counted(4)?;
                     self.push(V::Scalar);
                 }
                 // Bytes, and Python 2 strings (raw bytes, as the spec recommends).
-                b'S' => {
+                op::STRING => {
                     let (s, e) = self.line()?;
                     // A quoted repr: keep the inside of the quotes.
                     let (s, e) = if e >= s + 2 { (s + 1, e - 1) } else { (s, e) };
                     self.push(V::Bytes(s, e));
                 }
-                b'T' => {
-                    let n = self.len_le(4)?;
-                    let (s, e) = self.take(n)?;
+                op::BINSTRING | op::BINBYTES => {
+                    let (s, e) = self.counted(4)?;
                     self.push(V::Bytes(s, e));
                 }
-                b'U' => {
-                    let n = self.len_le(1)?;
-                    let (s, e) = self.take(n)?;
+                op::SHORT_BINSTRING | op::SHORT_BINBYTES => {
+                    let (s, e) = self.counted(1)?;
                     self.push(V::Bytes(s, e));
                 }
-                b'B' => {
-                    let n = self.len_le(4)?;
-                    let (s, e) = self.take(n)?;
-                    self.push(V::Bytes(s, e));
-                }
-                b'C' => {
-                    let n = self.len_le(1)?;
-                    let (s, e) = self.take(n)?;
-                    self.push(V::Bytes(s, e));
-                }
-                0x8e | 0x96 => {
-                    let n = self.len_le(8)?;
-                    let (s, e) = self.take(n)?;
+                op::BINBYTES8 | op::BYTEARRAY8 => {
+                    let (s, e) = self.counted(8)?;
                     self.push(V::Bytes(s, e));
                 }
                 // Text.
-                b'V' => {
+                op::UNICODE => {
                     let (s, e) = self.line()?;
                     self.push(V::Str(s, e));
                 }
-                b'X' => {
-                    let n = self.len_le(4)?;
-                    let (s, e) = self.take(n)?;
+                op::BINUNICODE => {
+                    let (s, e) = self.counted(4)?;
                     self.push(V::Str(s, e));
                 }
-                0x8c => {
-                    let n = self.len_le(1)?;
-                    let (s, e) = self.take(n)?;
+                op::SHORT_BINUNICODE => {
+                    let (s, e) = self.counted(1)?;
                     self.push(V::Str(s, e));
                 }
-                0x8d => {
-                    let n = self.len_le(8)?;
-                    let (s, e) = self.take(n)?;
+                op::BINUNICODE8 => {
+                    let (s, e) = self.counted(8)?;
                     self.push(V::Str(s, e));
                 }
                 // Containers.
-                b')' => {
+                op::EMPTY_TUPLE => {
                     let t = self.tuple(Vec::new(), at)?;
                     self.push(t);
                 }
-                0x85..=0x87 => {
-                    let n = (op - 0x84) as usize;
+                op::TUPLE1..=op::TUPLE3 => {
+                    let n = usize::from(opcode - op::TUPLE1) + 1;
                     let floor = self.s.marks.last().copied().unwrap_or(0);
                     if self.s.stack.len() < floor + n {
                         return Err(RefsError::StackUnderflow(at));
@@ -356,46 +324,46 @@ impl<'a> Vm<'a, '_> {
                     let t = self.tuple(items, at)?;
                     self.push(t);
                 }
-                b't' => {
+                op::TUPLE => {
                     let items = self.pop_to_mark(at)?;
                     let t = self.tuple(items, at)?;
                     self.push(t);
                 }
-                b']' => self.push(V::List),
-                b'l' => {
+                op::EMPTY_LIST => self.push(V::List),
+                op::LIST => {
                     self.pop_to_mark(at)?;
                     self.push(V::List);
                 }
-                b'}' => self.push(V::Dict),
-                b'd' => {
+                op::EMPTY_DICT => self.push(V::Dict),
+                op::DICT => {
                     self.pop_to_mark(at)?;
                     self.push(V::Dict);
                 }
-                0x8f => self.push(V::Set),
-                0x91 => {
+                op::EMPTY_SET => self.push(V::Set),
+                op::FROZENSET => {
                     self.pop_to_mark(at)?;
                     self.push(V::Set);
                 }
-                b'a' => {
+                op::APPEND => {
                     self.pop(at)?;
                     self.top(at)?;
                 }
-                b's' => {
+                op::SETITEM => {
                     self.pop(at)?;
                     self.pop(at)?;
                     self.top(at)?;
                 }
-                b'e' | b'u' | 0x90 => {
+                op::APPENDS | op::SETITEMS | op::ADDITEMS => {
                     self.pop_to_mark(at)?;
                     self.top(at)?;
                 }
                 // Object building: consume the arguments, push a placeholder.
-                b'c' => {
+                op::GLOBAL => {
                     let module = self.line()?;
                     let name = self.line()?;
                     self.push(V::Global { module, name });
                 }
-                0x93 => {
+                op::STACK_GLOBAL => {
                     let name = self.pop(at)?;
                     let module = self.pop(at)?;
                     match (module, name) {
@@ -406,86 +374,86 @@ impl<'a> Vm<'a, '_> {
                         _ => self.push(V::None),
                     }
                 }
-                b'R' | 0x81 => {
+                op::REDUCE | op::NEWOBJ => {
                     self.pop(at)?;
                     self.pop(at)?;
                     self.push(V::None);
                 }
-                0x92 => {
+                op::NEWOBJ_EX => {
                     self.pop(at)?;
                     self.pop(at)?;
                     self.pop(at)?;
                     self.push(V::None);
                 }
-                b'b' => {
+                op::BUILD => {
                     self.pop(at)?;
                     self.top(at)?;
                 }
-                b'o' => {
+                op::OBJ => {
                     self.pop_to_mark(at)?;
                     self.push(V::None);
                 }
-                b'i' => {
+                op::INST => {
                     self.line()?;
                     self.line()?;
                     self.pop_to_mark(at)?;
                     self.push(V::None);
                 }
-                0x82 => {
-                    self.take(1)?;
+                op::EXT1 => {
+                    self.r.take(1)?;
                     self.push(V::None);
                 }
-                0x83 => {
-                    self.take(2)?;
+                op::EXT2 => {
+                    self.r.take(2)?;
                     self.push(V::None);
                 }
-                0x84 => {
-                    self.take(4)?;
+                op::EXT4 => {
+                    self.r.take(4)?;
                     self.push(V::None);
                 }
                 // Memo.
-                b'p' => {
+                op::PUT => {
                     let r = self.line()?;
                     let key = self.decimal(r, at)?;
                     self.memo_put(key, at)?;
                 }
-                b'q' => {
-                    let key = self.le(1)?;
+                op::BINPUT => {
+                    let key = self.r.uint_le(1)?;
                     self.memo_put(key, at)?;
                 }
-                b'r' => {
-                    let key = self.le(4)?;
+                op::LONG_BINPUT => {
+                    let key = self.r.uint_le(4)?;
                     self.memo_put(key, at)?;
                 }
-                0x94 => {
+                op::MEMOIZE => {
                     let key = self.s.memo.len() as u64;
                     self.memo_put(key, at)?;
                 }
-                b'g' => {
+                op::GET => {
                     let r = self.line()?;
                     let key = self.decimal(r, at)?;
                     self.memo_get(key, at)?;
                 }
-                b'h' => {
-                    let key = self.le(1)?;
+                op::BINGET => {
+                    let key = self.r.uint_le(1)?;
                     self.memo_get(key, at)?;
                 }
-                b'j' => {
-                    let key = self.le(4)?;
+                op::LONG_BINGET => {
+                    let key = self.r.uint_le(4)?;
                     self.memo_get(key, at)?;
                 }
                 // Persistent ids.
-                b'P' => {
+                op::PERSID => {
                     let (s, e) = self.line()?;
                     on_ref(&V::Str(s, e), at)?;
                     self.push(V::None);
                 }
-                b'Q' => {
+                op::BINPERSID => {
                     let pid = self.pop(at)?;
                     on_ref(&pid, at)?;
                     self.push(V::None);
                 }
-                _ => return Err(RefsError::BadOpcode { op, at }),
+                _ => return Err(RefsError::BadOpcode { op: opcode, at }),
             }
         }
     }
@@ -546,8 +514,7 @@ impl RefScanner {
             Ok(())
         };
         let mut vm = Vm {
-            data,
-            at: 0,
+            r: Reader::new(data),
             s: self,
         };
         let mut result = Ok(());
@@ -593,8 +560,7 @@ pub fn references(data: &[u8]) -> Result<Vec<Oid>, RefsError> {
 pub fn class_name(data: &[u8]) -> Option<(String, String)> {
     let mut scanner = RefScanner::new();
     let mut vm = Vm {
-        data,
-        at: 0,
+        r: Reader::new(data),
         s: &mut scanner,
     };
     let Ok(Stopped::Value(meta)) = vm.run(&mut |_, _| Ok(())) else {

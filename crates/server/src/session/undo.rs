@@ -50,7 +50,7 @@ fn undo_filter(spec: Value) -> Option<zodb::UndoFilter> {
             return false;
         };
         items.iter().all(|(k, v)| {
-            let found = desc.iter().find(|(dk, _)| py_eq(dk, k)).map(|(_, dv)| dv);
+            let found = desc.iter().find(|(dk, _)| dk.py_eq(k)).map(|(_, dv)| dv);
             match v {
                 Value::Object {
                     module,
@@ -64,7 +64,7 @@ fn undo_filter(spec: Value) -> Option<zodb::UndoFilter> {
                     };
                     prefix_matches(state, &text)
                 }
-                _ => py_eq(found.unwrap_or(&Value::None), v),
+                _ => found.unwrap_or(&Value::None).py_eq(v),
             }
         })
     }))
@@ -92,34 +92,3 @@ fn prefix_matches(state: &Value, other: &str) -> bool {
     segments == path
 }
 
-/// Python's `==` for the values an undo dict and a spec hold.
-fn py_eq(a: &Value, b: &Value) -> bool {
-    pub(super) fn num(v: &Value) -> Option<f64> {
-        match v {
-            Value::Int(i) => Some(*i as f64),
-            Value::Bool(b) => Some(*b as i64 as f64),
-            Value::Float(f) => Some(*f),
-            _ => None,
-        }
-    }
-    match (a, b) {
-        (Value::Int(x), Value::Int(y)) => x == y,
-        (Value::Tuple(x), Value::Tuple(y))
-        | (Value::List(x), Value::List(y))
-        | (Value::Set(x), Value::Set(y)) => {
-            x.len() == y.len() && x.iter().zip(y).all(|(p, q)| py_eq(p, q))
-        }
-        (Value::Dict(x), Value::Dict(y)) => {
-            x.len() == y.len()
-                && x.iter().all(|(k, v)| {
-                    y.iter()
-                        .find(|(k2, _)| py_eq(k, k2))
-                        .is_some_and(|(_, v2)| py_eq(v, v2))
-                })
-        }
-        _ => match (num(a), num(b)) {
-            (Some(x), Some(y)) => x == y,
-            _ => a == b,
-        },
-    }
-}
