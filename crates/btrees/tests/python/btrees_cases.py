@@ -208,38 +208,39 @@ def text(rng):
 
 
 def object_keys(rng, size):
-    """A pool of object keys of one of several kinds, and whether building a real
-    bucket from it may fail (incomparable or unordered keys)."""
+    """A pool of object keys of one of several kinds (some that cannot be ordered, so
+    that building a real bucket fails and the states stay as drawn). A list, in the
+    order drawn: a set's order would follow Python's randomized string hashes."""
     mode = rng.choice(['str', 'str', 'int', 'numbers', 'tuple', 'bytes', 'big',
                        'mixed', 'none', 'nan', 'refs'])
     if mode == 'str':
-        keys = {text(rng) for _ in range(size)}
+        keys = [text(rng) for _ in range(size)]
     elif mode == 'int':
-        keys = {rng.randrange(-30, 60) for _ in range(size)}
+        keys = [rng.randrange(-30, 60) for _ in range(size)]
     elif mode == 'numbers':
         keys = [rng.choice([rng.randrange(20), rng.randrange(40) / 2, True, False,
                             float(rng.randrange(20))]) for _ in range(size)]
     elif mode == 'tuple':
-        keys = {rng.choice([(text(rng), rng.randrange(5)), (rng.randrange(5),),
+        keys = [rng.choice([(text(rng), rng.randrange(5)), (rng.randrange(5),),
                             ((1, rng.randrange(3)), 'a'), ('a', None)])
-                for _ in range(size)}
+                for _ in range(size)]
     elif mode == 'bytes':
-        keys = {b'b%d' % rng.randrange(60) for _ in range(size)}
+        keys = [b'b%d' % rng.randrange(60) for _ in range(size)]
     elif mode == 'big':
-        keys = {rng.choice([2**70 + rng.randrange(9), -2**70 - rng.randrange(9),
+        keys = [rng.choice([2**70 + rng.randrange(9), -2**70 - rng.randrange(9),
                             rng.randrange(9), 2**63 + rng.randrange(9)])
-                for _ in range(size)}
+                for _ in range(size)]
     elif mode == 'mixed':
-        keys = {rng.choice([text(rng), rng.randrange(40)]) for _ in range(size)}
+        keys = [rng.choice([text(rng), rng.randrange(40)]) for _ in range(size)]
     elif mode == 'none':
-        keys = {rng.choice([None, rng.randrange(40)]) for _ in range(size)}
+        keys = [rng.choice([None, rng.randrange(40)]) for _ in range(size)]
     elif mode == 'refs':
         # Persistent objects as keys (their class must order them; references can only
         # tell equal from different).
         keys = [Ref((oid(0x40 + rng.randrange(6)), PM)) for _ in range(size)]
     else:
-        keys = {rng.choice([float('nan'), rng.randrange(40) / 4]) for _ in range(size)}
-    return list(keys)
+        keys = [rng.choice([float('nan'), rng.randrange(40) / 4]) for _ in range(size)]
+    return keys
 
 
 def object_value(rng, refs):
