@@ -91,4 +91,3 @@ fn prefix_matches(state: &Value, other: &str) -> bool {
     segments.truncate(length);
     segments == path
 }
-
