@@ -600,7 +600,11 @@ fn heartbeat(data: &[Value]) -> Result<Heartbeat, CodecError> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held {
     pub tid: Tid,
-    pub fingerprint: [u8; 16],
+    /// Fingerprint of the transaction's metadata (tid, user, description, extension).
+    pub meta: [u8; 16],
+    /// Fingerprint of the metadata and every record; `None` when this copy is packed
+    /// (pack rewrites and drops records, so only the metadata can be compared).
+    pub records: Option<[u8; 16]>,
 }
 
 /// The replica's opening in the zeors dialect (instead of a bare tid).
@@ -620,7 +624,15 @@ impl ReplicaHello {
         let recent = self
             .recent
             .iter()
-            .map(|h| Value::Tuple(vec![tid_value(h.tid), Value::bytes(h.fingerprint.to_vec())]))
+            .map(|h| {
+                Value::Tuple(vec![
+                    tid_value(h.tid),
+                    Value::bytes(h.meta.to_vec()),
+                    h.records
+                        .map(|r| Value::bytes(r.to_vec()))
+                        .unwrap_or(Value::None),
+                ])
+            })
             .collect();
         pickle::to_vec(&Value::dict([
             ("last", tid_value(self.last)),
@@ -647,15 +659,20 @@ impl ReplicaHello {
         for item in v.get("recent").and_then(Value::as_seq).unwrap_or(&[]) {
             let pair = item
                 .as_seq()
-                .filter(|p| p.len() == 2)
+                .filter(|p| p.len() == 3)
                 .ok_or_else(|| malformed("hello", "recent entry"))?;
-            let fingerprint = pair[1]
-                .as_bytes()
-                .and_then(|b| <[u8; 16]>::try_from(b.as_ref()).ok())
-                .ok_or_else(|| malformed("hello", "fingerprint"))?;
+            let fingerprint = |v: &Value| {
+                v.as_bytes()
+                    .and_then(|b| <[u8; 16]>::try_from(b.as_ref()).ok())
+                    .ok_or_else(|| malformed("hello", "fingerprint"))
+            };
             recent.push(Held {
                 tid: Tid::from_bytes(as_id(&pair[0], "hello")?),
-                fingerprint,
+                meta: fingerprint(&pair[1])?,
+                records: match &pair[2] {
+                    Value::None => None,
+                    v => Some(fingerprint(v)?),
+                },
             });
         }
         let compression = v

@@ -310,11 +310,13 @@ fn the_primary_reads_stock_and_zeors_openings() {
         recent: vec![
             Held {
                 tid: last,
-                fingerprint: [1; 16],
+                meta: [1; 16],
+                records: Some([3; 16]),
             },
             Held {
                 tid: Tid(5),
-                fingerprint: [2; 16],
+                meta: [2; 16],
+                records: None,
             },
         ],
         compression: vec!["zstd".into()],
