@@ -568,6 +568,10 @@ impl Storage for Node {
         m
     }
 
+    fn status(&self) -> Vec<(&'static str, String)> {
+        self.status_fields()
+    }
+
     async fn undo_log(
         &self,
         first: i64,
