@@ -111,7 +111,6 @@ impl Forwarder {
 
     /// Sends the transaction to the primary and votes it there.
     pub async fn vote(&self, node: &Node, txn: &Transaction) -> Result<Vote> {
-        let _ = node;
         // A re-vote after conflicts sends the whole transaction again (the primary's side
         // was aborted when the conflicts came back).
         if let Some(old) = self.voted.lock().take() {
@@ -232,6 +231,11 @@ impl Forwarder {
             // The client resolves and votes again: the primary keeps no half transaction.
             if let Err(e) = conn.call("tpc_abort", vec![id.clone()]).await {
                 debug!(error = %e, "tpc_abort after conflicts failed");
+            }
+            // The client resolves by loading the committed revisions from this replica:
+            // let them arrive first.
+            if let Some(newest) = conflicts.iter().map(|c| c.committed).max() {
+                let _ = tokio::time::timeout(APPLY_WAIT, node.signal().wait_for(newest)).await;
             }
             return Ok(Vote::Conflicts(conflicts));
         }

@@ -130,7 +130,7 @@ async fn run(node: Arc<Node>, config: FollowConfig) {
                 continue;
             }
             Err(FollowError::Diverged(msg)) => {
-                error!(source = %config.source, "{msg}; nothing is applied, the replica keeps its own data");
+                error!(source = %config.source, "the primary refuses this replica's history: {msg}; nothing is applied, the replica keeps its own data");
                 node.stats().set_link(LinkState::Diverged);
                 *node.stats().last_error.lock() = Some(msg);
                 delay = config.retry_max;
