@@ -102,6 +102,12 @@ pub enum Verdict {
 /// always the same history.
 pub fn check(core: &FileStorageCore, recent: &[Held]) -> Result<Verdict, StorageError> {
     let view = core.view();
+    if let Some(last) = recent.first() {
+        if packed_away(core, &view, last.tid)? {
+            tracing::warn!(tid = %last.tid, "the replica's last transaction was packed away here; it goes on from the next one");
+            return Ok(Verdict::Same);
+        }
+    }
     let mut diverged = Vec::new();
     for h in recent {
         if holds(core, &view, h)? {
@@ -122,4 +128,24 @@ pub fn check(core: &FileStorageCore, recent: &[Held]) -> Result<Verdict, Storage
         diverged,
         common: None,
     })
+}
+
+/// Whether `tid` is not in this file but may have been removed by a pack: the first
+/// transaction after it is a packed copy (pack drops transactions left without records,
+/// and marks those it rewrites `p`), so `tid` lies before this storage's pack time.
+fn packed_away(core: &FileStorageCore, view: &FileView, tid: Tid) -> Result<bool, StorageError> {
+    if tid == Tid::ZERO
+        || view
+            .find_txn(tid)
+            .map_err(|e| corrupted(core, e))?
+            .is_some()
+    {
+        return Ok(false);
+    }
+    let mut it = filestorage::iter::TxnIter::new(view.clone(), Some(Tid(tid.0 + 1)), None)
+        .map_err(|e| corrupted(core, e))?;
+    Ok(it
+        .next_txn()
+        .map_err(|e| corrupted(core, e))?
+        .is_some_and(|(_, info)| info.status == status::PACKED))
 }

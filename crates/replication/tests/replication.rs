@@ -22,6 +22,8 @@ fn open(dir: &Path, name: &str) -> FileStorage {
             create: true,
             sync_on_vote: true,
             blob_dir: Some(dir.join(format!("{name}.blobs"))),
+            // The test records are not pickles: pack without garbage collection.
+            pack_without_gc: true,
             ..Options::default()
         },
     )
@@ -339,5 +341,67 @@ async fn a_diverged_replica_is_refused_and_keeps_its_file() {
         drop(replica);
         assert_eq!(std::fs::read(d.join("replica.fs")).unwrap(), before);
     }
+    primary.close().await.unwrap();
+}
+
+/// Pack is local to each node: the primary packs, and a replica that was behind (whose
+/// last transaction the pack removed) still follows it and ends with the same current
+/// state; the replica can pack its own file too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replication_goes_on_across_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (primary, address) = start_primary(open(d, "primary.fs")).await;
+    let mut c = Committer { next_key: 0 };
+    make_history(&primary, d, &mut c, 5).await;
+    let replica = start_replica(open(d, "replica.fs"), &address, None);
+    wait_caught_up(&replica, &primary).await;
+    let replica_last = replica.last_transaction();
+    replica.close().await.unwrap();
+    drop(replica);
+    make_history(&primary, d, &mut c, 5).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    primary.pack(zodb::timestamp::now_unix()).await.unwrap();
+    make_history(&primary, d, &mut c, 2).await;
+    // The pack removed the replica's last transaction (all its records were superseded).
+    assert!(primary
+        .file_storage()
+        .core()
+        .view()
+        .find_txn(replica_last)
+        .unwrap()
+        .is_none());
+    let replica = start_replica(open(d, "replica.fs"), &address, None);
+    wait_caught_up(&replica, &primary).await;
+    for oid in [0, 1, 2] {
+        let a = primary
+            .load_before(Oid(oid), Tid::MAX)
+            .await
+            .unwrap()
+            .revision;
+        let b = replica
+            .load_before(Oid(oid), Tid::MAX)
+            .await
+            .unwrap()
+            .revision;
+        assert_eq!(a, b, "oid {oid}");
+    }
+    replica.pack(zodb::timestamp::now_unix()).await.unwrap();
+    make_history(&primary, d, &mut c, 2).await;
+    wait_caught_up(&replica, &primary).await;
+    for oid in [0, 1, 2] {
+        let a = primary
+            .load_before(Oid(oid), Tid::MAX)
+            .await
+            .unwrap()
+            .revision;
+        let b = replica
+            .load_before(Oid(oid), Tid::MAX)
+            .await
+            .unwrap()
+            .revision;
+        assert_eq!(a, b, "oid {oid}");
+    }
+    replica.close().await.unwrap();
     primary.close().await.unwrap();
 }
