@@ -12,8 +12,10 @@
 //!   the applied transaction with the client's key as committer (see
 //!   [`crate::node::Node`]); it knows the tid from the primary's `tpc_finish` reply, and an
 //!   apply that arrives first waits for that reply.
-//! - The server's per-storage commit lock is held from vote to finish, so one forwarded
-//!   transaction at a time uses the connection.
+//! - The server's per-storage commit lock is held from the first vote to finish or
+//!   abort, conflict rounds included, so one forwarded transaction at a time uses the
+//!   connection; it stays open on the primary while the client resolves, and a re-vote
+//!   sends only the client's new operations (as the proxy forwards commits).
 
 use crate::node::Node;
 use bytes::{Bytes, BytesMut};
@@ -23,7 +25,8 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 use tracing::{debug, warn};
 use zeo_client::{Address, ConnectOptions, Connection, NoCallbacks};
-use zeo_proto::Value;
+use zeo_proto::reply::VoteResult;
+use zeo_proto::{Reply, Request, Value};
 use zodb::{Conflict, Oid, Result, StorageError, Tid, Transaction, TxnKey, TxnOp, Vote};
 
 /// Bytes of blob data per `storeBlobChunk`.
@@ -43,15 +46,22 @@ pub struct ForwardConfig {
     pub storage: String,
 }
 
-struct Voted {
+/// The transaction open on the primary, from its first vote to finish or abort
+/// (conflict rounds included: the server keeps its commit lock until the client votes
+/// again, and so does the primary).
+struct Open {
     key: TxnKey,
     conn: Connection,
+    /// Operations already sent (a re-vote after conflicts sends only the new ones).
+    sent: usize,
+    /// Oids resolved on the primary, over every round.
+    changed: Vec<Oid>,
 }
 
 pub struct Forwarder {
     config: ForwardConfig,
     conn: tokio::sync::Mutex<Option<Connection>>,
-    voted: parking_lot::Mutex<Option<Voted>>,
+    open: parking_lot::Mutex<Option<Open>>,
 }
 
 /// The transaction id used on the primary's connection.
@@ -64,13 +74,13 @@ impl Forwarder {
         Arc::new(Forwarder {
             config,
             conn: tokio::sync::Mutex::new(None),
-            voted: parking_lot::Mutex::new(None),
+            open: parking_lot::Mutex::new(None),
         })
     }
 
-    /// Whether `key` is a transaction voted on the primary.
+    /// Whether `key` is a transaction open on the primary.
     pub fn has(&self, key: TxnKey) -> bool {
-        self.voted.lock().as_ref().is_some_and(|v| v.key == key)
+        self.open.lock().as_ref().is_some_and(|v| v.key == key)
     }
 
     /// Drops the connection (promotion: commits are local from now on).
@@ -109,161 +119,93 @@ impl Forwarder {
         Ok(c.new_oids(count).await?)
     }
 
-    /// Sends the transaction to the primary and votes it there.
-    pub async fn vote(&self, node: &Node, txn: &Transaction) -> Result<Vote> {
-        // A re-vote after conflicts sends the whole transaction again (the primary's side
-        // was aborted when the conflicts came back).
-        if let Some(old) = self.voted.lock().take() {
-            let _ = old.conn.send_oneway("tpc_abort", vec![txn_id(old.key)]);
+    /// The transaction `key` if it is open on a live connection; anything else in the
+    /// slot is stale and dropped.
+    fn take(&self, key: TxnKey) -> Option<Open> {
+        match self.open.lock().take() {
+            Some(o) if o.key == key && o.conn.is_connected() => Some(o),
+            _ => None,
         }
-        let conn = self.connection().await?;
+    }
+
+    /// Sends the transaction's operations not sent yet to the primary and votes there.
+    pub async fn vote(&self, node: &Node, txn: &Transaction) -> Result<Vote> {
         let id = txn_id(txn.key);
-        conn.send_oneway(
-            "tpc_begin",
-            vec![
-                id.clone(),
-                Value::Bytes(Bytes::from(txn.meta.user.clone())),
-                Value::Bytes(Bytes::from(txn.meta.description.clone())),
-                Value::Dict(zeo_proto::extension_from_bytes(&txn.meta.extension)),
-                txn.meta.tid.map(Value::from).unwrap_or(Value::None),
-                Value::Str(
-                    (if txn.meta.status == 0 {
-                        ' '
-                    } else {
-                        txn.meta.status as char
-                    })
-                    .to_string(),
-                ),
-            ],
-        )?;
-        for op in &txn.ops {
-            let (name, args) = match op {
-                TxnOp::Store { oid, serial, data } => (
-                    "storea",
-                    vec![
-                        Value::from(*oid),
-                        Value::from(*serial),
-                        Value::Bytes(data.clone()),
-                        id.clone(),
-                    ],
-                ),
-                TxnOp::CheckCurrent { oid, serial } => (
-                    "checkCurrentSerialInTransaction",
-                    vec![Value::from(*oid), Value::from(*serial), id.clone()],
-                ),
-                TxnOp::Delete { oid, serial } => (
-                    "deleteObject",
-                    vec![Value::from(*oid), Value::from(*serial), id.clone()],
-                ),
-                TxnOp::Restore {
-                    oid,
-                    serial,
-                    data,
-                    prev_txn,
-                } => (
-                    "restorea",
-                    vec![
-                        Value::from(*oid),
-                        Value::from(*serial),
-                        data.clone().map(Value::Bytes).unwrap_or(Value::None),
-                        prev_txn.map(Value::from).unwrap_or(Value::None),
-                        id.clone(),
-                    ],
-                ),
-                TxnOp::Undo { transaction_id } => (
-                    "undoa",
-                    vec![
-                        Value::Bytes(Bytes::from(transaction_id.clone())),
-                        id.clone(),
-                    ],
-                ),
+        let mut open = match self.take(txn.key) {
+            Some(o) => o,
+            None => {
+                let conn = self.connection().await?;
+                conn.send(&Request::TpcBegin {
+                    txn: id.clone(),
+                    user: Bytes::from(txn.meta.user.clone()),
+                    description: Bytes::from(txn.meta.description.clone()),
+                    extension: Value::Dict(zeo_proto::extension_from_bytes(&txn.meta.extension)),
+                    tid: txn.meta.tid,
+                    status: txn.meta.status,
+                })?;
+                Open {
+                    key: txn.key,
+                    conn,
+                    sent: 0,
+                    changed: Vec::new(),
+                }
+            }
+        };
+        for op in &txn.ops[open.sent.min(txn.ops.len())..] {
+            let sent = match op {
                 TxnOp::StoreBlob {
                     oid,
                     serial,
                     data,
                     file,
-                } => {
-                    if let Err(e) = upload_blob(&conn, *oid, *serial, data, file, &id).await {
-                        let _ = conn.send_oneway("tpc_abort", vec![id.clone()]);
-                        return Err(e);
-                    }
-                    continue;
-                }
+                } => upload_blob(&open.conn, *oid, *serial, data, file, &id).await,
+                other => match Request::for_op(other, &id) {
+                    Some(r) => open.conn.send(&r).map_err(StorageError::from),
+                    None => Ok(()),
+                },
             };
-            conn.send_oneway(name, args)?;
-        }
-        let items = conn.call("vote", vec![id.clone()]).await?;
-        let mut conflicts = Vec::new();
-        let mut changed = Vec::new();
-        for item in items.as_seq().unwrap_or(&[]) {
-            match item {
-                Value::Bytes(b) => changed.extend(Oid::from_slice(b)),
-                Value::Dict(_) => {
-                    let oid = item
-                        .get("oid")
-                        .and_then(Value::as_bytes)
-                        .and_then(|b| Oid::from_slice(b));
-                    let serials = item.get("serials").and_then(Value::as_seq);
-                    let tid_at = |i: usize| {
-                        serials
-                            .and_then(|s| s.get(i))
-                            .and_then(Value::as_bytes)
-                            .and_then(|b| Tid::from_slice(b))
-                    };
-                    let data = item
-                        .get("data")
-                        .and_then(Value::as_bytes)
-                        .cloned()
-                        .unwrap_or_default();
-                    if let (Some(oid), Some(committed), Some(read)) = (oid, tid_at(0), tid_at(1)) {
-                        conflicts.push(Conflict {
-                            oid,
-                            committed,
-                            read,
-                            data,
-                        });
-                    }
-                }
-                _ => {}
+            if let Err(e) = sent {
+                // The primary holds part of the transaction: drop it there.
+                let _ = open.conn.call(&Request::TpcAbort { txn: id.clone() }).await;
+                return Err(e);
             }
         }
-        if !conflicts.is_empty() {
-            // The client resolves and votes again: the primary keeps no half transaction.
-            if let Err(e) = conn.call("tpc_abort", vec![id.clone()]).await {
-                debug!(error = %e, "tpc_abort after conflicts failed");
-            }
-            // The client resolves by loading the committed revisions from this replica:
-            // let them arrive first.
-            if let Some(newest) = conflicts.iter().map(|c| c.committed).max() {
-                let _ = tokio::time::timeout(APPLY_WAIT, node.signal().wait_for(newest)).await;
-            }
-            return Ok(Vote::Conflicts(conflicts));
+        open.sent = txn.ops.len();
+        // An error means the primary has dropped its side of the transaction already.
+        let reply: VoteResult = open.conn.request(&Request::Vote { txn: id }).await?;
+        open.changed.extend(reply.resolved());
+        let conflicts: Vec<Conflict> = reply.conflicts().cloned().collect();
+        let changed = open.changed.clone();
+        *self.open.lock() = Some(open);
+        if conflicts.is_empty() {
+            return Ok(Vote::Ok { changed });
         }
-        *self.voted.lock() = Some(Voted { key: txn.key, conn });
-        Ok(Vote::Ok { changed })
+        // The client resolves by loading the committed revisions from this replica: let
+        // them arrive first.
+        if let Some(newest) = conflicts.iter().map(|c| c.committed).max() {
+            let _ = tokio::time::timeout(APPLY_WAIT, node.signal().wait_for(newest)).await;
+        }
+        Ok(Vote::Conflicts(conflicts))
     }
 
     /// Commits on the primary, then waits until the replica has applied the transaction.
     pub async fn finish(&self, node: &Node, key: TxnKey) -> Result<Tid> {
-        let voted = match self.voted.lock().take() {
-            Some(v) if v.key == key => v,
-            other => {
-                *self.voted.lock() = other;
-                return Err(StorageError::Transaction(
-                    "finish without a voted transaction".into(),
-                ));
-            }
+        let Some(open) = self.take(key) else {
+            return Err(StorageError::Transaction(
+                "finish without a voted transaction".into(),
+            ));
         };
         node.forward_started(key);
-        let reply = voted.conn.call("tpc_finish", vec![txn_id(key)]).await;
+        let reply = open
+            .conn
+            .call(&Request::TpcFinish { txn: txn_id(key) })
+            .await;
         let tid = match reply.map_err(StorageError::from).and_then(|v| {
-            v.as_bytes()
-                .and_then(|b| Tid::from_slice(b))
-                .ok_or_else(|| {
-                    StorageError::Disconnected(format!(
-                        "unexpected tpc_finish reply from the primary: {v:?}"
-                    ))
-                })
+            Tid::from_value(&v).map_err(|e| {
+                StorageError::Disconnected(format!(
+                    "unexpected tpc_finish reply from the primary: {e}"
+                ))
+            })
         }) {
             Ok(t) => t,
             Err(e) => {
@@ -285,20 +227,19 @@ impl Forwarder {
         Ok(tid)
     }
 
-    pub async fn abort(&self, node: &Node, key: TxnKey) {
-        let _ = node;
-        let voted = {
-            let mut v = self.voted.lock();
-            match v.take() {
+    pub async fn abort(&self, key: TxnKey) {
+        let open = {
+            let mut slot = self.open.lock();
+            match slot.take() {
                 Some(x) if x.key == key => Some(x),
                 other => {
-                    *v = other;
+                    *slot = other;
                     None
                 }
             }
         };
-        if let Some(v) = voted {
-            if let Err(e) = v.conn.call("tpc_abort", vec![txn_id(key)]).await {
+        if let Some(o) = open {
+            if let Err(e) = o.conn.call(&Request::TpcAbort { txn: txn_id(key) }).await {
                 debug!(error = %e, "forwarded tpc_abort failed");
             }
         }
@@ -315,7 +256,7 @@ async fn upload_blob(
     file: &Path,
     id: &Value,
 ) -> Result<()> {
-    conn.send_oneway("storeBlobStart", vec![])?;
+    conn.send(&Request::StoreBlobStart)?;
     // Once started, the upload is always ended, so that the primary is never left with
     // an upload in progress; a failure to read aborts the transaction afterwards.
     let sent = async {
@@ -331,18 +272,17 @@ async fn upload_blob(
             if buf.is_empty() {
                 return Ok::<(), StorageError>(());
             }
-            conn.send_oneway("storeBlobChunk", vec![Value::Bytes(buf.freeze())])?;
+            conn.send(&Request::StoreBlobChunk {
+                chunk: buf.freeze(),
+            })?;
         }
     }
     .await;
-    conn.send_oneway(
-        "storeBlobEnd",
-        vec![
-            Value::from(oid),
-            Value::from(serial),
-            Value::Bytes(data.clone()),
-            id.clone(),
-        ],
-    )?;
+    conn.send(&Request::StoreBlobEnd {
+        oid,
+        serial,
+        data: data.clone(),
+        txn: id.clone(),
+    })?;
     sent
 }

@@ -544,7 +544,7 @@ impl Storage for Node {
 
     async fn abort(&self, key: TxnKey) {
         if let Some(f) = self.forwarder().filter(|f| f.has(key)) {
-            return f.abort(self, key).await;
+            return f.abort(key).await;
         }
         self.fs.abort(key).await
     }

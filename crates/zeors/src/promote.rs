@@ -92,7 +92,7 @@ async fn role(address: &str, storage: &str) -> Option<String> {
     )
     .await
     .ok()?;
-    let status = conn.call("server_status", vec![]).await.ok();
+    let status = conn.call(&zeo_proto::Request::ServerStatus).await.ok();
     conn.close();
     status?.get("role")?.as_str().map(str::to_owned)
 }
