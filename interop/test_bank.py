@@ -105,7 +105,10 @@ class Client(threading.Thread):
 
     def run(self):
         try:
-            d = ZODB.DB(ClientStorage(self.bank.addr, wait_timeout=60), cache_size=1000)
+            # A client may have a server of its own (a replica's clients, in
+            # test_replication.py); by default it uses the bank's.
+            addr = getattr(self, "addr", self.bank.addr)
+            d = ZODB.DB(ClientStorage(addr, wait_timeout=60), cache_size=1000)
             tm = transaction.TransactionManager()
             conn = d.open(tm)
             self.opened.set()

@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source scripts/venv.sh
+source scripts/venv-zrs.sh
 
 export ZEORS_PYTHON="$PWD/$VENV/bin/python"
 

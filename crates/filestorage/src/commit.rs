@@ -61,6 +61,11 @@ pub(crate) struct Policy<'a> {
     /// The storage has a blob directory: blob stores are accepted and undo carries blob
     /// files along.
     pub blobs: bool,
+    /// The blob files of `Restore` operations (replication's `restoreBlob`), by oid.
+    pub restore_blobs: &'a [(Oid, PathBuf)],
+    /// `Restore` operations invalidate their oids: a replica applying its primary's
+    /// transactions must tell its clients (a client's `restorea` does not, as in ZEO).
+    pub invalidate_restores: bool,
 }
 
 /// Where the blob file of a new record comes from.
@@ -300,22 +305,42 @@ pub(crate) fn prepare(
                 });
             }
             TxnOp::Restore {
-                oid, serial, data, ..
+                oid,
+                serial,
+                data,
+                prev_txn,
             } => {
                 if data.as_ref().is_some_and(|d| d.is_empty()) {
                     return Err(StorageError::Value(format!(
                         "restore of oid {oid} with empty data (use None for no state)"
                     )));
                 }
+                let blob = match policy.restore_blobs.iter().find(|(o, _)| o == oid) {
+                    Some(_) if !policy.blobs => return Err(StorageError::Unsupported("blobs")),
+                    Some((_, file)) => Some(BlobSource::File(file.clone())),
+                    None => None,
+                };
                 *max_oid = (*max_oid).max(oid.0);
+                if policy.invalidate_restores {
+                    invalidated.push(*oid);
+                }
+                let back = match prev_txn {
+                    Some(prev) => {
+                        let view = view.get_or_insert_with(|| state.committed_view());
+                        restore_back_pointer(view, *oid, *prev, data.as_deref())
+                            .map_err(|e| crate::storage::corrupted(state.name(), e))?
+                    }
+                    None => None,
+                };
                 plan.set(Planned {
                     oid: *oid,
                     tid: *serial,
-                    data: match data {
-                        Some(d) => PlannedData::Data(d.clone()),
-                        None => PlannedData::NoState,
+                    data: match (back, data) {
+                        (Some(b), _) => PlannedData::Back(b),
+                        (None, Some(d)) => PlannedData::Data(d.clone()),
+                        (None, None) => PlannedData::NoState,
                     },
-                    blob: None,
+                    blob,
                 });
             }
             TxnOp::Undo { transaction_id } => {
@@ -438,6 +463,40 @@ pub(crate) fn prepare(
         changed,
         blobs,
     }))
+}
+
+/// Python's `restore` with a `prev_txn`: the position of the record of `oid` in the
+/// committed transaction `prev_txn` (the last one, when it has several), to be written as
+/// a back pointer instead of the data, as `FileStorage._data_find` finds it. A record
+/// without data there is trusted as is; one with data only when it is `data`, byte for
+/// byte. `None` (write the data) when that transaction or record is not in the file: the
+/// hint is ignored, as Python's comment says it should be (a pack may have removed it).
+fn restore_back_pointer(
+    view: &FileView,
+    oid: Oid,
+    prev_txn: Tid,
+    data: Option<&[u8]>,
+) -> crate::error::Result<Option<u64>> {
+    let Some(t) = view.find_txn(prev_txn)? else {
+        return Ok(None);
+    };
+    let mut found = None;
+    for r in view.records(&t) {
+        let (pos, h) = r?;
+        if h.oid == oid {
+            found = Some((pos, h));
+        }
+    }
+    let Some((pos, h)) = found else {
+        return Ok(None);
+    };
+    if h.plen == 0 {
+        return Ok(Some(pos));
+    }
+    match data {
+        Some(d) if d.len() as u64 == h.plen && view.inline_data(pos, &h)? == d => Ok(Some(pos)),
+        _ => Ok(None),
+    }
 }
 
 /// The blob an undo record brings back: when the revision its back pointer leads to is a

@@ -725,6 +725,23 @@ impl FileStorageCore {
     /// `Conflict`; `Restore` is not checked; `Undo` follows [`crate::undo`]. Conflicts
     /// write nothing. Only the last operation on each oid is written.
     pub fn vote(&self, txn: &Transaction) -> Result<Vote> {
+        self.vote_with(txn, &[], false)
+    }
+
+    /// Votes a transaction of replicated records: like [`vote`](Self::vote), with the
+    /// blob files of its `Restore` operations (`restoreBlob`, moved into the blob
+    /// directory at finish like any other), and with the restored oids invalidated, so
+    /// that the clients of a replica learn of its primary's transactions.
+    pub fn vote_restore(&self, txn: &Transaction, blobs: &[(Oid, PathBuf)]) -> Result<Vote> {
+        self.vote_with(txn, blobs, true)
+    }
+
+    fn vote_with(
+        &self,
+        txn: &Transaction,
+        restore_blobs: &[(Oid, PathBuf)],
+        invalidate_restores: bool,
+    ) -> Result<Vote> {
         let mut c = self.commit.lock();
         while c.swap_pending {
             self.commit_cv.wait(&mut c);
@@ -764,6 +781,8 @@ impl FileStorageCore {
             // Set by pack under this mutex before it takes its view (see `pack`).
             undo_disabled: self.packing.load(Ordering::Acquire),
             blobs: self.blobs.is_some(),
+            restore_blobs,
+            invalidate_restores,
         };
         let prepared = commit::prepare(txn, tid, pos, &policy, self, &mut stored_max)?;
         {

@@ -114,10 +114,13 @@ impl Server {
                 name.clone(),
                 Arc::new(StorageHandle {
                     name,
-                    storage,
+                    storage: storage.clone(),
                     hub,
                     commit_lock: Arc::new(tokio::sync::Mutex::new(())),
-                    stats: Stats::new(),
+                    stats: Stats {
+                        storage: Some(storage.clone()),
+                        ..Stats::new()
+                    },
                 }),
             );
         }

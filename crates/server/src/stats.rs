@@ -21,6 +21,8 @@ pub struct Stats {
     pub lock_time: Mutex<Option<f64>>,
     /// Server start, as `time.ctime()` prints it.
     pub start: String,
+    /// The storage, for the fields it adds to `server_status` ([`zodb::Storage::status`]).
+    pub storage: Option<std::sync::Arc<dyn zodb::Storage>>,
 }
 
 impl Stats {
@@ -44,7 +46,7 @@ impl Stats {
         has_timeout: bool,
     ) -> Value {
         let n = |c: &AtomicU64| Value::Int(c.load(Ordering::Relaxed) as i64);
-        Value::dict([
+        let mut status = Value::dict([
             ("connections", Value::Int(connections as i64)),
             ("loads", n(&self.loads)),
             ("stores", n(&self.stores)),
@@ -77,7 +79,16 @@ impl Stats {
                 },
             ),
             ("last-transaction", Value::Str(last_transaction_hex)),
-        ])
+        ]);
+        if let (Value::Dict(items), Some(storage)) = (&mut status, &self.storage) {
+            items.extend(
+                storage
+                    .status()
+                    .into_iter()
+                    .map(|(k, v)| (Value::str(k), Value::Str(v))),
+            );
+        }
+        status
     }
 }
 

@@ -43,6 +43,22 @@ pub struct SslConf {
 pub struct StorageConf {
     pub name: String,
     pub kind: StorageKind,
+    /// zc.zrs's `<zrs>` around a `<filestorage>`: replication.
+    pub zrs: Option<ZrsConf>,
+}
+
+/// Replication settings of a FileStorage (`<zrs>`, or the `--replicate-*` flags).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ZrsConf {
+    /// Listen for replicas here (`replicate-to`).
+    pub replicate_to: Option<String>,
+    /// Follow the primary at this replication address (`replicate-from`).
+    pub replicate_from: Option<String>,
+    /// Seconds between keep-alives to the primary (`keep-alive-delay`; 0: none).
+    pub keep_alive_delay: f64,
+    /// zeors: send clients' commits to the primary's ZEO server at this address
+    /// (`forward-writes`) instead of refusing them.
+    pub forward_writes: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -207,7 +223,32 @@ pub fn from_root(root: &Section, mut warnings: Vec<String>) -> Result<ZeoConf> {
                 } else {
                     upstream_section(section, &name, &mut warnings)?
                 };
-                conf.storages.push(StorageConf { name, kind });
+                conf.storages.push(StorageConf {
+                    name,
+                    kind,
+                    zrs: None,
+                });
+            }
+            "zrs" => {
+                let name = match &section.name {
+                    Some(n) => n.clone(),
+                    None => {
+                        unnamed += 1;
+                        if unnamed > 1 {
+                            bail!("{}: only one storage section may be unnamed", here());
+                        }
+                        "1".to_string()
+                    }
+                };
+                if conf.storages.iter().any(|s| s.name == name) {
+                    bail!("{}: a second storage named {name:?}", here());
+                }
+                let (zrs, kind) = zrs_section(section, &mut warnings)?;
+                conf.storages.push(StorageConf {
+                    name,
+                    kind,
+                    zrs: Some(zrs),
+                });
             }
             "eventlog" | "logger" => conf.log = Some(eventlog_section(section, &mut warnings)?),
             "runner" => warnings.push(format!(
@@ -376,6 +417,58 @@ fn filestorage_section(s: &Section, warnings: &mut Vec<String>) -> Result<Storag
         pack_gc: c.bool("pack-gc", true)?,
         pack_keep_old: c.bool("pack-keep-old", true)?,
     })
+}
+
+/// `<zrs>`: zc.zrs's replication keys around one `<filestorage>`.
+fn zrs_section(s: &Section, warnings: &mut Vec<String>) -> Result<(ZrsConf, StorageKind)> {
+    let c = Checker {
+        section: s,
+        known: &[
+            "replicate-to",
+            "replicate-from",
+            "keep-alive-delay",
+            "forward-writes",
+        ],
+        ignored: &[],
+    };
+    c.check(warnings)?;
+    let kind = match s.sections.as_slice() {
+        [inner] if inner.kind == "filestorage" => filestorage_section(inner, warnings)?,
+        [inner] => bail!(
+            "{}:{}: <zrs> around <{}>: zeors replicates a <filestorage>",
+            inner.file.display(),
+            inner.line,
+            inner.kind
+        ),
+        _ => bail!(
+            "{}:{}: <zrs> needs exactly one <filestorage> section",
+            s.file.display(),
+            s.line
+        ),
+    };
+    let zrs = ZrsConf {
+        replicate_to: c.str("replicate-to").map(str::to_owned),
+        replicate_from: c.str("replicate-from").map(str::to_owned),
+        keep_alive_delay: c.float("keep-alive-delay")?.unwrap_or(0.0),
+        forward_writes: c.str("forward-writes").map(str::to_owned),
+    };
+    check_zrs(&zrs).map_err(|e| anyhow!("{}:{}: {e}", s.file.display(), s.line))?;
+    Ok((zrs, kind))
+}
+
+/// zc.zrs's rules for a replicated storage, and ours.
+pub fn check_zrs(z: &ZrsConf) -> Result<()> {
+    match (&z.replicate_to, &z.replicate_from) {
+        (None, None) => bail!("You must specify replicate-to and/or replicate-from."),
+        (Some(a), Some(b)) if a == b => {
+            bail!("Values for replicate-to and replicate-from must be different.")
+        }
+        _ => {}
+    }
+    if z.forward_writes.is_some() && z.replicate_from.is_none() {
+        bail!("forward-writes is for a replica (it needs replicate-from)");
+    }
+    Ok(())
 }
 
 fn upstream_section(s: &Section, name: &str, warnings: &mut Vec<String>) -> Result<StorageKind> {
@@ -626,6 +719,36 @@ mod tests {
                 assert!(!shared_blob_dir);
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn zrs_sections() {
+        let c = conf("%import zc.zrs\n<zeo>\n address 8100\n</zeo>\n<zrs>\n replicate-to 5000\n <filestorage>\n  path primary.fs\n  blob-dir blobs\n </filestorage>\n</zrs>\n").unwrap();
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        assert_eq!(c.storages[0].name, "1");
+        assert_eq!(
+            c.storages[0].zrs,
+            Some(ZrsConf {
+                replicate_to: Some("5000".into()),
+                ..ZrsConf::default()
+            })
+        );
+        let c = conf("<zeo>\n address 8100\n</zeo>\n<zrs main>\n replicate-from primary:5000\n replicate-to 5001\n keep-alive-delay 60\n forward-writes primary:8100\n <filestorage>\n  path replica.fs\n </filestorage>\n</zrs>\n").unwrap();
+        let z = c.storages[0].zrs.clone().unwrap();
+        assert_eq!(c.storages[0].name, "main");
+        assert_eq!(z.replicate_from.as_deref(), Some("primary:5000"));
+        assert_eq!(z.keep_alive_delay, 60.0);
+        assert_eq!(z.forward_writes.as_deref(), Some("primary:8100"));
+        for (bad, why) in [
+            ("<zrs>\n <filestorage>\n  path a\n </filestorage>\n</zrs>\n", "must specify"),
+            ("<zrs>\n replicate-to 1\n replicate-from 1\n <filestorage>\n  path a\n </filestorage>\n</zrs>\n", "must be different"),
+            ("<zrs>\n replicate-to 1\n</zrs>\n", "exactly one"),
+            ("<zrs>\n replicate-to 1\n <mappingstorage>\n </mappingstorage>\n</zrs>\n", "replicates a <filestorage>"),
+            ("<zrs>\n replicate-to 1\n bogus 2\n <filestorage>\n  path a\n </filestorage>\n</zrs>\n", "unknown key"),
+        ] {
+            let e = conf(&format!("<zeo>\n address 1\n</zeo>\n{bad}")).unwrap_err();
+            assert!(e.to_string().contains(why), "{e}");
         }
     }
 

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod config;
 mod logfile;
+mod promote;
 mod serve;
 mod tools;
 mod zconfig;
@@ -42,6 +43,8 @@ enum Command {
     Pack(tools::PackArgs),
     /// Open a Data.fs read-only and tell what it holds and how long opening took.
     Info(tools::InfoArgs),
+    /// Make a running replica a primary that accepts commits (sends it SIGUSR1).
+    Promote(promote::PromoteArgs),
 }
 
 /// Parses sizes the way zeo.conf writes them: a number with an optional KB/MB/GB/TB suffix.
@@ -98,6 +101,7 @@ fn main() -> Result<()> {
         Command::Check(args) => exit_with(tools::check(args)),
         Command::Dump(args) => exit_with(tools::dump(args)),
         Command::Info(args) => exit_with(tools::info(args)),
+        Command::Promote(args) => exit_with(promote::run(args)),
         Command::Pack(args) => {
             // The tool prints its own summary; the pack's progress logs need RUST_LOG=info.
             let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());

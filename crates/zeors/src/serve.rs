@@ -83,6 +83,29 @@ pub struct ServeArgs {
     #[arg(long)]
     log_level: Option<String>,
 
+    /// Replication (primary): listen for replicas at HOST:PORT, PORT or a socket path
+    /// (zc.zrs's `replicate-to`) and feed them the Data.fs's transactions. A replica
+    /// given this too feeds further replicas (chains).
+    #[arg(long, value_name = "ADDRESS")]
+    replicate_to: Option<String>,
+
+    /// Replication (replica): follow the primary listening at this address (its
+    /// --replicate-to; zc.zrs's `replicate-from`), keeping -f a copy of its Data.fs.
+    /// Clients of a replica are read-only unless --forward-writes is given.
+    #[arg(long, value_name = "ADDRESS")]
+    replicate_from: Option<String>,
+
+    /// Replication (replica): send a keep-alive to the primary every SECONDS
+    /// (zc.zrs's `keep-alive-delay`). Default: none.
+    #[arg(long, value_name = "SECONDS")]
+    keep_alive_delay: Option<f64>,
+
+    /// Replication (replica): clients may commit; their commits are sent to the
+    /// primary's ZEO server at this address, and `tpc_finish` returns once the replica
+    /// has applied the transaction (read-your-writes).
+    #[arg(long, value_name = "HOST:PORT")]
+    forward_writes: Option<String>,
+
     /// Proxy mode: serve the storage of this upstream ZEO server (HOST:PORT or socket
     /// path) through a persistent cache instead of a Data.fs. Repeat for failover.
     #[arg(long = "upstream", value_name = "ADDRESS")]
@@ -174,10 +197,46 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
                         shared_blob_dir: args.shared_blob_dir,
                     }
                 },
+                zrs: None,
             }],
             ..Default::default()
         },
     };
+    let mut conf = conf;
+    let flags_zrs = config::ZrsConf {
+        replicate_to: args.replicate_to.clone(),
+        replicate_from: args.replicate_from.clone(),
+        keep_alive_delay: args.keep_alive_delay.unwrap_or(0.0),
+        forward_writes: args.forward_writes.clone(),
+    };
+    if flags_zrs != config::ZrsConf::default() {
+        if !args.upstreams.is_empty() {
+            bail!("replication (--replicate-to/--replicate-from) serves a Data.fs, not a proxy (--upstream)");
+        }
+        let files: Vec<&mut config::StorageConf> = conf
+            .storages
+            .iter_mut()
+            .filter(|s| matches!(s.kind, StorageKind::File { .. }))
+            .collect();
+        let [storage] = <[_; 1]>::try_from(files).map_err(|_| {
+            anyhow::anyhow!("--replicate-to/--replicate-from need exactly one FileStorage (use <zrs> sections in zeo.conf for several)")
+        })?;
+        let mut z = storage.zrs.clone().unwrap_or_default();
+        if flags_zrs.replicate_to.is_some() {
+            z.replicate_to = flags_zrs.replicate_to;
+        }
+        if flags_zrs.replicate_from.is_some() {
+            z.replicate_from = flags_zrs.replicate_from;
+        }
+        if args.keep_alive_delay.is_some() {
+            z.keep_alive_delay = flags_zrs.keep_alive_delay;
+        }
+        if flags_zrs.forward_writes.is_some() {
+            z.forward_writes = flags_zrs.forward_writes;
+        }
+        config::check_zrs(&z)?;
+        storage.zrs = Some(z);
+    }
     if args.configure.is_some()
         && (args.filename.is_some() || !args.upstreams.is_empty() || args.blob_dir.is_some())
     {
@@ -298,7 +357,8 @@ fn init_logging(log: &LogConf) -> Result<Option<LogFile>> {
     }
 }
 
-/// Opens one storage from its configuration.
+/// Opens one storage from its configuration; a replicated FileStorage becomes a
+/// [`replication::Node`] (started later by [`start_replication`]).
 fn open_storage(
     conf: &config::StorageConf,
     server_read_only: bool,
@@ -338,6 +398,33 @@ fn open_storage(
             )
             .with_context(|| format!("opening {}", path.display()))?;
             info!(path = %path.display(), name = %conf.name, "opened FileStorage");
+            if let Some(z) = &conf.zrs {
+                let role = match &z.replicate_from {
+                    Some(source) => replication::Role::Replica {
+                        source: source.clone(),
+                    },
+                    None => replication::Role::Primary,
+                };
+                if read_only && role == replication::Role::Primary {
+                    warn!(name = %conf.name, "a read-only primary: replicas are fed, clients cannot commit");
+                }
+                let node = replication::Node::new(storage, role.clone());
+                if let Some(address) = &z.forward_writes {
+                    node.set_forwarder(replication::Forwarder::new(replication::ForwardConfig {
+                        servers: vec![address.clone()],
+                        storage: conf.name.clone(),
+                    }));
+                }
+                info!(
+                    name = %conf.name,
+                    role = match role { replication::Role::Primary => "primary", _ => "replica" },
+                    replicate_from = z.replicate_from.as_deref().unwrap_or("-"),
+                    replicate_to = z.replicate_to.as_deref().unwrap_or("-"),
+                    forward_writes = z.forward_writes.as_deref().unwrap_or("-"),
+                    "replication"
+                );
+                return Ok(Opened::Replicated(node, z.clone()));
+            }
             Ok(Opened::File(Arc::new(storage)))
         }
         StorageKind::Upstream {
@@ -386,11 +473,51 @@ fn open_storage(
 enum Opened {
     File(Arc<filestorage::FileStorage>),
     Proxy(Arc<proxy::UpstreamStorage>),
+    Replicated(Arc<replication::Node>, config::ZrsConf),
+}
+
+/// Starts feeding replicas and following primaries. Runs after the server has attached
+/// its invalidation hubs, so that no applied transaction is missed by them.
+async fn start_replication(nodes: &[(Arc<replication::Node>, config::ZrsConf)]) -> Result<()> {
+    for (node, z) in nodes {
+        if let Some(address) = &z.replicate_to {
+            let listener = replication::net::Listener::bind(address)
+                .await
+                .with_context(|| format!("listening for replicas on {address}"))?;
+            replication::primary::spawn(node.clone(), listener);
+        }
+        if let Some(source) = &z.replicate_from {
+            let mut f = replication::FollowConfig::new(source.clone());
+            if z.keep_alive_delay > 0.0 {
+                f.keep_alive = Some(Duration::from_secs_f64(z.keep_alive_delay));
+            }
+            replication::replica::spawn(node.clone(), f);
+        }
+    }
+    Ok(())
+}
+
+/// Promotes every replica (SIGUSR1, `zeors promote`).
+async fn promote(nodes: &[(Arc<replication::Node>, config::ZrsConf)]) {
+    let mut any = false;
+    for (node, _) in nodes {
+        if node.is_replica() {
+            any = true;
+            match node.promote().await {
+                Ok(tid) => info!(last = %tid, "promoted to primary"),
+                Err(e) => warn!(error = %e, "promotion failed"),
+            }
+        }
+    }
+    if !any {
+        warn!("promotion asked, but no storage is a replica");
+    }
 }
 
 async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
     let mut storages: Vec<(String, Arc<dyn zodb::Storage>)> = Vec::new();
     let mut proxies = Vec::new();
+    let mut nodes = Vec::new();
     for conf in &plan.storages {
         match open_storage(conf, plan.server.read_only, plan.proxy)? {
             Opened::File(s) => storages.push((conf.name.clone(), s)),
@@ -398,9 +525,14 @@ async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
                 proxies.push(p.clone());
                 storages.push((conf.name.clone(), p));
             }
+            Opened::Replicated(n, z) => {
+                storages.push((conf.name.clone(), n.clone()));
+                nodes.push((n, z));
+            }
         }
     }
     let server = server::Server::new(plan.server, storages).await?;
+    start_replication(&nodes).await?;
     // A proxy serves only once it knows where upstream stands; with a warm cache it
     // starts after a short wait even if upstream is unreachable, serving the cache.
     for p in &proxies {
@@ -444,19 +576,24 @@ async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
         info!(%address, "serving metrics at /metrics");
         server.serve_metrics(listener);
     }
-    wait_for_signal(logfile).await?;
+    wait_for_signal(logfile, &nodes).await?;
     info!("shutting down");
     server.shutdown().await;
     info!("stopped");
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP and SIGUSR2 reopen the log file (log rotation).
-async fn wait_for_signal(logfile: Option<LogFile>) -> Result<()> {
+/// Waits for SIGTERM or SIGINT; SIGHUP and SIGUSR2 reopen the log file (log rotation);
+/// SIGUSR1 promotes replicas to primaries (`zeors promote`).
+async fn wait_for_signal(
+    logfile: Option<LogFile>,
+    nodes: &[(Arc<replication::Node>, config::ZrsConf)],
+) -> Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
     let mut usr2 = signal(SignalKind::user_defined2())?;
     loop {
         tokio::select! {
@@ -464,6 +601,7 @@ async fn wait_for_signal(logfile: Option<LogFile>) -> Result<()> {
             _ = int.recv() => { info!("SIGINT received"); return Ok(()) }
             _ = hup.recv() => reopen(&logfile),
             _ = usr2.recv() => reopen(&logfile),
+            _ = usr1.recv() => { info!("SIGUSR1 received: promoting"); promote(nodes).await }
         }
     }
 }

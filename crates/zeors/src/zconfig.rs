@@ -141,6 +141,8 @@ impl Parser {
                         let value = self.substitute(value, line_no, path)?;
                         self.defines.insert(name.to_ascii_lowercase(), value);
                     }
+                    // zc.zrs's `<zrs>` section is built in.
+                    "import" if rest.trim() == "zc.zrs" => {}
                     "import" => self.warnings.push(format!(
                         "{}:{line_no}: %import {rest} ignored (zeors has no Python packages to import)",
                         path.display()

@@ -349,6 +349,12 @@ pub trait Storage: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// Storage-specific fields added to `server_status` (a replicated storage's role and
+    /// lag), as `(key, text)`.
+    fn status(&self) -> Vec<(&'static str, String)> {
+        Vec::new()
+    }
+
     /// Undoable transactions, newest first: those at positions `first..last` (counted
     /// among the transactions `filter` accepts), with Python's normalisation of a
     /// negative `last` (`-n` means `n` entries). Storages without undo say so.

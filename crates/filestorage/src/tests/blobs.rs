@@ -344,3 +344,30 @@ fn a_crash_after_vote_leaves_nothing_visible() {
     let second = with_blob(&core, b"v2");
     assert_eq!(read_blob(&core, 1, second).unwrap(), b"v2");
 }
+
+/// `restoreBlob`: a replicated record with its blob file, committed like a stored one.
+#[test]
+fn vote_restore_commits_blob_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(dir.path());
+    let f = upload(&core, b"replicated blob");
+    let tid = zodb::timestamp::tid_from_unix(zodb::timestamp::now_unix() - 60.0);
+    let mut t = txn(
+        1,
+        vec![TxnOp::Restore {
+            oid: Oid(3),
+            serial: tid,
+            data: Some(Bytes::from_static(BLOB_RECORD)),
+            prev_txn: None,
+        }],
+    );
+    t.meta.tid = Some(tid);
+    assert!(matches!(
+        core.vote_restore(&t, &[(Oid(3), f.clone())]).unwrap(),
+        Vote::Ok { .. }
+    ));
+    assert_eq!(core.finish(1).unwrap(), tid);
+    std::fs::remove_file(f).unwrap();
+    assert_eq!(read_blob(&core, 3, tid).unwrap(), b"replicated blob");
+    assert!(staged_files(&core).is_empty());
+}

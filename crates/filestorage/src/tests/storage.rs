@@ -849,3 +849,69 @@ fn loads_race_commits_safely() {
     });
     scan::verify(&std::fs::File::open(dir.path().join("Data.fs")).unwrap()).unwrap();
 }
+
+/// Python's `restore(..., prev_txn)`: a back pointer to the record of the oid in
+/// `prev_txn` when that record holds the same data (or is itself a back pointer), the
+/// data otherwise, and when `prev_txn` is not in the file. `vote_restore` invalidates
+/// the restored oids; a client's restore (`vote`) does not.
+#[test]
+fn restore_with_prev_txn_writes_back_pointers() {
+    let (sim, core) = sim_storage(writable());
+    let (sink, _) = Recorder::new(None);
+    core.attach(sink.clone());
+    let t1 = commit(&core, &txn(1, vec![store(1, Tid::ZERO, b"one")]));
+    let restore = |key, tid: Tid, data: &'static [u8], prev_txn| {
+        let mut t = txn(
+            key,
+            vec![TxnOp::Restore {
+                oid: Oid(1),
+                serial: tid,
+                data: Some(Bytes::from_static(data)),
+                prev_txn,
+            }],
+        );
+        t.meta.tid = Some(tid);
+        assert!(matches!(
+            core.vote_restore(&t, &[]).unwrap(),
+            Vote::Ok { .. }
+        ));
+        core.finish(key).unwrap()
+    };
+    let t2 = restore(2, Tid(t1.0 + 10), b"one", Some(t1));
+    let t3 = restore(3, Tid(t1.0 + 20), b"other", Some(t1));
+    let t4 = restore(4, Tid(t1.0 + 30), b"one", Some(Tid(t1.0 + 1)));
+    // A back pointer to a back pointer is trusted.
+    let t5 = restore(5, Tid(t1.0 + 40), b"one", Some(t2));
+    let mut it = core.iterator(None, None).unwrap();
+    let mut seen = Vec::new();
+    while let Some((at, info)) = it.next_txn().unwrap() {
+        let mut records = crate::iter::RecordIter::new(it.view().clone(), at);
+        let (pos, r) = records.next_raw().unwrap().unwrap();
+        let h = it.view().record(Oid(1), pos).unwrap();
+        seen.push((info.tid, r.data.unwrap(), r.data_txn, h.plen, h.back));
+    }
+    let pos_of = |n: usize| {
+        let mut it = core.iterator(None, None).unwrap();
+        let mut at = None;
+        for _ in 0..=n {
+            at = it.next_txn().unwrap().map(|(a, _)| a);
+        }
+        at.unwrap().records_start()
+    };
+    let one = Bytes::from_static(b"one");
+    assert_eq!(
+        seen,
+        vec![
+            (t1, one.clone(), None, 3, 0),
+            (t2, one.clone(), Some(t1), 0, pos_of(0)),
+            (t3, Bytes::from_static(b"other"), None, 5, 0),
+            (t4, one.clone(), None, 3, 0),
+            (t5, one.clone(), Some(t2), 0, pos_of(1)),
+        ]
+    );
+    assert_eq!(core.load(Oid(1)).unwrap(), (one, t5));
+    let calls = sink.calls.lock().clone();
+    assert_eq!(calls.len(), 5);
+    assert!(calls[1..].iter().all(|(_, oids, _)| oids == &[Oid(1)]));
+    scan::verify(&*sim).unwrap();
+}
