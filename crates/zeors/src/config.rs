@@ -68,6 +68,8 @@ pub enum StorageKind {
         blob_cache_size: Option<u64>,
         shared_blob_dir: bool,
     },
+    /// `<relstorage>` with `<postgresql>`: a RelStorage database on PostgreSQL.
+    Postgres(relstorage::Options),
 }
 
 #[derive(Debug, Clone)]

@@ -120,6 +120,36 @@ pub struct ServeArgs {
     /// between 16MB and 256MB.
     #[arg(long, value_parser = crate::parse_size, value_name = "SIZE")]
     cache_index_memory: Option<u64>,
+
+    /// Serve a RelStorage database on PostgreSQL instead of a Data.fs: a libpq
+    /// connection string (`host=/run/postgresql dbname=zodb`) or a postgresql:// URL.
+    /// The schema is created when missing. --blob-dir is then where blobs are staged
+    /// and cached on this machine (the blobs themselves live in the database).
+    #[arg(long, value_name = "DSN")]
+    postgresql: Option<String>,
+
+    /// With --postgresql: the history-preserving layout (true, RelStorage's default) or
+    /// the history-free one (false).
+    #[arg(long, value_name = "BOOL", default_value = "true", action = clap::ArgAction::Set)]
+    keep_history: bool,
+
+    /// With --postgresql: database connections this server keeps at most.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pg_pool_size: usize,
+
+    /// With --postgresql: how often (milliseconds) the database is polled for commits
+    /// made by RelStorage clients; other zeors servers' commits arrive by NOTIFY at once.
+    #[arg(long, default_value_t = 100, value_name = "MS")]
+    pg_poll_interval: u64,
+
+    /// With --postgresql: memory for recent object states, e.g. 64MB.
+    #[arg(long, default_value = "64MB", value_parser = crate::parse_size, value_name = "SIZE")]
+    pg_cache_size: u64,
+
+    /// With --postgresql: seconds a commit waits for an object lock held by another
+    /// writer before failing with a ConflictError (RelStorage's commit-lock-timeout).
+    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
+    commit_lock_timeout: f64,
 }
 
 /// Settings of proxy storages that come from the command line even with -C.
@@ -142,6 +172,17 @@ struct Plan {
     tls: Option<server::tls::TlsSettings>,
     warnings: Vec<String>,
     proxy: ProxyTuning,
+    pg: PgTuning,
+}
+
+/// Settings of PostgreSQL storages that come from the command line even with -C.
+#[derive(Debug, Clone, Copy)]
+struct PgTuning {
+    pool_size: usize,
+    poll_interval: Duration,
+    cache_bytes: usize,
+    /// Used unless the configuration file sets `commit-lock-timeout`.
+    commit_lock_timeout: Duration,
 }
 
 fn plan(args: &ServeArgs) -> Result<Plan> {
@@ -150,7 +191,13 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         None => ZeoConf {
             storages: vec![config::StorageConf {
                 name: args.storage_name.clone(),
-                kind: if args.upstreams.is_empty() {
+                kind: if let Some(dsn) = &args.postgresql {
+                    let mut o = relstorage::Options::new(dsn.clone());
+                    o.layout = relstorage::Layout::from_keep_history(args.keep_history);
+                    o.blob_dir = args.blob_dir.clone();
+                    o.name = args.storage_name.clone();
+                    StorageKind::Postgres(o)
+                } else if args.upstreams.is_empty() {
                     StorageKind::File {
                         path: args
                             .filename
@@ -179,9 +226,18 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         },
     };
     if args.configure.is_some()
-        && (args.filename.is_some() || !args.upstreams.is_empty() || args.blob_dir.is_some())
+        && (args.filename.is_some()
+            || !args.upstreams.is_empty()
+            || args.blob_dir.is_some()
+            || args.postgresql.is_some())
     {
-        bail!("give storages either in zeo.conf or with -f/--upstream/--blob-dir, not both");
+        bail!("give storages either in zeo.conf or with -f/--upstream/--postgresql/--blob-dir, not both");
+    }
+    if args.postgresql.is_some() && (args.filename.is_some() || !args.upstreams.is_empty()) {
+        bail!("--postgresql serves a database: it goes with neither -f nor --upstream");
+    }
+    if !(args.commit_lock_timeout > 0.0 && args.commit_lock_timeout.is_finite()) {
+        bail!("--commit-lock-timeout must be a positive number of seconds");
     }
     if args.shared_blob_dir && (args.upstreams.is_empty() || args.blob_dir.is_none()) {
         bail!("--shared-blob-dir needs --upstream and --blob-dir");
@@ -255,6 +311,12 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
             prefetch: args.prefetch,
             index_memory: args.cache_index_memory,
         },
+        pg: PgTuning {
+            pool_size: args.pg_pool_size,
+            poll_interval: Duration::from_millis(args.pg_poll_interval.max(1)),
+            cache_bytes: args.pg_cache_size as usize,
+            commit_lock_timeout: Duration::from_secs_f64(args.commit_lock_timeout),
+        },
     })
 }
 
@@ -299,12 +361,32 @@ fn init_logging(log: &LogConf) -> Result<Option<LogFile>> {
 }
 
 /// Opens one storage from its configuration.
-fn open_storage(
+async fn open_storage(
     conf: &config::StorageConf,
     server_read_only: bool,
     tuning: ProxyTuning,
+    pg: PgTuning,
 ) -> Result<Opened> {
     match &conf.kind {
+        StorageKind::Postgres(opts) => {
+            let mut opts = opts.clone();
+            opts.read_only |= server_read_only;
+            opts.pool_size = pg.pool_size;
+            opts.poll_interval = pg.poll_interval;
+            opts.cache_bytes = pg.cache_bytes;
+            if opts.commit_lock_timeout == relstorage::Options::new("").commit_lock_timeout {
+                opts.commit_lock_timeout = pg.commit_lock_timeout;
+            }
+            if opts.name.is_empty() {
+                opts.name = conf.name.clone();
+            }
+            let layout = opts.layout;
+            let storage = relstorage::PgStorage::open(opts)
+                .await
+                .map_err(|e| anyhow::anyhow!("storage {:?}: {e}", conf.name))?;
+            info!(name = %conf.name, ?layout, "opened RelStorage database on PostgreSQL");
+            Ok(Opened::Pg(Arc::new(storage)))
+        }
         StorageKind::File {
             path,
             blob_dir,
@@ -386,14 +468,16 @@ fn open_storage(
 enum Opened {
     File(Arc<filestorage::FileStorage>),
     Proxy(Arc<proxy::UpstreamStorage>),
+    Pg(Arc<relstorage::PgStorage>),
 }
 
 async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
     let mut storages: Vec<(String, Arc<dyn zodb::Storage>)> = Vec::new();
     let mut proxies = Vec::new();
     for conf in &plan.storages {
-        match open_storage(conf, plan.server.read_only, plan.proxy)? {
+        match open_storage(conf, plan.server.read_only, plan.proxy, plan.pg).await? {
             Opened::File(s) => storages.push((conf.name.clone(), s)),
+            Opened::Pg(s) => storages.push((conf.name.clone(), s)),
             Opened::Proxy(p) => {
                 proxies.push(p.clone());
                 storages.push((conf.name.clone(), p));
