@@ -13,6 +13,12 @@
 //!   enough the result is simply not cached.
 //! - Memory is bounded by `max_bytes` (data plus a fixed overhead per entry); eviction is
 //!   first-in, first-out.
+//! - A current entry dropped by an announcement is kept a while longer as a *previous*
+//!   revision with its validity interval `[start, end)` (end = the announcing tid), in a
+//!   second FIFO bounded by a quarter of `max_bytes`. It answers `loadSerial` and
+//!   `loadBefore` for recently replaced states, which a history-free database no longer
+//!   has: what ZEO clients need to resolve a conflict on a hot object, or to finish
+//!   reading a snapshot while others commit.
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -41,6 +47,10 @@ struct Inner {
     overflowed: bool,
     /// Bumped by [`Cache::clear`]: results read before it are never inserted.
     epoch: u64,
+    /// Replaced revisions: oid → (start, end, data), oldest first.
+    previous: HashMap<Oid, VecDeque<(Tid, Tid, Bytes)>>,
+    previous_order: VecDeque<(Oid, Tid)>,
+    previous_bytes: usize,
     hits: u64,
     misses: u64,
 }
@@ -73,6 +83,9 @@ impl Cache {
                 recent: VecDeque::new(),
                 overflowed: false,
                 epoch: 0,
+                previous: HashMap::new(),
+                previous_order: VecDeque::new(),
+                previous_bytes: 0,
                 hits: 0,
                 misses: 0,
             }),
@@ -155,12 +168,41 @@ impl Cache {
         }
     }
 
-    /// Transaction `tid` changed `oids`: drop them and make `tid` visible.
+    /// Transaction `tid` changed `oids`: drop them (keeping them as previous revisions)
+    /// and make `tid` visible.
     pub fn announce(&self, tid: Tid, oids: &[Oid]) {
         let mut g = self.inner.lock();
+        let previous_max = self.max_bytes / 4;
         for oid in oids {
-            if let Some((_, d, _)) = g.map.remove(oid) {
+            if let Some((start, d, _)) = g.map.remove(oid) {
                 g.bytes -= d.len() + ENTRY_OVERHEAD;
+                if start < tid {
+                    g.previous_bytes += d.len() + ENTRY_OVERHEAD;
+                    g.previous
+                        .entry(*oid)
+                        .or_default()
+                        .push_back((start, tid, d));
+                    g.previous_order.push_back((*oid, start));
+                }
+            }
+        }
+        while g.previous_bytes > previous_max {
+            let Some((oid, start)) = g.previous_order.pop_front() else {
+                break;
+            };
+            let Inner {
+                previous,
+                previous_bytes,
+                ..
+            } = &mut *g;
+            if let Some(list) = previous.get_mut(&oid) {
+                if let Some(i) = list.iter().position(|(s, _, _)| *s == start) {
+                    let (_, _, d) = list.remove(i).expect("found");
+                    *previous_bytes -= d.len() + ENTRY_OVERHEAD;
+                }
+                if list.is_empty() {
+                    previous.remove(&oid);
+                }
             }
         }
         if g.recent.len() == RECENT {
@@ -173,12 +215,49 @@ impl Cache {
         }
     }
 
+    /// A replaced revision of `oid` valid just before `before`: (start, end, data).
+    pub fn previous_before(&self, oid: Oid, before: Tid) -> Option<(Tid, Tid, Bytes)> {
+        let g = self.inner.lock();
+        g.previous
+            .get(&oid)?
+            .iter()
+            .find(|(s, e, _)| *s < before && before <= *e)
+            .cloned()
+    }
+
+    /// The data of revision `serial` of `oid`, if it is in memory.
+    pub fn serial(&self, oid: Oid, serial: Tid) -> Option<Bytes> {
+        let g = self.inner.lock();
+        if let Some((t, d, _)) = g.map.get(&oid) {
+            if *t == serial {
+                return Some(d.clone());
+            }
+        }
+        g.previous
+            .get(&oid)?
+            .iter()
+            .find(|(s, _, _)| *s == serial)
+            .map(|(_, _, d)| d.clone())
+    }
+
+    /// The cache's state as of the announcement of `tid` (for caching what a local
+    /// commit wrote, right after announcing it).
+    pub fn seen_at(&self, tid: Tid) -> Seen {
+        Seen {
+            visible: tid,
+            epoch: self.inner.lock().epoch,
+        }
+    }
+
     /// Forgets everything (after a pack, whose removals are not announced).
     pub fn clear(&self) {
         let mut g = self.inner.lock();
         g.map.clear();
         g.order.clear();
         g.bytes = 0;
+        g.previous.clear();
+        g.previous_order.clear();
+        g.previous_bytes = 0;
         // Results read before the clear must not be inserted afterwards.
         g.epoch += 1;
     }
@@ -204,6 +283,14 @@ mod tests {
         assert!(matches!(c.lookup(Oid(1), Tid(5)).0, Lookup::Miss));
         c.announce(Tid(12), &[Oid(1)]);
         assert!(matches!(c.lookup(Oid(1), Tid(20)).0, Lookup::Miss));
+        // Kept as the previous revision [5, 12).
+        assert_eq!(c.serial(Oid(1), Tid(5)).as_deref(), Some(&b"a"[..]));
+        assert_eq!(
+            c.previous_before(Oid(1), Tid(12)).map(|(s, e, _)| (s, e)),
+            Some((Tid(5), Tid(12)))
+        );
+        assert!(c.previous_before(Oid(1), Tid(13)).is_none());
+        assert!(c.previous_before(Oid(1), Tid(5)).is_none());
         // A result read at visible=10 for oid 1 is stale now: not inserted.
         c.insert(Oid(1), Tid(5), Bytes::from_static(b"a"), seen);
         assert!(matches!(c.lookup(Oid(1), Tid(20)).0, Lookup::Miss));

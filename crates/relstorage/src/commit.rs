@@ -194,7 +194,19 @@ async fn check_read_current(
 async fn prepare(inner: &Inner, conn: &Object, txn: &Transaction) -> Result<Prepared> {
     let mut ops: BTreeMap<Oid, Op> = BTreeMap::new();
     let mut checks: BTreeMap<Oid, Tid> = BTreeMap::new();
-    for op in &txn.ops {
+    // Position in the transaction of each oid's kept operation, and the undos with theirs.
+    let mut position: HashMap<Oid, usize> = HashMap::new();
+    let mut undos: Vec<(usize, Tid)> = Vec::new();
+    for (index, op) in txn.ops.iter().enumerate() {
+        if let Some(oid) = match op {
+            zodb::TxnOp::Store { oid, .. }
+            | zodb::TxnOp::StoreBlob { oid, .. }
+            | zodb::TxnOp::Delete { oid, .. }
+            | zodb::TxnOp::Restore { oid, .. } => Some(*oid),
+            _ => None,
+        } {
+            position.insert(oid, index);
+        }
         match op {
             zodb::TxnOp::Store { oid, serial, data }
             | zodb::TxnOp::StoreBlob {
@@ -240,7 +252,20 @@ async fn prepare(inner: &Inner, conn: &Object, txn: &Transaction) -> Result<Prep
                 let _ = serial;
                 ops.insert(*oid, Op::Restore { data: data.clone() });
             }
-            zodb::TxnOp::Undo { .. } => return Err(StorageError::Unsupported("undo")),
+            zodb::TxnOp::Undo { transaction_id } => {
+                if inner.layout != Layout::HistoryPreserving {
+                    return Err(StorageError::Undo {
+                        reason: "Undo is not supported by this storage".into(),
+                        oid: None,
+                    });
+                }
+                let tid =
+                    zodb::tid_from_undo_id(transaction_id).ok_or_else(|| StorageError::Undo {
+                        reason: "Invalid transaction id".into(),
+                        oid: None,
+                    })?;
+                undos.push((index, tid));
+            }
         }
     }
 
@@ -322,6 +347,33 @@ async fn prepare(inner: &Inner, conn: &Object, txn: &Transaction) -> Result<Prep
         inner.oids_seen(conn, *max).await?;
     }
 
+    // Undo, as RelStorage does it: pack lock, commit lock and tid now, rows copied now.
+    let mut early_tid = None;
+    let mut changed = Vec::new();
+    if !undos.is_empty() {
+        for (index, undone) in &undos {
+            // Checked against the state left by the undos before it in this transaction.
+            crate::undo::verify(conn, *undone).await?;
+            let tid = match early_tid {
+                Some(t) => t,
+                None => {
+                    let t = lock_and_choose_tid(inner, conn, &txn.meta).await?;
+                    early_tid = Some(t);
+                    t
+                }
+            };
+            for oid in crate::undo::apply(conn, *undone, tid).await? {
+                // A store of the oid before the undo is replaced by the undo.
+                if position.get(&oid).is_some_and(|p| p < index) {
+                    ops.remove(&oid);
+                }
+                if !changed.contains(&oid) {
+                    changed.push(oid);
+                }
+            }
+        }
+    }
+
     let mut blobs = Vec::new();
     let mut writes = BTreeMap::new();
     for (oid, op) in ops {
@@ -341,8 +393,8 @@ async fn prepare(inner: &Inner, conn: &Object, txn: &Transaction) -> Result<Prep
         meta: txn.meta.clone(),
         writes,
         blobs,
-        early_tid: None,
-        changed: Vec::new(),
+        early_tid,
+        changed,
     }))
 }
 
@@ -384,8 +436,9 @@ pub(crate) async fn upload_blob(conn: &Object, file: &std::path::Path) -> Result
     Ok(lo)
 }
 
-/// Writes the voted transaction and commits it; returns its tid. The caller announces it.
-pub(crate) async fn finish(inner: &Inner, key: TxnKey) -> Result<Tid> {
+/// Writes the voted transaction and commits it; returns its tid and the states it wrote
+/// (for the cache). The caller announces it.
+pub(crate) async fn finish(inner: &Inner, key: TxnKey) -> Result<(Tid, Vec<(Oid, Bytes)>)> {
     let mut slot = inner.pending.lock().await;
     let pending = match slot.take() {
         Some(p) if p.key == key && p.plan.is_some() => p,
@@ -400,7 +453,17 @@ pub(crate) async fn finish(inner: &Inner, key: TxnKey) -> Result<Tid> {
     let Pending { conn, plan, .. } = pending;
     let plan = plan.expect("checked");
     match write(inner, &conn, &plan).await {
-        Ok(tid) => Ok(tid),
+        Ok(tid) => {
+            let written = plan
+                .writes
+                .into_iter()
+                .filter_map(|(oid, w)| match w {
+                    Write::Data(Some(d)) if !plan.changed.contains(&oid) => Some((oid, d)),
+                    _ => None,
+                })
+                .collect();
+            Ok((tid, written))
+        }
         Err(e) => {
             release(conn).await;
             Err(e)
@@ -436,7 +499,9 @@ async fn write(inner: &Inner, conn: &Object, plan: &Plan) -> Result<Tid> {
                      SELECT n.zoid, $1, COALESCE(c.tid, 0), md5(n.state),
                             COALESCE(length(n.state), 0), n.state
                      FROM unnest($2::bigint[], $3::bytea[]) AS n(zoid, state)
-                     LEFT JOIN current_object c ON c.zoid = n.zoid",
+                     LEFT JOIN current_object c ON c.zoid = n.zoid
+                     ON CONFLICT (zoid, tid) DO UPDATE SET md5 = excluded.md5,
+                         state_size = excluded.state_size, state = excluded.state",
                 )
                 .await
                 .map_err(storage_error)?;

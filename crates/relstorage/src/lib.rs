@@ -15,9 +15,12 @@
 mod cache;
 mod commit;
 mod db;
+mod iter;
 mod options;
+mod pack;
 pub mod schema;
 mod storage;
+mod undo;
 mod watch;
 
 pub use db::OpenError;

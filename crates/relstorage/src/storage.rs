@@ -355,8 +355,19 @@ impl zodb::Storage for PgStorage {
                         continue;
                     }
                     if start >= capped {
+                        // Replaced since: a recently replaced state may still be in
+                        // memory; otherwise RelStorage's answer, none.
+                        let revision =
+                            inner
+                                .cache
+                                .previous_before(oid, capped)
+                                .map(|(start, end, data)| Loaded {
+                                    data,
+                                    start,
+                                    end: Some(end),
+                                });
                         return Ok(LoadBefore {
-                            revision: None,
+                            revision,
                             snapshot: visible,
                         });
                     }
@@ -376,6 +387,9 @@ impl zodb::Storage for PgStorage {
     }
 
     async fn load_serial(&self, oid: Oid, serial: Tid) -> Result<Bytes> {
+        if let Some(d) = self.inner.cache.serial(oid, serial) {
+            return Ok(d);
+        }
         let row = self
             .inner
             .with_conn(|c| {
@@ -465,12 +479,22 @@ impl zodb::Storage for PgStorage {
     }
 
     async fn finish(&self, key: TxnKey) -> Result<Tid> {
-        let tid = commit::finish(&self.inner, key).await?;
+        let (tid, written) = commit::finish(&self.inner, key).await?;
         // Announce it (and anything committed before it) before loads can see it. The
         // commit is durable already: if this fails, the watcher announces it later.
-        if let Err(e) = watch::catch_up(&self.inner, Some((tid, key))).await {
-            tracing::warn!(%tid, error = %e, "committed, but could not announce yet");
-            self.inner.wake.notify_one();
+        match watch::catch_up(&self.inner, Some((tid, key))).await {
+            Ok(()) => {
+                // What it wrote is the current state of those objects (unless a later
+                // transaction, already announced, changed them: the cache checks).
+                let seen = self.inner.cache.seen_at(tid);
+                for (oid, data) in written {
+                    self.inner.cache.insert(oid, tid, data, seen);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(%tid, error = %e, "committed, but could not announce yet");
+                self.inner.wake.notify_one();
+            }
         }
         Ok(tid)
     }
@@ -560,6 +584,40 @@ impl zodb::Storage for PgStorage {
         }
         self.inner.pool.close();
         Ok(())
+    }
+
+    async fn undo_log(
+        &self,
+        first: i64,
+        last: i64,
+        filter: Option<zodb::UndoFilter>,
+    ) -> Result<Vec<zodb::UndoEntry>> {
+        if !self.inner.layout.keeps_history() {
+            return Err(StorageError::Unsupported("undo"));
+        }
+        crate::undo::undo_log(&self.inner, first, last, filter).await
+    }
+
+    async fn iterator(
+        &self,
+        start: Option<Tid>,
+        stop: Option<Tid>,
+    ) -> Result<Box<dyn zodb::TransactionIterator>> {
+        Ok(Box::new(crate::iter::TxnIter::new(
+            self.inner.clone(),
+            start,
+            stop,
+        )))
+    }
+
+    async fn pack(&self, pack_time: f64) -> Result<()> {
+        crate::pack::pack(&self.inner, pack_time).await?;
+        refresh_sizes(&self.inner).await;
+        Ok(())
+    }
+
+    async fn record_iternext(&self, next: Option<Oid>) -> Result<zodb::CurrentRecord> {
+        crate::iter::record_iternext(&self.inner, next).await
     }
 
     fn metrics(&self) -> Vec<StorageMetric> {
