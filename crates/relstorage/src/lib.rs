@@ -12,6 +12,7 @@
 //! - `db`: the bounded connection pool and the mapping of database errors.
 //! - [`PgStorage`]: the [`zodb::Storage`] implementation tying them together.
 
+mod blobs;
 mod cache;
 mod commit;
 mod db;

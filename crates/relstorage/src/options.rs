@@ -28,6 +28,9 @@ pub struct Options {
     /// Where blobs are staged and cached on this machine (RelStorage's `blob-dir`);
     /// without it, blobs are refused.
     pub blob_dir: Option<PathBuf>,
+    /// Bound of the downloaded blobs kept in `blob_dir` (`blob-cache-size`); `None`:
+    /// unbounded, as RelStorage's default.
+    pub blob_cache_bytes: Option<u64>,
     /// The storage's name as `get_info` reports it.
     pub name: String,
 }
@@ -44,6 +47,7 @@ impl Options {
             poll_interval: Duration::from_millis(100),
             cache_bytes: 64 << 20,
             blob_dir: None,
+            blob_cache_bytes: None,
             name: String::new(),
         }
     }

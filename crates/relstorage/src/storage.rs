@@ -135,6 +135,7 @@ impl PgStorage {
         let _ = driver.await;
         if let Some(dir) = &opts.blob_dir {
             std::fs::create_dir_all(dir.join("tmp")).map_err(OpenError::BlobDir)?;
+            std::fs::create_dir_all(dir.join("cache")).map_err(OpenError::BlobDir)?;
         }
         let inner = Arc::new(Inner {
             layout: opts.layout,
@@ -614,6 +615,14 @@ impl zodb::Storage for PgStorage {
         crate::pack::pack(&self.inner, pack_time).await?;
         refresh_sizes(&self.inner).await;
         Ok(())
+    }
+
+    fn blob_temp_dir(&self) -> Option<std::path::PathBuf> {
+        self.inner.opts.blob_dir.as_ref().map(|d| d.join("tmp"))
+    }
+
+    async fn open_blob(&self, oid: Oid, serial: Tid) -> Result<std::fs::File> {
+        crate::blobs::open_blob(&self.inner, oid, serial).await
     }
 
     async fn record_iternext(&self, next: Option<Oid>) -> Result<zodb::CurrentRecord> {
