@@ -105,7 +105,7 @@ class Client(threading.Thread):
 
     def run(self):
         try:
-            d = ZODB.DB(ClientStorage(self.bank.addr, wait_timeout=60), cache_size=1000)
+            d = ZODB.DB(ClientStorage(self.bank.addr_for(self.cid), wait_timeout=60), cache_size=1000)
             tm = transaction.TransactionManager()
             conn = d.open(tm)
             self.opened.set()
@@ -164,12 +164,18 @@ class Client(threading.Thread):
 
 class Bank:
     def __init__(self, addr, seed):
-        self.addr = addr
+        # One server address, or a list: client `c` then uses `addr[c % len(addr)]`
+        # (several servers on one database, test_pg_bank.py).
+        self.addrs = addr if isinstance(addr, list) else [addr]
+        self.addr = self.addrs[0]
         self.seed = seed
         self.stop = threading.Event()
         self.running = threading.Event()
         self.running.set()
         self.clients = [Client(self, c) for c in range(CLIENTS)]
+
+    def addr_for(self, cid):
+        return self.addrs[cid % len(self.addrs)]
 
     def start(self):
         for c in self.clients:

@@ -23,11 +23,8 @@ use zodb::{Oid, StorageError, Tid};
 /// Errors opening the storage.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("bad PostgreSQL DSN {dsn:?}: {source}")]
-    Dsn {
-        dsn: String,
-        source: tokio_postgres::Error,
-    },
+    #[error("bad PostgreSQL DSN {dsn:?}: {message}")]
+    Dsn { dsn: String, message: String },
     #[error("cannot reach PostgreSQL ({target}): {message}")]
     Unreachable { target: String, message: String },
     #[error("PostgreSQL schema: {0}")]
@@ -42,7 +39,7 @@ pub enum OpenError {
 pub fn config(opts: &Options) -> Result<tokio_postgres::Config, OpenError> {
     let mut cfg: tokio_postgres::Config = opts.dsn.parse().map_err(|e| OpenError::Dsn {
         dsn: opts.dsn.clone(),
-        source: e,
+        message: describe(&e),
     })?;
     if cfg.get_application_name().is_none() {
         cfg.application_name("zeors");
@@ -158,6 +155,15 @@ pub fn pool_error(e: deadpool_postgres::PoolError) -> StorageError {
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(d) => format!("{}: {}", d.code().code(), d.message()),
-        None => e.to_string(),
+        None => {
+            let mut s = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(cause) = source {
+                s.push_str(": ");
+                s.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            s
+        }
     }
 }

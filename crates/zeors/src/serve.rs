@@ -133,23 +133,27 @@ pub struct ServeArgs {
     #[arg(long, value_name = "BOOL", default_value = "true", action = clap::ArgAction::Set)]
     keep_history: bool,
 
-    /// With --postgresql: database connections this server keeps at most.
-    #[arg(long, default_value_t = 16, value_name = "N")]
-    pg_pool_size: usize,
+    /// PostgreSQL storages (--postgresql or <relstorage>): database connections this
+    /// server keeps at most. Default: 16.
+    #[arg(long, value_name = "N")]
+    pg_pool_size: Option<usize>,
 
-    /// With --postgresql: how often (milliseconds) the database is polled for commits
+    /// PostgreSQL storages: how often (milliseconds) the database is polled for commits
     /// made by RelStorage clients; other zeors servers' commits arrive by NOTIFY at once.
-    #[arg(long, default_value_t = 100, value_name = "MS")]
-    pg_poll_interval: u64,
+    /// Default: 100.
+    #[arg(long, value_name = "MS")]
+    pg_poll_interval: Option<u64>,
 
-    /// With --postgresql: memory for recent object states, e.g. 64MB.
-    #[arg(long, default_value = "64MB", value_parser = crate::parse_size, value_name = "SIZE")]
-    pg_cache_size: u64,
+    /// PostgreSQL storages: memory for recent object states, e.g. 64MB (in zeo.conf:
+    /// `cache-local-mb`). Default: 64MB.
+    #[arg(long, value_parser = crate::parse_size, value_name = "SIZE")]
+    pg_cache_size: Option<u64>,
 
-    /// With --postgresql: seconds a commit waits for an object lock held by another
-    /// writer before failing with a ConflictError (RelStorage's commit-lock-timeout).
-    #[arg(long, default_value_t = 30.0, value_name = "SECONDS")]
-    commit_lock_timeout: f64,
+    /// PostgreSQL storages: seconds a commit waits for an object lock held by another
+    /// writer before failing with a ConflictError (in zeo.conf: `commit-lock-timeout`).
+    /// Default: 30.
+    #[arg(long, value_name = "SECONDS")]
+    commit_lock_timeout: Option<f64>,
 }
 
 /// Settings of proxy storages that come from the command line even with -C.
@@ -175,14 +179,13 @@ struct Plan {
     pg: PgTuning,
 }
 
-/// Settings of PostgreSQL storages that come from the command line even with -C.
+/// Settings of PostgreSQL storages given on the command line (they override zeo.conf).
 #[derive(Debug, Clone, Copy)]
 struct PgTuning {
-    pool_size: usize,
-    poll_interval: Duration,
-    cache_bytes: usize,
-    /// Used unless the configuration file sets `commit-lock-timeout`.
-    commit_lock_timeout: Duration,
+    pool_size: Option<usize>,
+    poll_interval: Option<Duration>,
+    cache_bytes: Option<usize>,
+    commit_lock_timeout: Option<Duration>,
 }
 
 fn plan(args: &ServeArgs) -> Result<Plan> {
@@ -236,7 +239,10 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
     if args.postgresql.is_some() && (args.filename.is_some() || !args.upstreams.is_empty()) {
         bail!("--postgresql serves a database: it goes with neither -f nor --upstream");
     }
-    if !(args.commit_lock_timeout > 0.0 && args.commit_lock_timeout.is_finite()) {
+    if args
+        .commit_lock_timeout
+        .is_some_and(|t| !(t > 0.0 && t.is_finite()))
+    {
         bail!("--commit-lock-timeout must be a positive number of seconds");
     }
     if args.shared_blob_dir && (args.upstreams.is_empty() || args.blob_dir.is_none()) {
@@ -313,9 +319,11 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         },
         pg: PgTuning {
             pool_size: args.pg_pool_size,
-            poll_interval: Duration::from_millis(args.pg_poll_interval.max(1)),
-            cache_bytes: args.pg_cache_size as usize,
-            commit_lock_timeout: Duration::from_secs_f64(args.commit_lock_timeout),
+            poll_interval: args
+                .pg_poll_interval
+                .map(|ms| Duration::from_millis(ms.max(1))),
+            cache_bytes: args.pg_cache_size.map(|b| b as usize),
+            commit_lock_timeout: args.commit_lock_timeout.map(Duration::from_secs_f64),
         },
     })
 }
@@ -371,11 +379,15 @@ async fn open_storage(
         StorageKind::Postgres(opts) => {
             let mut opts = opts.clone();
             opts.read_only |= server_read_only;
-            opts.pool_size = pg.pool_size;
-            opts.poll_interval = pg.poll_interval;
-            opts.cache_bytes = pg.cache_bytes;
-            if opts.commit_lock_timeout == relstorage::Options::new("").commit_lock_timeout {
-                opts.commit_lock_timeout = pg.commit_lock_timeout;
+            opts.pool_size = pg.pool_size.unwrap_or(16);
+            if let Some(p) = pg.poll_interval {
+                opts.poll_interval = p;
+            }
+            if let Some(c) = pg.cache_bytes {
+                opts.cache_bytes = c;
+            }
+            if let Some(t) = pg.commit_lock_timeout {
+                opts.commit_lock_timeout = t;
             }
             if opts.name.is_empty() {
                 opts.name = conf.name.clone();

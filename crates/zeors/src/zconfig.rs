@@ -141,6 +141,9 @@ impl Parser {
                         let value = self.substitute(value, line_no, path)?;
                         self.defines.insert(name.to_ascii_lowercase(), value);
                     }
+                    // `%import relstorage` declares the <relstorage> section, which zeors
+                    // implements itself: nothing to say about it.
+                    "import" if rest.trim() == "relstorage" => {}
                     "import" => self.warnings.push(format!(
                         "{}:{line_no}: %import {rest} ignored (zeors has no Python packages to import)",
                         path.display()
