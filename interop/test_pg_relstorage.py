@@ -379,3 +379,60 @@ def test_blobs_in_the_database_both_ways(pg, pg_server, tmp_path, keep_history):
         with conn.root()["blob"].open() as f:
             assert f.read() == big
     zdb.close()
+
+
+def test_zeo_conf_with_a_relstorage_section(pg, tmp_path):
+    from conftest import free_port, wait_for_port, zeors_binary
+
+    dbname = pg.new_database()
+    port = free_port()
+    conf = tmp_path / "zeo.conf"
+    conf.write_text(f"""
+%import relstorage
+<zeo>
+  address 127.0.0.1:{port}
+</zeo>
+<relstorage main>
+  keep-history false
+  blob-dir {tmp_path / 'blobs'}
+  commit-lock-timeout 5
+  cache-local-mb 16
+  <postgresql>
+    driver auto
+    dsn {pg.dsn(dbname)}
+  </postgresql>
+</relstorage>
+""")
+    log = open(tmp_path / "zeors.log", "wb")
+    proc = subprocess.Popen([zeors_binary(), "serve", "-C", str(conf)], stdout=log,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc)
+        d = ZODB.DB(ClientStorage(("127.0.0.1", port), storage="main", wait_timeout=30))
+        with d.transaction() as conn:
+            conn.root()["x"] = 1
+        d.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0
+        log.close()
+    # The history-free layout was created, and RelStorage sees the commit.
+    rdb = relstorage_db(pg.dsn(dbname), keep_history=False, create_schema=False)
+    with rdb.transaction() as conn:
+        assert conn.root()["x"] == 1
+    rdb.close()
+
+
+@pytest.mark.parametrize("dsn,message", [
+    ("host=/nonexistent/socket/dir dbname=x", "cannot reach PostgreSQL"),
+    ("host=/tmp port=notaport", "bad PostgreSQL DSN"),
+])
+def test_a_bad_dsn_or_an_unreachable_database_is_one_clear_error(dsn, message):
+    from conftest import free_port, zeors_binary
+
+    r = subprocess.run([zeors_binary(), "serve", "-a", f"127.0.0.1:{free_port()}", "--postgresql", dsn],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "RUST_BACKTRACE": "0", "RUST_LOG": "warn"})
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], r.stderr

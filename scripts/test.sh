@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source scripts/venv.sh
+# PostgreSQL's server programs, for the tests that start throwaway clusters.
+source scripts/postgres.sh
 
 export ZEORS_PYTHON="$PWD/$VENV/bin/python"
 
