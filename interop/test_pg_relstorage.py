@@ -436,3 +436,60 @@ def test_a_bad_dsn_or_an_unreachable_database_is_one_clear_error(dsn, message):
     assert r.returncode != 0
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_a_zeors_proxy_in_front_of_a_postgresql_server(pg, pg_server, make_server):
+    server = pg_server(True)
+    proxy = make_server.proxy(server.addr)
+    pdb = zeo_db(proxy)
+    with pdb.transaction() as conn:
+        conn.root()["via_proxy"] = PersistentMapping(n=1)
+    # A RelStorage commit reaches the proxy's client as an invalidation.
+    rdb = relstorage_db(pg.dsn(server.dbname), True, create_schema=False)
+    with rdb.transaction() as conn:
+        conn.root()["via_proxy"]["n"] = 2
+    rdb.close()
+    conn = pdb.open()
+
+    def proxy_sees_2():
+        transaction.begin()
+        return conn.root()["via_proxy"]["n"] == 2
+
+    wait_until(proxy_sees_2, what="the proxy's client to see a RelStorage commit")
+    conn.close()
+    pdb.close()
+
+
+def test_reconnecting_clients_are_answered_from_the_database(pg, pg_server, tmp_path):
+    # A queue of one transaction: a client that missed more is answered by the storage.
+    server = pg_server(True, None, "--invalidation-queue-size", "1")
+    with zeo_db(server).transaction() as conn:
+        conn.root()["a"] = PersistentMapping(v=0)
+        conn.root()["b"] = PersistentMapping(v=0)
+    cached = zeo_db(server, client="keep", var=str(tmp_path), cache_size=1 << 20)
+    with cached.transaction() as conn:
+        assert conn.root()["a"]["v"] == 0 and conn.root()["b"]["v"] == 0
+    last = cached.storage.lastTransaction()
+    cached.close()
+    # Three transactions while that client is away, one by RelStorage.
+    other = zeo_db(server)
+    for key in "ab":
+        with other.transaction() as conn:
+            conn.root()[key]["v"] = 1
+    other.close()
+    rdb = relstorage_db(pg.dsn(server.dbname), True, create_schema=False)
+    with rdb.transaction() as conn:
+        conn.root()["a"]["v"] = 2
+    rdb.close()
+    time.sleep(0.5)  # past the poll interval
+    from rawzeo import Raw
+
+    raw = Raw(server.addr)
+    raw.register()
+    tid, oids = raw.call("getInvalidations", last)[3]
+    raw.close()
+    assert tid > last and len(oids) == 2
+    cached = zeo_db(server, client="keep", var=str(tmp_path), cache_size=1 << 20)
+    with cached.transaction() as conn:
+        assert conn.root()["a"]["v"] == 2 and conn.root()["b"]["v"] == 1
+    cached.close()
