@@ -13,7 +13,7 @@
 //!   cannot cut a blob in half.
 
 use crate::commit::BLOB_PIECE;
-use crate::db::{self, storage_error};
+use crate::db::{self, storage_error, TxnConn};
 use crate::storage::Inner;
 use std::io::Write;
 use std::path::PathBuf;
@@ -47,7 +47,7 @@ pub(crate) async fn open_blob(inner: &Inner, oid: Oid, serial: Tid) -> Result<st
 }
 
 async fn download(inner: &Inner, oid: Oid, serial: Tid, to: &std::path::Path) -> Result<()> {
-    let conn = inner.pool.get().await.map_err(db::pool_error)?;
+    let conn = TxnConn::new(inner.pool.get().await.map_err(db::pool_error)?);
     conn.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         .await
         .map_err(storage_error)?;
@@ -93,7 +93,7 @@ async fn download(inner: &Inner, oid: Oid, serial: Tid, to: &std::path::Path) ->
         Ok(())
     }
     .await;
-    let _ = conn.batch_execute("ROLLBACK").await;
+    conn.release().await;
     result
 }
 

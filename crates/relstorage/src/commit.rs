@@ -23,7 +23,7 @@
 //!   `current_object` upserted. History-free rows are upserted in `object_state`, and a
 //!   deleted object's row (with its blob chunks) is deleted.
 
-use crate::db::{self, storage_error};
+use crate::db::{self, storage_error, TxnConn};
 use crate::schema::Layout;
 use crate::storage::Inner;
 use bytes::Bytes;
@@ -39,7 +39,7 @@ pub(crate) const BLOB_PIECE: usize = 1 << 20;
 /// A transaction between `vote` and `finish`/`abort`.
 pub(crate) struct Pending {
     pub key: TxnKey,
-    pub conn: Object,
+    pub conn: TxnConn,
     /// `None` while the client resolves conflicts.
     pub plan: Option<Plan>,
 }
@@ -89,7 +89,7 @@ pub(crate) async fn vote(inner: &Inner, txn: &Transaction) -> Result<Vote> {
     let conn = match slot.take() {
         Some(p) if p.key == txn.key && p.plan.is_none() => p.conn,
         Some(p) => {
-            release(p.conn).await;
+            p.conn.release().await;
             begin(inner).await?
         }
         None => begin(inner).await?,
@@ -113,7 +113,7 @@ pub(crate) async fn vote(inner: &Inner, txn: &Transaction) -> Result<Vote> {
             Ok(Vote::Conflicts(c))
         }
         Err(e) => {
-            release(conn).await;
+            conn.release().await;
             Err(e)
         }
     }
@@ -123,25 +123,17 @@ pub(crate) async fn abort(inner: &Inner, key: TxnKey) {
     let mut slot = inner.pending.lock().await;
     if slot.as_ref().is_some_and(|p| p.key == key) {
         let p = slot.take().expect("checked");
-        release(p.conn).await;
+        p.conn.release().await;
     }
 }
 
 /// A pooled connection inside a new database transaction.
-async fn begin(inner: &Inner) -> Result<Object> {
-    let conn = inner.pool.get().await.map_err(db::pool_error)?;
+async fn begin(inner: &Inner) -> Result<TxnConn> {
+    let conn = TxnConn::new(inner.pool.get().await.map_err(db::pool_error)?);
     conn.batch_execute("BEGIN ISOLATION LEVEL READ COMMITTED")
         .await
         .map_err(storage_error)?;
     Ok(conn)
-}
-
-/// Ends the connection's transaction and gives it back; one that cannot roll back is
-/// closed (PostgreSQL then rolls back and drops its locks).
-pub(crate) async fn release(conn: Object) {
-    if conn.batch_execute("ROLLBACK").await.is_err() {
-        drop(Object::take(conn));
-    }
 }
 
 fn ids(oids: impl IntoIterator<Item = Oid>) -> Vec<i64> {
@@ -452,8 +444,9 @@ pub(crate) async fn finish(inner: &Inner, key: TxnKey) -> Result<(Tid, Vec<(Oid,
     drop(slot);
     let Pending { conn, plan, .. } = pending;
     let plan = plan.expect("checked");
-    match write(inner, &conn, &plan).await {
+    match write(inner, &conn, &plan, key).await {
         Ok(tid) => {
+            conn.done();
             let written = plan
                 .writes
                 .into_iter()
@@ -465,13 +458,13 @@ pub(crate) async fn finish(inner: &Inner, key: TxnKey) -> Result<(Tid, Vec<(Oid,
             Ok((tid, written))
         }
         Err(e) => {
-            release(conn).await;
+            conn.release().await;
             Err(e)
         }
     }
 }
 
-async fn write(inner: &Inner, conn: &Object, plan: &Plan) -> Result<Tid> {
+async fn write(inner: &Inner, conn: &Object, plan: &Plan, key: TxnKey) -> Result<Tid> {
     let hp = inner.layout == Layout::HistoryPreserving;
     let tid = match plan.early_tid {
         Some(t) => t,
@@ -563,7 +556,9 @@ async fn write(inner: &Inner, conn: &Object, plan: &Plan) -> Result<Tid> {
     )
     .await
     .map_err(storage_error)?;
+    *inner.committing.lock() = Some((tid, key));
     conn.batch_execute("COMMIT").await.map_err(|e| {
+        *inner.committing.lock() = None;
         // The outcome of a COMMIT whose answer was lost is unknown; the watcher will
         // announce the transaction if it did commit.
         let e = storage_error(e);

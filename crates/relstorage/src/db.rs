@@ -167,3 +167,51 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
         }
     }
 }
+
+/// A pooled connection that may be inside a database transaction. It goes back to the
+/// pool only through [`TxnConn::release`] (after a ROLLBACK) or [`TxnConn::done`] (after
+/// a COMMIT); dropped any other way — an error path, or the future that held it
+/// cancelled in the middle of a statement — it is closed instead, and PostgreSQL rolls
+/// back and releases its locks. No connection reaches the pool inside a transaction or
+/// holding a lock.
+pub(crate) struct TxnConn(Option<deadpool_postgres::Object>);
+
+impl TxnConn {
+    pub fn new(conn: deadpool_postgres::Object) -> TxnConn {
+        TxnConn(Some(conn))
+    }
+
+    /// Rolls back and returns the connection to the pool (closes it if that fails).
+    pub async fn release(mut self) {
+        let ok = self
+            .0
+            .as_ref()
+            .expect("present until consumed")
+            .batch_execute("ROLLBACK")
+            .await
+            .is_ok();
+        if ok {
+            drop(self.0.take());
+        }
+    }
+
+    /// Returns the connection to the pool: only after its transaction ended.
+    pub fn done(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl std::ops::Deref for TxnConn {
+    type Target = deadpool_postgres::Object;
+    fn deref(&self) -> &deadpool_postgres::Object {
+        self.0.as_ref().expect("present until consumed")
+    }
+}
+
+impl Drop for TxnConn {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(deadpool_postgres::Object::take(conn));
+        }
+    }
+}

@@ -21,7 +21,7 @@
 //! - Deletions are committed in batches; commits by clients continue meanwhile, as with
 //!   RelStorage. Nothing a pack removes is announced: the object cache is cleared after.
 
-use crate::db::{self, storage_error};
+use crate::db::{self, storage_error, TxnConn};
 use crate::schema::Layout;
 use crate::storage::Inner;
 use deadpool_postgres::Object;
@@ -35,13 +35,15 @@ pub(crate) async fn pack(inner: &Inner, pack_time: f64) -> Result<()> {
     if inner.opts.read_only {
         return Err(StorageError::ReadOnly);
     }
-    let conn = inner.pool.get().await.map_err(db::pool_error)?;
+    // Holds a session lock: closed rather than pooled if the pack is cut short.
+    let conn = TxnConn::new(inner.pool.get().await.map_err(db::pool_error)?);
     let got: bool = conn
         .query_one("SELECT pg_try_advisory_lock(-2)", &[])
         .await
         .map_err(storage_error)?
         .get(0);
     if !got {
+        conn.done();
         return Err(StorageError::Transaction(
             "A pack or undo operation is in progress".into(),
         ));
@@ -56,9 +58,10 @@ pub(crate) async fn pack(inner: &Inner, pack_time: f64) -> Result<()> {
     if conn
         .batch_execute("SELECT pg_advisory_unlock(-2)")
         .await
-        .is_err()
+        .is_ok()
+        && result.is_ok()
     {
-        drop(Object::take(conn));
+        conn.done();
     }
     inner.cache.clear();
     result

@@ -42,6 +42,10 @@ pub(crate) struct Inner {
     /// Serialises announcements (see `watch`).
     pub announcing: tokio::sync::Mutex<()>,
     pub pending: tokio::sync::Mutex<Option<Pending>>,
+    /// The local commit being finished (tid, key), set just before its COMMIT and
+    /// cleared once announced: whoever announces it (the finisher or the watcher, woken
+    /// by the commit's own NOTIFY) names its committer.
+    pub committing: parking_lot::Mutex<Option<(Tid, TxnKey)>>,
     pub oids: tokio::sync::Mutex<OidPool>,
     pub closed: AtomicBool,
     /// Wakes the watcher (after a pack, at close).
@@ -144,6 +148,7 @@ impl PgStorage {
             sink: OnceLock::new(),
             announcing: tokio::sync::Mutex::new(()),
             pending: tokio::sync::Mutex::new(None),
+            committing: parking_lot::Mutex::new(None),
             oids: tokio::sync::Mutex::new(OidPool::default()),
             closed: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
@@ -483,7 +488,9 @@ impl zodb::Storage for PgStorage {
         let (tid, written) = commit::finish(&self.inner, key).await?;
         // Announce it (and anything committed before it) before loads can see it. The
         // commit is durable already: if this fails, the watcher announces it later.
-        match watch::catch_up(&self.inner, Some((tid, key))).await {
+        let announced = watch::catch_up(&self.inner, Some((tid, key))).await;
+        *self.inner.committing.lock() = None;
+        match announced {
             Ok(()) => {
                 // What it wrote is the current state of those objects (unless a later
                 // transaction, already announced, changed them: the cache checks).
@@ -577,7 +584,7 @@ impl zodb::Storage for PgStorage {
         self.inner.closed.store(true, Ordering::Release);
         self.inner.wake.notify_one();
         if let Some(p) = self.inner.pending.lock().await.take() {
-            commit::release(p.conn).await;
+            p.conn.release().await;
         }
         let watcher = self.watcher.lock().take();
         if let Some(w) = watcher {

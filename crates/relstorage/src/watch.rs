@@ -87,7 +87,10 @@ pub(crate) async fn catch_up(inner: &Inner, mine: Option<(Tid, TxnKey)>) -> Resu
         for t in &tids {
             let tid = Tid(*t as u64);
             let oids = changed.remove(t).unwrap_or_default();
-            let committer = mine.filter(|(m, _)| *m == tid).map(|(_, k)| k);
+            let committer = mine
+                .or(*inner.committing.lock())
+                .filter(|(m, _)| *m == tid)
+                .map(|(_, k)| k);
             if let Some(sink) = sink {
                 sink.invalidate(tid, &oids, committer);
             }
