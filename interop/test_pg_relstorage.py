@@ -493,3 +493,44 @@ def test_reconnecting_clients_are_answered_from_the_database(pg, pg_server, tmp_
     with cached.transaction() as conn:
         assert conn.root()["a"]["v"] == 2 and conn.root()["b"]["v"] == 1
     cached.close()
+
+
+def test_a_database_of_the_other_layout_is_refused(pg, pg_server):
+    from conftest import free_port, zeors_binary
+
+    server = pg_server(True)
+    server.stop()
+    r = subprocess.run([zeors_binary(), "serve", "-a", f"127.0.0.1:{free_port()}",
+                        "--postgresql", pg.dsn(server.dbname), "--keep-history", "false"],
+                       capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "RUST_BACKTRACE": "0", "RUST_LOG": "warn"})
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "history-preserving" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("keep_history", LAYOUTS)
+def test_copy_transactions_from_a_datafs_through_zeors(pg, pg_server, tmp_path, keep_history):
+    # Restores with given tids through ZEO (RelStorage's row lock on commit_row_lock too).
+    datafs = tmp_path / "Data.fs"
+    _make_datafs(datafs)
+    server = pg_server(keep_history)
+    client = ClientStorage(server.addr, wait_timeout=30)
+    fs = ZODB.FileStorage.FileStorage(str(datafs), read_only=True)
+    try:
+        client.copyTransactionsFrom(fs)
+        assert client.lastTransaction() == fs.lastTransaction()
+        next_oid = None
+        while True:
+            oid, tid, data, next_oid = fs.record_iternext(next_oid)
+            assert client.load(oid) == (data, tid)
+            if next_oid is None:
+                break
+    finally:
+        fs.close()
+        client.close()
+    # RelStorage reads what was copied.
+    rdb = relstorage_db(pg.dsn(server.dbname), keep_history, create_schema=False)
+    with rdb.transaction() as conn:
+        assert conn.root()["counter"]() == 30
+    rdb.close()

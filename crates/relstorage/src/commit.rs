@@ -600,6 +600,13 @@ pub(crate) async fn lock_and_choose_tid(
     conn.batch_execute("SELECT pg_advisory_xact_lock(-1)")
         .await
         .map_err(storage_error)?;
+    if meta.tid.is_some() {
+        // RelStorage commits a transaction with a given tid (zodbconvert, restore) under
+        // the row lock of `commit_row_lock` rather than the advisory lock: hold both.
+        conn.batch_execute("SELECT tid FROM commit_row_lock FOR UPDATE")
+            .await
+            .map_err(storage_error)?;
+    }
     let sql = if hp {
         "SELECT COALESCE(MAX(tid), 0), EXTRACT(EPOCH FROM clock_timestamp())::float8 FROM \"transaction\""
     } else {

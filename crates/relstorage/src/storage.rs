@@ -130,7 +130,9 @@ impl PgStorage {
                     message: db::describe(&e),
                 })?;
         let driver = tokio::spawn(connection);
-        let created = schema::prepare(&mut client, opts.layout, opts.create_schema).await?;
+        // A read-only server never changes the database, not even to add the schema.
+        let create = opts.create_schema && !opts.read_only;
+        let created = schema::prepare(&mut client, opts.layout, create).await?;
         if created {
             tracing::info!(%target, layout = ?opts.layout, "created the RelStorage schema");
         }

@@ -33,6 +33,9 @@ use zodb::{Oid, Result, Tid, TxnKey};
 /// The channel zeors servers NOTIFY after each commit.
 pub const CHANNEL: &str = "zeors_commit";
 
+/// How often the object count and database size `info()` reports are refreshed.
+const SIZES_EVERY: Duration = Duration::from_secs(30);
+
 /// Transactions read per round.
 const BATCH: i64 = 1000;
 
@@ -108,6 +111,7 @@ pub(crate) async fn run(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
     let notified = Arc::new(tokio::sync::Notify::new());
     let mut listener: Option<tokio_postgres::Client> = None;
     let mut last_warning: Option<Instant> = None;
+    let mut sizes_refreshed = Instant::now();
     loop {
         if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return;
@@ -122,6 +126,10 @@ pub(crate) async fn run(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
         }
         if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return;
+        }
+        if sizes_refreshed.elapsed() > SIZES_EVERY {
+            crate::storage::refresh_sizes(&inner).await;
+            sizes_refreshed = Instant::now();
         }
         match catch_up(&inner, None).await {
             Ok(()) => {
