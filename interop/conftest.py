@@ -56,8 +56,11 @@ class Server:
     def addr(self):
         return ("127.0.0.1", self.port)
 
+    def command(self):
+        return [zeors_binary(), "serve", "-a", f"127.0.0.1:{self.port}", "-f", str(self.path), *self.extra]
+
     def start(self):
-        args = [zeors_binary(), "serve", "-a", f"127.0.0.1:{self.port}", "-f", str(self.path), *self.extra]
+        args = self.command()
         self.logfile = open(self.log, "ab")
         self.proc = subprocess.Popen(args, stdout=self.logfile, stderr=subprocess.STDOUT)
         wait_for_port(self.port, self.proc)
@@ -88,6 +91,20 @@ class Server:
 
     def log_text(self):
         return self.log.read_text(errors="replace")
+
+
+class PgServer(Server):
+    """A zeors process serving a RelStorage database on PostgreSQL."""
+
+    def __init__(self, workdir, dsn, *extra, keep_history=True, port=None):
+        workdir = pathlib.Path(workdir)
+        super().__init__(workdir / "unused.fs", *extra, port=port)
+        self.dsn = dsn
+        self.keep_history = keep_history
+
+    def command(self):
+        return [zeors_binary(), "serve", "-a", f"127.0.0.1:{self.port}", "--postgresql", self.dsn,
+                "--keep-history", "true" if self.keep_history else "false", *self.extra]
 
 
 class StockServer:
@@ -169,6 +186,33 @@ def make_server(tmp_path):
             rc = s.stop()
             if isinstance(s, Server):
                 assert rc == 0, f"zeors exited with {rc}; log:\n{s.log_text()[-4000:]}"
+
+
+_PG = None
+
+
+def pg_cluster():
+    """The session's throwaway PostgreSQL cluster (started on first use, removed at exit)."""
+    global _PG
+    if _PG is None:
+        from pgcluster import PgCluster
+
+        cluster = PgCluster().init()
+        cluster.start()
+        _PG = cluster
+    return _PG
+
+
+def pytest_sessionfinish(session, exitstatus):
+    global _PG
+    if _PG is not None:
+        _PG.destroy()
+        _PG = None
+
+
+@pytest.fixture
+def pg():
+    return pg_cluster()
 
 
 @pytest.fixture(params=["pickle", "msgpack"])

@@ -106,8 +106,8 @@ class Client(threading.Thread):
     def run(self):
         try:
             # A client may have a server of its own (a replica's clients, in
-            # test_replication.py); by default it uses the bank's.
-            addr = getattr(self, "addr", self.bank.addr)
+            # test_replication.py); by default the bank picks one.
+            addr = getattr(self, "addr", None) or self.bank.addr_for(self.cid)
             d = ZODB.DB(ClientStorage(addr, wait_timeout=60), cache_size=1000)
             tm = transaction.TransactionManager()
             conn = d.open(tm)
@@ -167,12 +167,18 @@ class Client(threading.Thread):
 
 class Bank:
     def __init__(self, addr, seed):
-        self.addr = addr
+        # One server address, or a list: client `c` then uses `addr[c % len(addr)]`
+        # (several servers on one database, test_pg_bank.py).
+        self.addrs = addr if isinstance(addr, list) else [addr]
+        self.addr = self.addrs[0]
         self.seed = seed
         self.stop = threading.Event()
         self.running = threading.Event()
         self.running.set()
         self.clients = [Client(self, c) for c in range(CLIENTS)]
+
+    def addr_for(self, cid):
+        return self.addrs[cid % len(self.addrs)]
 
     def start(self):
         for c in self.clients:

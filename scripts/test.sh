@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 
 source scripts/venv.sh
 source scripts/venv-zrs.sh
+# PostgreSQL's server programs, for the tests that start throwaway clusters.
+source scripts/postgres.sh
 
 export ZEORS_PYTHON="$PWD/$VENV/bin/python"
 

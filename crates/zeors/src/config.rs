@@ -84,6 +84,8 @@ pub enum StorageKind {
         blob_cache_size: Option<u64>,
         shared_blob_dir: bool,
     },
+    /// `<relstorage>` with `<postgresql>`: a RelStorage database on PostgreSQL.
+    Postgres(relstorage::Options),
 }
 
 #[derive(Debug, Clone)]
@@ -204,7 +206,7 @@ pub fn from_root(root: &Section, mut warnings: Vec<String>) -> Result<ZeoConf> {
                 saw_zeo = true;
                 conf.zeo = zeo_section(section, &mut warnings)?;
             }
-            "filestorage" | "zeoclient" | "clientstorage" => {
+            "filestorage" | "zeoclient" | "clientstorage" | "relstorage" => {
                 let name = match &section.name {
                     Some(n) => n.clone(),
                     None => {
@@ -218,10 +220,10 @@ pub fn from_root(root: &Section, mut warnings: Vec<String>) -> Result<ZeoConf> {
                 if conf.storages.iter().any(|s| s.name == name) {
                     bail!("{}: a second storage named {name:?}", here());
                 }
-                let kind = if section.kind == "filestorage" {
-                    filestorage_section(section, &mut warnings)?
-                } else {
-                    upstream_section(section, &name, &mut warnings)?
+                let kind = match section.kind.as_str() {
+                    "filestorage" => filestorage_section(section, &mut warnings)?,
+                    "relstorage" => relstorage_section(section, &name, &mut warnings)?,
+                    _ => upstream_section(section, &name, &mut warnings)?,
                 };
                 conf.storages.push(StorageConf {
                     name,
@@ -255,10 +257,9 @@ pub fn from_root(root: &Section, mut warnings: Vec<String>) -> Result<ZeoConf> {
                 "{}: <runner> (zdaemon) is not used by zeors; run it under your service manager",
                 here()
             )),
-            "mappingstorage" | "demostorage" | "blobstorage" | "zlibstorage" | "beforestorage"
-            | "relstorage" => {
+            "mappingstorage" | "demostorage" | "blobstorage" | "zlibstorage" | "beforestorage" => {
                 bail!(
-                    "{}: storage type <{}> is not supported by zeors (filestorage or zeoclient)",
+                    "{}: storage type <{}> is not supported by zeors (filestorage, relstorage or zeoclient)",
                     here(),
                     section.kind
                 )
@@ -271,7 +272,7 @@ pub fn from_root(root: &Section, mut warnings: Vec<String>) -> Result<ZeoConf> {
     }
     if conf.storages.is_empty() {
         bail!(
-            "{}: no storage section (<filestorage> or <zeoclient>)",
+            "{}: no storage section (<filestorage>, <relstorage> or <zeoclient>)",
             root.file.display()
         );
     }
@@ -535,6 +536,145 @@ fn upstream_section(s: &Section, name: &str, warnings: &mut Vec<String>) -> Resu
     })
 }
 
+/// `<relstorage NAME>` around `<postgresql>`, as RelStorage's `component.xml` defines
+/// them. Keys about RelStorage's client-side caches have no meaning on a server and are
+/// ignored with a warning; features zeors does not implement are refused with their line.
+fn relstorage_section(s: &Section, name: &str, warnings: &mut Vec<String>) -> Result<StorageKind> {
+    let c = Checker {
+        section: s,
+        known: &[
+            "name",
+            "read-only",
+            "blob-dir",
+            "shared-blob-dir",
+            "blob-cache-size",
+            "keep-history",
+            "pack-gc",
+            "pack-prepack-only",
+            "pack-skip-prepack",
+            "cache-local-mb",
+            "commit-lock-timeout",
+            "create-schema",
+            "replica-conf",
+            "ro-replica-conf",
+            "cache-servers",
+            "cache-module-name",
+            "cache-local-storage",
+        ],
+        ignored: &[
+            "blob-cache-size-check",
+            "blob-cache-size-check-external",
+            "blob-chunk-size",
+            "replica-timeout",
+            "revert_when_stale",
+            "poll-interval",
+            "pack-batch-timeout",
+            "pack-commit-busy-delay",
+            "cache-prefix",
+            "cache-local-dir",
+            "cache-local-dir-count",
+            "cache-local-dir-read-count",
+            "cache-local-dir-compress",
+            "cache-local-dir-write-max-size",
+            "cache-local-object-max",
+            "cache-local-compression",
+            "cache-delta-size-limit",
+            "commit-lock-id",
+        ],
+    };
+    c.check(warnings)?;
+    let refuse = |key: &str, why: &str| -> Result<()> {
+        if c.str(key).is_some() {
+            return Err(c.err(key, why));
+        }
+        Ok(())
+    };
+    refuse("replica-conf", "(replicas) is not implemented by zeors")?;
+    refuse("ro-replica-conf", "(replicas) is not implemented by zeors")?;
+    refuse("cache-servers", "(memcache) is not implemented by zeors")?;
+    refuse(
+        "cache-module-name",
+        "(memcache) is not implemented by zeors",
+    )?;
+    refuse("cache-local-storage", "is not implemented by zeors")?;
+    if c.bool("shared-blob-dir", false)? {
+        return Err(c.err(
+            "shared-blob-dir",
+            "true is not implemented by zeors: blobs are kept in the database (set it to false)",
+        ));
+    }
+    if !c.bool("pack-gc", true)? {
+        return Err(c.err(
+            "pack-gc",
+            "false is not implemented by zeors: packs always collect garbage",
+        ));
+    }
+    if c.bool("pack-prepack-only", false)? || c.bool("pack-skip-prepack", false)? {
+        return Err(anyhow!(
+            "{}:{}: pack-prepack-only / pack-skip-prepack are not implemented by zeors",
+            s.file.display(),
+            s.line
+        ));
+    }
+    let mut dsn = None;
+    for sub in &s.sections {
+        match sub.kind.as_str() {
+            "postgresql" => {
+                if dsn.is_some() {
+                    bail!(
+                        "{}:{}: a second database section in <relstorage>",
+                        sub.file.display(),
+                        sub.line
+                    );
+                }
+                let pc = Checker {
+                    section: sub,
+                    known: &["dsn"],
+                    ignored: &["driver"],
+                };
+                pc.check(warnings)?;
+                no_subsections(sub)?;
+                dsn = Some(pc.str("dsn").unwrap_or("").to_string());
+            }
+            other => bail!(
+                "{}:{}: <{other}> is not supported by zeors; only <postgresql>",
+                sub.file.display(),
+                sub.line
+            ),
+        }
+    }
+    let Some(dsn) = dsn else {
+        bail!(
+            "{}:{}: <relstorage> needs a <postgresql> section with a dsn",
+            s.file.display(),
+            s.line
+        );
+    };
+    let mut o = relstorage::Options::new(dsn);
+    o.layout = relstorage::Layout::from_keep_history(c.bool("keep-history", true)?);
+    o.create_schema = c.bool("create-schema", true)?;
+    o.read_only = c.bool("read-only", false)?;
+    o.blob_dir = c.path("blob-dir");
+    o.blob_cache_bytes = c.size("blob-cache-size")?;
+    o.name = c.str("name").unwrap_or(name).to_string();
+    if let Some(mb) = c.str("cache-local-mb") {
+        let mb: usize = mb
+            .parse()
+            .map_err(|_| c.err("cache-local-mb", "must be a number of megabytes"))?;
+        o.cache_bytes = mb << 20;
+    }
+    if let Some(t) = c.float("commit-lock-timeout")? {
+        if t <= 0.0 {
+            return Err(c.err(
+                "commit-lock-timeout",
+                "must be a positive number of seconds",
+            ));
+        }
+        o.commit_lock_timeout = std::time::Duration::from_secs_f64(t);
+    }
+    Ok(StorageKind::Postgres(o))
+}
+
 fn eventlog_section(s: &Section, warnings: &mut Vec<String>) -> Result<LogConf> {
     let c = Checker {
         section: s,
@@ -750,6 +890,40 @@ mod tests {
             let e = conf(&format!("<zeo>\n address 1\n</zeo>\n{bad}")).unwrap_err();
             assert!(e.to_string().contains(why), "{e}");
         }
+    }
+
+    #[test]
+    fn relstorage_section_as_runzeo_reads_it() {
+        let c = conf("%import relstorage\n<zeo>\n address 1\n</zeo>\n<relstorage main>\n keep-history false\n create-schema false\n blob-dir /var/blobs\n blob-cache-size 1GB\n commit-lock-timeout 10\n cache-local-mb 100\n cache-local-dir /tmp/x\n <postgresql>\n  driver psycopg2\n  dsn host=/run/postgresql dbname=zodb\n </postgresql>\n</relstorage>\n").unwrap();
+        match &c.storages[0].kind {
+            StorageKind::Postgres(o) => {
+                assert_eq!(o.dsn, "host=/run/postgresql dbname=zodb");
+                assert_eq!(o.layout, relstorage::Layout::HistoryFree);
+                assert!(!o.create_schema);
+                assert_eq!(o.blob_dir.as_deref(), Some(Path::new("/var/blobs")));
+                assert_eq!(o.blob_cache_bytes, Some(1 << 30));
+                assert_eq!(o.commit_lock_timeout, std::time::Duration::from_secs(10));
+                assert_eq!(o.cache_bytes, 100 << 20);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(c.warnings.iter().any(|w| w.contains("cache-local-dir")));
+        assert!(!c.warnings.iter().any(|w| w.contains("%import")));
+        let e = conf("<zeo>\n address 1\n</zeo>\n<relstorage>\n shared-blob-dir true\n <postgresql>\n  dsn x\n </postgresql>\n</relstorage>\n").unwrap_err();
+        assert!(e.to_string().contains(":5:"), "{e}");
+        let e = conf("<zeo>\n address 1\n</zeo>\n<relstorage>\n replica-conf /x\n <postgresql>\n  dsn x\n </postgresql>\n</relstorage>\n").unwrap_err();
+        assert!(
+            e.to_string().contains(":5:") && e.to_string().contains("replica"),
+            "{e}"
+        );
+        let e = conf(
+            "<zeo>\n address 1\n</zeo>\n<relstorage>\n <mysql>\n  db x\n </mysql>\n</relstorage>\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains(":5:"), "{e}");
+        let e = conf("<zeo>\n address 1\n</zeo>\n<relstorage>\n bogus 1\n <postgresql>\n  dsn x\n </postgresql>\n</relstorage>\n").unwrap_err();
+        assert!(e.to_string().contains(":5:"), "{e}");
+        assert!(conf("<zeo>\n address 1\n</zeo>\n<relstorage>\n</relstorage>\n").is_err());
     }
 
     #[test]

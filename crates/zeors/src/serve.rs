@@ -143,6 +143,40 @@ pub struct ServeArgs {
     /// between 16MB and 256MB.
     #[arg(long, value_parser = crate::parse_size, value_name = "SIZE")]
     cache_index_memory: Option<u64>,
+
+    /// Serve a RelStorage database on PostgreSQL instead of a Data.fs: a libpq
+    /// connection string (`host=/run/postgresql dbname=zodb`) or a postgresql:// URL.
+    /// The schema is created when missing. --blob-dir is then where blobs are staged
+    /// and cached on this machine (the blobs themselves live in the database).
+    #[arg(long, value_name = "DSN")]
+    postgresql: Option<String>,
+
+    /// With --postgresql: the history-preserving layout (true, RelStorage's default) or
+    /// the history-free one (false).
+    #[arg(long, value_name = "BOOL", default_value = "true", action = clap::ArgAction::Set)]
+    keep_history: bool,
+
+    /// PostgreSQL storages (--postgresql or <relstorage>): database connections this
+    /// server keeps at most. Default: 16.
+    #[arg(long, value_name = "N")]
+    pg_pool_size: Option<usize>,
+
+    /// PostgreSQL storages: how often (milliseconds) the database is polled for commits
+    /// made by RelStorage clients; other zeors servers' commits arrive by NOTIFY at once.
+    /// Default: 100.
+    #[arg(long, value_name = "MS")]
+    pg_poll_interval: Option<u64>,
+
+    /// PostgreSQL storages: memory for recent object states, e.g. 64MB (in zeo.conf:
+    /// `cache-local-mb`). Default: 64MB.
+    #[arg(long, value_parser = crate::parse_size, value_name = "SIZE")]
+    pg_cache_size: Option<u64>,
+
+    /// PostgreSQL storages: seconds a commit waits for an object lock held by another
+    /// writer before failing with a ConflictError (in zeo.conf: `commit-lock-timeout`).
+    /// Default: 30.
+    #[arg(long, value_name = "SECONDS")]
+    commit_lock_timeout: Option<f64>,
 }
 
 /// Settings of proxy storages that come from the command line even with -C.
@@ -165,6 +199,16 @@ struct Plan {
     tls: Option<server::tls::TlsSettings>,
     warnings: Vec<String>,
     proxy: ProxyTuning,
+    pg: PgTuning,
+}
+
+/// Settings of PostgreSQL storages given on the command line (they override zeo.conf).
+#[derive(Debug, Clone, Copy)]
+struct PgTuning {
+    pool_size: Option<usize>,
+    poll_interval: Option<Duration>,
+    cache_bytes: Option<usize>,
+    commit_lock_timeout: Option<Duration>,
 }
 
 fn plan(args: &ServeArgs) -> Result<Plan> {
@@ -173,7 +217,13 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         None => ZeoConf {
             storages: vec![config::StorageConf {
                 name: args.storage_name.clone(),
-                kind: if args.upstreams.is_empty() {
+                kind: if let Some(dsn) = &args.postgresql {
+                    let mut o = relstorage::Options::new(dsn.clone());
+                    o.layout = relstorage::Layout::from_keep_history(args.keep_history);
+                    o.blob_dir = args.blob_dir.clone();
+                    o.name = args.storage_name.clone();
+                    StorageKind::Postgres(o)
+                } else if args.upstreams.is_empty() {
                     StorageKind::File {
                         path: args
                             .filename
@@ -238,9 +288,21 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         storage.zrs = Some(z);
     }
     if args.configure.is_some()
-        && (args.filename.is_some() || !args.upstreams.is_empty() || args.blob_dir.is_some())
+        && (args.filename.is_some()
+            || !args.upstreams.is_empty()
+            || args.blob_dir.is_some()
+            || args.postgresql.is_some())
     {
-        bail!("give storages either in zeo.conf or with -f/--upstream/--blob-dir, not both");
+        bail!("give storages either in zeo.conf or with -f/--upstream/--postgresql/--blob-dir, not both");
+    }
+    if args.postgresql.is_some() && (args.filename.is_some() || !args.upstreams.is_empty()) {
+        bail!("--postgresql serves a database: it goes with neither -f nor --upstream");
+    }
+    if args
+        .commit_lock_timeout
+        .is_some_and(|t| !(t > 0.0 && t.is_finite()))
+    {
+        bail!("--commit-lock-timeout must be a positive number of seconds");
     }
     if args.shared_blob_dir && (args.upstreams.is_empty() || args.blob_dir.is_none()) {
         bail!("--shared-blob-dir needs --upstream and --blob-dir");
@@ -314,6 +376,14 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
             prefetch: args.prefetch,
             index_memory: args.cache_index_memory,
         },
+        pg: PgTuning {
+            pool_size: args.pg_pool_size,
+            poll_interval: args
+                .pg_poll_interval
+                .map(|ms| Duration::from_millis(ms.max(1))),
+            cache_bytes: args.pg_cache_size.map(|b| b as usize),
+            commit_lock_timeout: args.commit_lock_timeout.map(Duration::from_secs_f64),
+        },
     })
 }
 
@@ -359,12 +429,36 @@ fn init_logging(log: &LogConf) -> Result<Option<LogFile>> {
 
 /// Opens one storage from its configuration; a replicated FileStorage becomes a
 /// [`replication::Node`] (started later by [`start_replication`]).
-fn open_storage(
+async fn open_storage(
     conf: &config::StorageConf,
     server_read_only: bool,
     tuning: ProxyTuning,
+    pg: PgTuning,
 ) -> Result<Opened> {
     match &conf.kind {
+        StorageKind::Postgres(opts) => {
+            let mut opts = opts.clone();
+            opts.read_only |= server_read_only;
+            opts.pool_size = pg.pool_size.unwrap_or(16);
+            if let Some(p) = pg.poll_interval {
+                opts.poll_interval = p;
+            }
+            if let Some(c) = pg.cache_bytes {
+                opts.cache_bytes = c;
+            }
+            if let Some(t) = pg.commit_lock_timeout {
+                opts.commit_lock_timeout = t;
+            }
+            if opts.name.is_empty() {
+                opts.name = conf.name.clone();
+            }
+            let layout = opts.layout;
+            let storage = relstorage::PgStorage::open(opts)
+                .await
+                .map_err(|e| anyhow::anyhow!("storage {:?}: {e}", conf.name))?;
+            info!(name = %conf.name, ?layout, "opened RelStorage database on PostgreSQL");
+            Ok(Opened::Pg(Arc::new(storage)))
+        }
         StorageKind::File {
             path,
             blob_dir,
@@ -474,6 +568,7 @@ enum Opened {
     File(Arc<filestorage::FileStorage>),
     Proxy(Arc<proxy::UpstreamStorage>),
     Replicated(Arc<replication::Node>, config::ZrsConf),
+    Pg(Arc<relstorage::PgStorage>),
 }
 
 /// Starts feeding replicas and following primaries. Runs after the server has attached
@@ -519,8 +614,9 @@ async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
     let mut proxies = Vec::new();
     let mut nodes = Vec::new();
     for conf in &plan.storages {
-        match open_storage(conf, plan.server.read_only, plan.proxy)? {
+        match open_storage(conf, plan.server.read_only, plan.proxy, plan.pg).await? {
             Opened::File(s) => storages.push((conf.name.clone(), s)),
+            Opened::Pg(s) => storages.push((conf.name.clone(), s)),
             Opened::Proxy(p) => {
                 proxies.push(p.clone());
                 storages.push((conf.name.clone(), p));

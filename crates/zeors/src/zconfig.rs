@@ -143,6 +143,9 @@ impl Parser {
                     }
                     // zc.zrs's `<zrs>` section is built in.
                     "import" if rest.trim() == "zc.zrs" => {}
+                    // `%import relstorage` declares the <relstorage> section, which zeors
+                    // implements itself: nothing to say about it.
+                    "import" if rest.trim() == "relstorage" => {}
                     "import" => self.warnings.push(format!(
                         "{}:{line_no}: %import {rest} ignored (zeors has no Python packages to import)",
                         path.display()

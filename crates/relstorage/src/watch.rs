@@ -1,0 +1,182 @@
+//! Learning of commits and announcing them, in tid order, to the server's invalidation
+//! sink.
+//!
+//! Invariants:
+//! - [`catch_up`] is the only place that feeds the sink and advances the cache's
+//!   `visible` tid, and it runs under one async mutex: announcements are in tid order,
+//!   each transaction once, whoever made it (this server, another zeors server, a
+//!   RelStorage client, `zodbconvert`).
+//! - It reads what is committed in the database (`transaction` rows, or the distinct tids
+//!   of `object_state` in a history-free database) after the last announced tid. Commits
+//!   take RelStorage's commit lock (advisory lock -1) and pick a tid above every
+//!   committed one while holding it, and PostgreSQL releases that lock only after the
+//!   commit is visible, so when a tid is visible every smaller one is too: nothing is
+//!   skipped.
+//! - The watcher task runs `catch_up` when a zeors server NOTIFYs `zeors_commit` (sent in
+//!   the committing transaction, delivered at its commit) and every `poll_interval`
+//!   otherwise, which is how commits by RelStorage clients are seen. It reconnects on
+//!   its own after the database restarts.
+//! - A history-free database keeps only the latest tid of each object: a transaction
+//!   whose every object was changed again later is never seen, and its objects are
+//!   announced with the later one (what RelStorage's poller does too).
+
+use crate::db::{self, storage_error};
+use crate::schema::Layout;
+use crate::storage::Inner;
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::{AsyncMessage, NoTls};
+use zodb::{Oid, Result, Tid, TxnKey};
+
+/// The channel zeors servers NOTIFY after each commit.
+pub const CHANNEL: &str = "zeors_commit";
+
+/// How often the object count and database size `info()` reports are refreshed.
+const SIZES_EVERY: Duration = Duration::from_secs(30);
+
+/// Transactions read per round.
+const BATCH: i64 = 1000;
+
+/// Announces every transaction committed after the last announced one. `mine` is the
+/// local commit (tid, transaction key) being finished, if any, so that its committer is
+/// not sent its own invalidation.
+pub(crate) async fn catch_up(inner: &Inner, mine: Option<(Tid, TxnKey)>) -> Result<()> {
+    let _turn = inner.announcing.lock().await;
+    let conn = inner.pool.get().await.map_err(db::pool_error)?;
+    loop {
+        let from = inner.cache.visible();
+        if mine.is_some_and(|(t, _)| t <= from) {
+            return Ok(());
+        }
+        let tids_sql = match inner.layout {
+            Layout::HistoryPreserving => {
+                "SELECT tid FROM \"transaction\" WHERE tid > $1 ORDER BY tid LIMIT $2"
+            }
+            Layout::HistoryFree => {
+                "SELECT DISTINCT tid FROM object_state WHERE tid > $1 ORDER BY tid LIMIT $2"
+            }
+        };
+        let stmt = conn.prepare_cached(tids_sql).await.map_err(storage_error)?;
+        let tids: Vec<i64> = conn
+            .query(&stmt, &[&(from.0 as i64), &BATCH])
+            .await
+            .map_err(storage_error)?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let Some(&upto) = tids.last() else {
+            return Ok(());
+        };
+        let stmt = conn
+            .prepare_cached(
+                "SELECT tid, zoid FROM object_state WHERE tid > $1 AND tid <= $2 ORDER BY tid, zoid",
+            )
+            .await
+            .map_err(storage_error)?;
+        let mut changed: BTreeMap<i64, Vec<Oid>> = BTreeMap::new();
+        for r in conn
+            .query(&stmt, &[&(from.0 as i64), &upto])
+            .await
+            .map_err(storage_error)?
+        {
+            changed
+                .entry(r.get(0))
+                .or_default()
+                .push(Oid(r.get::<_, i64>(1) as u64));
+        }
+        let sink = inner.sink.get();
+        for t in &tids {
+            let tid = Tid(*t as u64);
+            let oids = changed.remove(t).unwrap_or_default();
+            let committer = mine
+                .or(*inner.committing.lock())
+                .filter(|(m, _)| *m == tid)
+                .map(|(_, k)| k);
+            if let Some(sink) = sink {
+                sink.invalidate(tid, &oids, committer);
+            }
+            inner.cache.announce(tid, &oids);
+        }
+        if (tids.len() as i64) < BATCH {
+            return Ok(());
+        }
+    }
+}
+
+/// The watcher: LISTENs for other zeors servers' commits and polls for everyone else's,
+/// until the storage closes.
+pub(crate) async fn run(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
+    let notified = Arc::new(tokio::sync::Notify::new());
+    let mut listener: Option<tokio_postgres::Client> = None;
+    let mut last_warning: Option<Instant> = None;
+    let mut sizes_refreshed = Instant::now();
+    loop {
+        if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        if listener.as_ref().is_none_or(|c| c.is_closed()) {
+            listener = listen(&cfg, notified.clone()).await;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(inner.opts.poll_interval) => {}
+            _ = notified.notified() => {}
+            _ = inner.wake.notified() => {}
+        }
+        if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        if sizes_refreshed.elapsed() > SIZES_EVERY {
+            crate::storage::refresh_sizes(&inner).await;
+            sizes_refreshed = Instant::now();
+        }
+        match catch_up(&inner, None).await {
+            Ok(()) => {
+                if last_warning.take().is_some() {
+                    tracing::info!("PostgreSQL reachable again; commits are being followed");
+                }
+            }
+            Err(e) => {
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(30)) {
+                    tracing::warn!(error = %e, "cannot read new commits from PostgreSQL; retrying");
+                    last_warning = Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// A connection LISTENing on [`CHANNEL`]; notifications wake `notified`.
+async fn listen(
+    cfg: &tokio_postgres::Config,
+    notified: Arc<tokio::sync::Notify>,
+) -> Option<tokio_postgres::Client> {
+    let (client, mut connection) = match cfg.connect(NoTls).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(error = %e, "LISTEN connection failed");
+            return None;
+        }
+    };
+    tokio::spawn(async move {
+        let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(m) = messages.next().await {
+            match m {
+                Ok(AsyncMessage::Notification(_)) => notified.notify_one(),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        // The connection is gone: wake the watcher so it reconnects and polls.
+        notified.notify_one();
+    });
+    match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+        Ok(()) => Some(client),
+        Err(e) => {
+            tracing::debug!(error = %e, "LISTEN failed");
+            None
+        }
+    }
+}
