@@ -142,7 +142,14 @@ struct Plan {
     tls: Option<server::tls::TlsSettings>,
     warnings: Vec<String>,
     proxy: ProxyTuning,
+    /// The directory of the default `var/Data.fs`, the only one zeors creates: a path
+    /// that is given and does not exist is a typo until proven otherwise (Python's
+    /// FileStorage raises FileNotFoundError too).
+    default_dir: Option<PathBuf>,
 }
+
+/// Where the default storage lives when neither -f, --upstream nor -C says otherwise.
+const DEFAULT_PATH: &str = "var/Data.fs";
 
 fn plan(args: &ServeArgs) -> Result<Plan> {
     let conf = match &args.configure {
@@ -155,7 +162,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
                         path: args
                             .filename
                             .clone()
-                            .unwrap_or_else(|| PathBuf::from("var/Data.fs")),
+                            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH)),
                         blob_dir: args.blob_dir.clone(),
                         read_only: false,
                         quota: None,
@@ -255,6 +262,15 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
             prefetch: args.prefetch,
             index_memory: args.cache_index_memory,
         },
+        default_dir: (args.configure.is_none()
+            && args.filename.is_none()
+            && args.upstreams.is_empty())
+        .then(|| {
+            Path::new(DEFAULT_PATH)
+                .parent()
+                .expect("the default path has a directory")
+                .to_path_buf()
+        }),
     })
 }
 
@@ -268,10 +284,76 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let fresh = FreshFiles::before_start(&plan);
     let pid = PidFile::create(plan.pid_file.as_deref())?;
-    let result = rt.block_on(serve(plan, logfile));
+    let mut serving = false;
+    let result = rt.block_on(serve(plan, logfile, &mut serving));
     drop(pid);
+    // Storages, listeners and tasks are gone with the runtime: nothing holds the files.
+    drop(rt);
+    if result.is_err() && !serving {
+        fresh.remove_if_unused();
+    }
     result
+}
+
+/// Files (and the default directory) that this start is about to create, so that a start
+/// that fails before serving leaves nothing behind: a typo'd port must not leave a new
+/// empty Data.fs that a later start would happily serve.
+struct FreshFiles {
+    /// Data.fs paths that did not exist, each with its companions that did not either.
+    storages: Vec<(PathBuf, Vec<PathBuf>)>,
+    /// The default directory, if it did not exist.
+    dir: Option<PathBuf>,
+}
+
+impl FreshFiles {
+    fn before_start(plan: &Plan) -> FreshFiles {
+        let mut storages = Vec::new();
+        for conf in &plan.storages {
+            if let StorageKind::File { path, .. } = &conf.kind {
+                if path.exists() {
+                    continue;
+                }
+                let companions = [".index", ".lock", ".tmp", ".index.index_tmp"]
+                    .iter()
+                    .map(|suffix| {
+                        let mut p = path.clone().into_os_string();
+                        p.push(suffix);
+                        PathBuf::from(p)
+                    })
+                    .filter(|p| !p.exists())
+                    .collect();
+                storages.push((path.clone(), companions));
+            }
+        }
+        FreshFiles {
+            storages,
+            dir: plan.default_dir.clone().filter(|d| !d.exists()),
+        }
+    }
+
+    /// Removes what this start created, as long as nothing was committed to it (a new
+    /// file holds only the 4-byte magic).
+    fn remove_if_unused(self) {
+        for (path, companions) in self.storages {
+            match std::fs::metadata(&path) {
+                Ok(m) if m.len() <= 4 => {}
+                _ => continue,
+            }
+            for p in std::iter::once(&path).chain(&companions) {
+                if let Err(e) = std::fs::remove_file(p) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        warn!(file = %p.display(), error = %e, "could not remove a file created by this failed start");
+                    }
+                }
+            }
+        }
+        if let Some(dir) = self.dir {
+            // Only if empty: anything else in it is not ours to delete.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 fn init_logging(log: &LogConf) -> Result<Option<LogFile>> {
@@ -281,7 +363,8 @@ fn init_logging(log: &LogConf) -> Result<Option<LogFile>> {
         None => {
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
-                .with_writer(std::io::stderr)
+                .with_ansi(crate::stderr_colour())
+                .with_writer(crate::progress::Stderr)
                 .init();
             Ok(None)
         }
@@ -303,6 +386,7 @@ fn open_storage(
     conf: &config::StorageConf,
     server_read_only: bool,
     tuning: ProxyTuning,
+    default_dir: Option<&Path>,
 ) -> Result<Opened> {
     match &conf.kind {
         StorageKind::File {
@@ -314,10 +398,19 @@ fn open_storage(
             pack_keep_old,
         } => {
             let read_only = *read_only || server_read_only;
-            if let Some(dir) = path.parent() {
-                if !dir.as_os_str().is_empty() && !read_only {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            if let Some(dir) = dir {
+                if !read_only && Some(dir) == default_dir {
                     std::fs::create_dir_all(dir)
                         .with_context(|| format!("creating {}", dir.display()))?;
+                } else if !dir.is_dir() {
+                    bail!(
+                        "{}: no such directory {} (zeors creates only the default {}; create \
+                         the directory or correct the path)",
+                        path.display(),
+                        dir.display(),
+                        DEFAULT_PATH
+                    );
                 }
             }
             let storage = filestorage::FileStorage::open(
@@ -336,7 +429,15 @@ fn open_storage(
                     ..Default::default()
                 },
             )
-            .with_context(|| format!("opening {}", path.display()))?;
+            .map_err(|e| {
+                // Its errors name the file they are about (Data.fs or its .lock, .index,
+                // .trN or blob directory); say which storage only if one does not.
+                if e.to_string().contains(&*path.to_string_lossy()) {
+                    anyhow::Error::new(e)
+                } else {
+                    anyhow::Error::new(e).context(format!("opening {}", path.display()))
+                }
+            })?;
             info!(path = %path.display(), name = %conf.name, "opened FileStorage");
             Ok(Opened::File(Arc::new(storage)))
         }
@@ -369,6 +470,9 @@ fn open_storage(
             pconfig.storage = storage.clone();
             pconfig.read_only = *read_only || server_read_only;
             pconfig.prefetch = tuning.prefetch;
+            pconfig.progress = zodb::progress::ProgressHandle::new(
+                crate::progress::Reporter::for_server(format!("storage {:?}", conf.name)),
+            );
             pconfig.blobs = blob_dir.as_ref().map(|dir| proxy::blobs::BlobConfig {
                 dir: dir.clone(),
                 // Python's ClientStorage does not bound its blob cache by default either.
@@ -388,11 +492,42 @@ enum Opened {
     Proxy(Arc<proxy::UpstreamStorage>),
 }
 
-async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
+async fn serve(plan: Plan, logfile: Option<LogFile>, serving: &mut bool) -> Result<()> {
+    // Everything about the addresses that can fail does so before a storage is created
+    // or opened; clients are refused (not queued) until the storages are ready.
+    let acceptor = match &plan.tls {
+        Some(t) => Some(server::tls::acceptor(t).context("setting up TLS")?),
+        None => None,
+    };
+    let mut reserved = Vec::new();
+    for address in &plan.addresses {
+        let socket = server::Listener::reserve(address)
+            .await
+            .with_context(|| format!("listening on {address}"))?;
+        if acceptor.is_some() && address.contains('/') {
+            bail!("listening on {address}: TLS on a unix socket is not supported");
+        }
+        reserved.push((address, socket));
+    }
+    let metrics = match &plan.metrics_address {
+        Some(address) => Some((
+            address,
+            server::Listener::reserve(address)
+                .await
+                .with_context(|| format!("metrics endpoint on {address}"))?,
+        )),
+        None => None,
+    };
+
     let mut storages: Vec<(String, Arc<dyn zodb::Storage>)> = Vec::new();
     let mut proxies = Vec::new();
     for conf in &plan.storages {
-        match open_storage(conf, plan.server.read_only, plan.proxy)? {
+        match open_storage(
+            conf,
+            plan.server.read_only,
+            plan.proxy,
+            plan.default_dir.as_deref(),
+        )? {
             Opened::File(s) => storages.push((conf.name.clone(), s)),
             Opened::Proxy(p) => {
                 proxies.push(p.clone());
@@ -422,13 +557,9 @@ async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
             }
         }
     }
-    let acceptor = match &plan.tls {
-        Some(t) => Some(server::tls::acceptor(t).context("setting up TLS")?),
-        None => None,
-    };
-    for address in &plan.addresses {
-        let mut listener = server::Listener::bind(address)
-            .await
+    for (address, socket) in reserved {
+        let mut listener = socket
+            .listen()
             .with_context(|| format!("listening on {address}"))?;
         if let Some(acceptor) = &acceptor {
             if !address.contains('/') {
@@ -436,10 +567,11 @@ async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
             }
         }
         server.serve(listener);
+        *serving = true;
     }
-    if let Some(address) = &plan.metrics_address {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
+    if let Some((address, socket)) = metrics {
+        let listener = socket
+            .listen_tcp()
             .with_context(|| format!("metrics endpoint on {address}"))?;
         info!(%address, "serving metrics at /metrics");
         server.serve_metrics(listener);

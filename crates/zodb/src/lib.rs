@@ -9,6 +9,7 @@
 pub mod blob;
 mod error;
 mod ids;
+pub mod progress;
 pub mod refs;
 mod storage;
 pub mod timestamp;
