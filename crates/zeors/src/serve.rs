@@ -403,14 +403,21 @@ fn open_storage(
                 if !read_only && Some(dir) == default_dir {
                     std::fs::create_dir_all(dir)
                         .with_context(|| format!("creating {}", dir.display()))?;
-                } else if !dir.is_dir() {
-                    bail!(
-                        "{}: no such directory {} (zeors creates only the default {}; create \
-                         the directory or correct the path)",
-                        path.display(),
-                        dir.display(),
-                        DEFAULT_PATH
-                    );
+                } else {
+                    match std::fs::metadata(dir) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                            "{}: no such directory {} (zeors creates only the default {}; \
+                             create the directory or correct the path)",
+                            path.display(),
+                            dir.display(),
+                            DEFAULT_PATH
+                        ),
+                        Ok(m) if !m.is_dir() => {
+                            bail!("{}: {} is not a directory", path.display(), dir.display())
+                        }
+                        // Anything else (permissions) the open reports, naming the file.
+                        _ => {}
+                    }
                 }
             }
             let storage = filestorage::FileStorage::open(
