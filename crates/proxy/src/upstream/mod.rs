@@ -386,6 +386,12 @@ impl Storage for UpstreamStorage {
                 cache.entries,
             ),
             m(
+                "cache_max_bytes",
+                "The proxy cache's bound on disk (--cache-size): cache_bytes over it is the fill.",
+                false,
+                inner.config.cache.max_bytes,
+            ),
+            m(
                 "upstream_bytes_received",
                 "Bytes received from upstream.",
                 true,
