@@ -316,3 +316,26 @@ def test_progress_is_a_bar_on_a_terminal(tmp_path):
     assert "checking the format [" in drawn and "100%" in drawn, repr(drawn[-2000:])
     assert "left" in drawn and "/s" in drawn
     assert "zeors::progress" not in drawn  # a bar, not log lines
+
+
+# --- the README documents every flag ---------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["serve", "check", "dump", "info", "pack"])
+def test_the_readme_documents_every_flag(command):
+    import re
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    helped = run(command, "--help")
+    assert helped.returncode == 0
+    flags = set(re.findall(r"^\s+(?:-\w, )?(--[a-z][a-z0-9-]*)", helped.stdout, re.M)) - {"--help"}
+    assert flags, helped.stdout
+    if command == "serve":
+        # The flag tables: `-a, --address ...` or `--upstream ...` in a cell.
+        missing = [f for f in sorted(flags) if f"`{f}" not in readme and f", {f}" not in readme]
+    else:
+        # The tools' table: `check --no-refs`, `check -v, --verbose`.
+        missing = [f for f in sorted(flags) if not re.search(rf"`{command} (?:-\w, )?{re.escape(f)}\b", readme)]
+    assert missing == [], f"`zeors {command}` flags missing from README.md: {missing}"

@@ -22,7 +22,8 @@ pub struct ServeArgs {
     #[arg(short = 'a', long = "address")]
     addresses: Vec<String>,
 
-    /// Data.fs to serve (created if missing). Default: var/Data.fs.
+    /// Data.fs to serve (created if missing; its directory must exist, except for the
+    /// default var/, which is created). Default: var/Data.fs.
     #[arg(short = 'f', long = "filename")]
     filename: Option<PathBuf>,
 
