@@ -125,7 +125,7 @@ fn check_references(
     let mut done = 0u64;
     for (oid, pos) in summary.index.iter() {
         done += 1;
-        if done % 1024 == 0 {
+        if done.is_multiple_of(1024) {
             progress.update(done);
         }
         match view.resolve(oid, pos) {
@@ -143,7 +143,7 @@ fn check_references(
     let mut refs = Vec::new();
     for (oid, pos) in summary.index.iter() {
         done += 1;
-        if done % 1024 == 0 {
+        if done.is_multiple_of(1024) {
             progress.update(done);
         }
         if no_state.contains(&oid) || unreadable.contains(&oid) {

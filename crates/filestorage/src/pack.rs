@@ -291,7 +291,7 @@ fn mark_from(
         if marked.contains(&oid) {
             continue;
         }
-        if marked.len() % 1024 == 0 {
+        if marked.len().is_multiple_of(1024) {
             progress.update(marked.len() as u64);
         }
         let Some(pos) = curpos.get(oid) else {
