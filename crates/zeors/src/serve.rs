@@ -285,53 +285,47 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let fresh = FreshFiles::before_start(&plan);
+    let mut fresh = FreshFiles {
+        storages: Vec::new(),
+        dir: plan.default_dir.clone().filter(|d| !d.exists()),
+        serving: false,
+    };
     let pid = PidFile::create(plan.pid_file.as_deref())?;
-    let mut serving = false;
-    let result = rt.block_on(serve(plan, logfile, &mut serving));
+    let result = rt.block_on(serve(plan, logfile, &mut fresh));
     drop(pid);
     // Storages, listeners and tasks are gone with the runtime: nothing holds the files.
     drop(rt);
-    if result.is_err() && !serving {
+    if result.is_err() && !fresh.serving {
         fresh.remove_if_unused();
     }
     result
 }
 
-/// Files (and the default directory) that this start is about to create, so that a start
-/// that fails before serving leaves nothing behind: a typo'd port must not leave a new
-/// empty Data.fs that a later start would happily serve.
+/// What this start created, so that a start that fails before serving leaves nothing
+/// behind: a typo'd port must not leave a new empty Data.fs that a later start would
+/// happily serve.
 struct FreshFiles {
-    /// Data.fs paths that did not exist, each with its companions that did not either.
+    /// Data.fs files this process created (it held their lock, so no other process did),
+    /// each with the companions that did not exist before.
     storages: Vec<(PathBuf, Vec<PathBuf>)>,
     /// The default directory, if it did not exist.
     dir: Option<PathBuf>,
+    /// Set once clients are accepted: from then on nothing is removed.
+    serving: bool,
 }
 
 impl FreshFiles {
-    fn before_start(plan: &Plan) -> FreshFiles {
-        let mut storages = Vec::new();
-        for conf in &plan.storages {
-            if let StorageKind::File { path, .. } = &conf.kind {
-                if path.exists() {
-                    continue;
-                }
-                let companions = [".index", ".lock", ".tmp", ".index.index_tmp"]
-                    .iter()
-                    .map(|suffix| {
-                        let mut p = path.clone().into_os_string();
-                        p.push(suffix);
-                        PathBuf::from(p)
-                    })
-                    .filter(|p| !p.exists())
-                    .collect();
-                storages.push((path.clone(), companions));
-            }
-        }
-        FreshFiles {
-            storages,
-            dir: plan.default_dir.clone().filter(|d| !d.exists()),
-        }
+    /// The companions of `path` that do not exist yet; call before opening it.
+    fn missing_companions(path: &Path) -> Vec<PathBuf> {
+        [".index", ".lock", ".tmp", ".index.index_tmp"]
+            .iter()
+            .map(|suffix| {
+                let mut p = path.as_os_str().to_owned();
+                p.push(suffix);
+                PathBuf::from(p)
+            })
+            .filter(|p| !p.exists())
+            .collect()
     }
 
     /// Removes what this start created, as long as nothing was committed to it (a new
@@ -500,7 +494,7 @@ enum Opened {
     Proxy(Arc<proxy::UpstreamStorage>),
 }
 
-async fn serve(plan: Plan, logfile: Option<LogFile>, serving: &mut bool) -> Result<()> {
+async fn serve(plan: Plan, logfile: Option<LogFile>, fresh: &mut FreshFiles) -> Result<()> {
     // Everything about the addresses that can fail does so before a storage is created
     // or opened; clients are refused (not queued) until the storages are ready.
     let acceptor = match &plan.tls {
@@ -530,12 +524,21 @@ async fn serve(plan: Plan, logfile: Option<LogFile>, serving: &mut bool) -> Resu
     let mut storages: Vec<(String, Arc<dyn zodb::Storage>)> = Vec::new();
     let mut proxies = Vec::new();
     for conf in &plan.storages {
-        match open_storage(
+        let new_file = match &conf.kind {
+            StorageKind::File { path, .. } if !path.exists() => {
+                Some((path.clone(), FreshFiles::missing_companions(path)))
+            }
+            _ => None,
+        };
+        let opened = open_storage(
             conf,
             plan.server.read_only,
             plan.proxy,
             plan.default_dir.as_deref(),
-        )? {
+        )?;
+        // Opened with its lock held: this process created the file.
+        fresh.storages.extend(new_file);
+        match opened {
             Opened::File(s) => storages.push((conf.name.clone(), s)),
             Opened::Proxy(p) => {
                 proxies.push(p.clone());
@@ -565,6 +568,7 @@ async fn serve(plan: Plan, logfile: Option<LogFile>, serving: &mut bool) -> Resu
             }
         }
     }
+    let signals = Signals::install()?;
     for (address, socket) in reserved {
         let mut listener = socket
             .listen()
@@ -575,7 +579,7 @@ async fn serve(plan: Plan, logfile: Option<LogFile>, serving: &mut bool) -> Resu
             }
         }
         server.serve(listener);
-        *serving = true;
+        fresh.serving = true;
     }
     if let Some((address, socket)) = metrics {
         let listener = socket
@@ -584,26 +588,43 @@ async fn serve(plan: Plan, logfile: Option<LogFile>, serving: &mut bool) -> Resu
         info!(%address, "serving metrics at /metrics");
         server.serve_metrics(listener);
     }
-    wait_for_signal(logfile).await?;
+    signals.wait(logfile).await;
     info!("shutting down");
     server.shutdown().await;
     info!("stopped");
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP and SIGUSR2 reopen the log file (log rotation).
-async fn wait_for_signal(logfile: Option<LogFile>) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr2 = signal(SignalKind::user_defined2())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => { info!("SIGTERM received"); return Ok(()) }
-            _ = int.recv() => { info!("SIGINT received"); return Ok(()) }
-            _ = hup.recv() => reopen(&logfile),
-            _ = usr2.recv() => reopen(&logfile),
+/// The signals a serving process handles. Installed before the first listener accepts,
+/// so that a SIGTERM sent as soon as the server is reachable stops it cleanly instead of
+/// killing it (before that, the default action ends a start that is still opening).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT; SIGHUP and SIGUSR2 reopen the log file (log rotation).
+    async fn wait(mut self, logfile: Option<LogFile>) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { info!("SIGTERM received"); return }
+                _ = self.int.recv() => { info!("SIGINT received"); return }
+                _ = self.hup.recv() => reopen(&logfile),
+                _ = self.usr2.recv() => reopen(&logfile),
+            }
         }
     }
 }
