@@ -198,4 +198,4 @@ def test_check_reports_damage_and_dangling_references(tmp_path):
     data[20] = ord("x")  # the first transaction's status byte
     path.write_bytes(bytes(data))
     r = run_tool("check", path)
-    assert r.returncode == 1 and "FORMAT ERROR" in r.stdout
+    assert r.returncode == 1 and f"{path}: damaged Data.fs at offset 4: invalid transaction status 'x'" in r.stdout

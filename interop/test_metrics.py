@@ -1,4 +1,6 @@
 """The Prometheus endpoint: counters move while clients work, in both storage modes."""
+import json
+import pathlib
 import re
 import urllib.request
 
@@ -79,3 +81,68 @@ def test_proxy_cache_metrics(make_server, tmp_path):
     assert metric(m, "zeors_cache_hits_total") >= 1
     assert metric(m, "zeors_upstream_bytes_received_total") > 0
     assert metric(m, "zeors_upstream_connected") == 1
+
+
+DASHBOARD = pathlib.Path(__file__).resolve().parent.parent / "monitoring" / "grafana-dashboard.json"
+# Metrics only a proxy has: its cache, its upstream link, its blob cache.
+PROXY_ONLY = ("zeors_cache_", "zeors_upstream_", "zeors_blob_cache_")
+
+
+def dashboard_queries():
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = []
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            exprs.append((panel["title"], target["expr"]))
+    for var in dash["templating"]["list"]:
+        if var["type"] == "query":
+            exprs.append((var["name"], var["query"]["query"]))
+    return dash, exprs
+
+
+def test_dashboard_queries_only_metrics_that_exist(make_server, tmp_path):
+    """Every metric the Grafana dashboard queries is served by /metrics: the common ones
+    by a direct server and a proxy, the proxy's own by a proxy (with a blob cache)."""
+    dash, exprs = dashboard_queries()
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    titles = " ".join(p["title"].lower() for p in dash["panels"])
+    for topic in ("clients", "loads", "commits", "commit-lock wait", "conflicts", "hit rate", "upstream traffic", "cache fill"):
+        assert topic in titles, topic
+    queried = set()
+    for where, expr in exprs:
+        assert expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), (where, expr)
+        names = set(re.findall(r"\bzeors_[a-z_]+\b", expr))
+        assert names, (where, expr)
+        queried |= names
+
+    up_blobs = tmp_path / "up-blobs"
+    upstream = make_server("--blob-dir", str(up_blobs), path=tmp_path / "up.fs")
+    direct_port, proxy_port = free_port(), free_port()
+    direct = make_server("--metrics-address", f"127.0.0.1:{direct_port}", path=tmp_path / "direct.fs")
+    proxy = make_server.proxy(
+        upstream.addr,
+        "proxy",
+        "--blob-dir",
+        str(tmp_path / "proxy-blobs"),
+        "--metrics-address",
+        f"127.0.0.1:{proxy_port}",
+    )
+    for server in (direct, proxy):
+        d = db(server)
+        with d.transaction() as conn:
+            conn.root()["x"] = 1
+        d.close()
+
+    def names(port):
+        return {name for name, _ in scrape(port)}
+
+    served_direct, served_proxy = names(direct_port), names(proxy_port)
+    for name in sorted(queried):
+        assert name in served_proxy, f"the dashboard queries {name}, which a proxy does not serve"
+        if not name.startswith(PROXY_ONLY):
+            assert name in served_direct, f"the dashboard queries {name}, which a server does not serve"
+    # And the dashboard leaves out nothing an operator of either mode would miss.
+    unqueried = {n for n in served_direct | served_proxy if not n.endswith(("_created",))} - queried
+    unqueried = {n for n in unqueried if not re.sub(r"_(bucket|sum|count)$", "", n) + "_bucket" in queried}
+    assert unqueried == set(), f"served but not on the dashboard: {sorted(unqueried)}"

@@ -122,7 +122,7 @@ def test_two_proxies_chained(make_server, tmp_path):
 
 
 @pytest.mark.parametrize("stop", ["sigterm", "sigkill"])
-def test_restart_fetches_only_what_changed(make_server, stop):
+def test_restart_fetches_only_what_changed(make_server, stop, monkeypatch):
     # A stock upstream whose invalidation queue is much shorter than the gap.
     upstream = make_server.stock(invalidation_queue_size=5)
     n = 1000
@@ -147,9 +147,14 @@ def test_restart_fetches_only_what_changed(make_server, stop):
     d.close()
 
     relay.reset_counts()
+    # The catch-up's progress is logged (every update, with a zero interval).
+    monkeypatch.setenv("ZEORS_PROGRESS_SECONDS", "0")
     proxy.start()
     values = read_all(proxy, n)
     assert values == {i: (i + 1000 if i < 120 else 0) for i in range(n)}
+    log = proxy.log_text()
+    assert 'storage "1": catching up with upstream: 83% (100 of 120 transactions)' in log, log[-3000:]
+    assert 'storage "1": catching up with upstream: done, 120 transactions' in log, log[-3000:]
     warm = sum(relay.counts())
     assert warm < cold * 0.35, f"restart moved {warm} bytes over the link, a cold read {cold}"
     relay.close()

@@ -6,12 +6,17 @@
 //! - references, like `fsrefs`: every current object's pickle is scanned, and references
 //!   to objects that do not exist, whose creation was undone or that cannot be loaded are
 //!   reported. Such references make a garbage-collecting pack fail.
+//!
+//! A torn tail (a last transaction cut short, which the next writable open moves away) is
+//! reported as such, in the words the server uses, and the transactions before it are
+//! still checked, references included.
 
 use crate::io::FileIo;
-use crate::scan::{self, VerifySummary};
+use crate::scan::{self, TornTail, VerifyError, VerifySummary};
 use crate::view::FileView;
 use std::collections::HashSet;
 use std::sync::Arc;
+use zodb::progress::{NoProgress, Progress, Unit};
 use zodb::refs::RefScanner;
 use zodb::{Oid, Tid};
 
@@ -51,8 +56,10 @@ pub struct BadReferences {
 pub struct CheckReport {
     /// Counts of a file whose format is valid.
     pub summary: Option<VerifySummary>,
-    /// The first format violation: where and what.
+    /// The first format violation: where and what (the server's words for it).
     pub format_error: Option<String>,
+    /// A damaged last transaction; `summary` then describes what precedes it.
+    pub torn_tail: Option<TornTail>,
     /// Objects with broken references (only when the format is valid).
     pub bad_references: Vec<BadReferences>,
     /// Objects whose pickle could not be scanned for references, with the reason.
@@ -63,31 +70,64 @@ pub struct CheckReport {
 
 impl CheckReport {
     pub fn is_ok(&self) -> bool {
-        self.format_error.is_none() && self.bad_references.is_empty() && self.unscannable.is_empty()
+        self.format_error.is_none()
+            && self.torn_tail.is_none()
+            && self.bad_references.is_empty()
+            && self.unscannable.is_empty()
     }
 }
 
 /// Checks the file behind `io`; `references` adds the `fsrefs`-like pass.
 pub fn check(io: Arc<dyn FileIo>, references: bool) -> CheckReport {
+    check_with(io, references, &NoProgress)
+}
+
+/// [`check`], reporting each pass's progress (bytes, then objects) to `progress`.
+pub fn check_with(io: Arc<dyn FileIo>, references: bool, progress: &dyn Progress) -> CheckReport {
     let mut report = CheckReport::default();
-    let summary = match scan::verify(&*io) {
+    let summary = match scan::verify_with(&*io, progress) {
         Ok(s) => s,
-        Err(e) => {
-            report.format_error = Some(e);
+        Err(VerifyError::TornTail { tail, intact }) => {
+            report.torn_tail = Some(tail);
+            *intact
+        }
+        Err(VerifyError::Damaged(e)) => {
+            report.format_error = Some(e.to_string());
             return report;
         }
     };
     if references {
-        check_references(FileView::new(io, summary.end), &summary, &mut report);
+        check_references(
+            FileView::new(io, summary.end),
+            &summary,
+            &mut report,
+            progress,
+        );
     }
     report.summary = Some(summary);
     report
 }
 
-fn check_references(view: FileView, summary: &VerifySummary, report: &mut CheckReport) {
+fn check_references(
+    view: FileView,
+    summary: &VerifySummary,
+    report: &mut CheckReport,
+    progress: &dyn Progress,
+) {
     let mut no_state = HashSet::new();
     let mut unreadable = HashSet::new();
+    // Two passes over the objects: resolving every current record, then scanning them.
+    progress.start(
+        "checking references",
+        Unit::Objects,
+        2 * summary.index.len() as u64,
+    );
+    let mut done = 0u64;
     for (oid, pos) in summary.index.iter() {
+        done += 1;
+        if done.is_multiple_of(1024) {
+            progress.update(done);
+        }
         match view.resolve(oid, pos) {
             Ok(Some(_)) => {}
             Ok(None) => {
@@ -102,6 +142,10 @@ fn check_references(view: FileView, summary: &VerifySummary, report: &mut CheckR
     let mut scanner = RefScanner::new();
     let mut refs = Vec::new();
     for (oid, pos) in summary.index.iter() {
+        done += 1;
+        if done.is_multiple_of(1024) {
+            progress.update(done);
+        }
         if no_state.contains(&oid) || unreadable.contains(&oid) {
             continue;
         }
@@ -138,6 +182,8 @@ fn check_references(view: FileView, summary: &VerifySummary, report: &mut CheckR
             });
         }
     }
+    progress.update(done);
+    progress.finish();
     for oid in unreadable {
         report
             .unscannable

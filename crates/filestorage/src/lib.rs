@@ -291,7 +291,7 @@ impl Storage for FileStorage {
         let tid = zodb::timestamp::tid_from_unix(pack_time);
         self.blocking(move |c| {
             let gc = !c.pack_without_gc;
-            c.pack(tid, PackOptions { gc }).map(|_| ())
+            c.pack(tid, PackOptions::gc(gc)).map(|_| ())
         })
         .await
     }

@@ -44,6 +44,7 @@ use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
+use zodb::progress::{NoProgress, Progress, ProgressHandle, Unit};
 use zodb::refs::RefScanner;
 use zodb::{Oid, StorageError, Tid};
 
@@ -72,15 +73,30 @@ pub struct PackStats {
 }
 
 /// Options of one pack.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PackOptions {
     /// Remove objects not reachable from the root (Python's `pack_gc`, default true).
     pub gc: bool,
+    /// Told each phase's progress: bytes scanned, objects marked, bytes copied.
+    pub progress: ProgressHandle,
+}
+
+impl PackOptions {
+    /// A pack with or without garbage collection, reporting no progress.
+    pub fn gc(gc: bool) -> Self {
+        PackOptions {
+            gc,
+            ..PackOptions::default()
+        }
+    }
 }
 
 impl Default for PackOptions {
     fn default() -> Self {
-        PackOptions { gc: true }
+        PackOptions {
+            gc: true,
+            progress: ProgressHandle::default(),
+        }
     }
 }
 
@@ -202,11 +218,13 @@ fn scan_records(
     to: u64,
     stop_after: Option<Tid>,
     ltid: &mut Tid,
+    progress: &dyn Progress,
     mut f: impl FnMut(u64, &TxnHeader, u64, &DataHeader) -> crate::error::Result<()>,
 ) -> crate::error::Result<(u64, bool)> {
     let mut pos = from;
     let mut all_packed = true;
     while pos < to {
+        progress.update(pos);
         let h = r.txn_header(pos)?;
         if stop_after.is_some_and(|t| h.tid > t) {
             break;
@@ -266,11 +284,15 @@ fn mark_from(
     extra: &HashMap<Oid, Vec<u64>>,
     marked: &mut HashSet<Oid>,
     mut todo: Vec<Oid>,
+    progress: &dyn Progress,
 ) -> Result<()> {
     let mut refs = Vec::new();
     while let Some(oid) = todo.pop() {
         if marked.contains(&oid) {
             continue;
+        }
+        if marked.len().is_multiple_of(1024) {
+            progress.update(marked.len() as u64);
         }
         let Some(pos) = curpos.get(oid) else {
             if oid == Oid::ROOT && curpos.is_empty() {
@@ -294,8 +316,15 @@ fn mark_from(
 }
 
 /// Phase 1: what to keep from before the pack time. `None` for a redundant pack.
-fn find_reachable(view: &FileView, pack_time: Tid, gc: bool, name: &str) -> Result<Option<Gc>> {
+fn find_reachable(
+    view: &FileView,
+    pack_time: Tid,
+    gc: bool,
+    name: &str,
+    progress: &dyn Progress,
+) -> Result<Option<Gc>> {
     let err = |e: Error| crate::storage::corrupted(name, e);
+    progress.start("packing: reading to the pack time", Unit::Bytes, view.end());
     let mut r = SeqReader::new(&*view.io, view.end());
     let mut curpos = Index::new();
     let mut ltid = Tid::ZERO;
@@ -321,6 +350,7 @@ fn find_reachable(view: &FileView, pack_time: Tid, gc: bool, name: &str) -> Resu
         view.end(),
         Some(pack_time),
         &mut ltid,
+        progress,
         |tpos, _, pos, d| {
             if tpos != txn_pos {
                 apply(&mut txn, &mut curpos);
@@ -338,9 +368,16 @@ fn find_reachable(view: &FileView, pack_time: Tid, gc: bool, name: &str) -> Resu
             return Ok(None);
         }
     }
+    progress.finish();
     let mut scanner = RefScanner::new();
     let mut marked = gc.then(HashSet::new);
     if let Some(m) = &mut marked {
+        // At most every object is reachable: the total is an upper bound.
+        progress.start(
+            "packing: finding reachable objects",
+            Unit::Objects,
+            curpos.len() as u64,
+        );
         mark_from(
             view,
             &mut scanner,
@@ -348,19 +385,28 @@ fn find_reachable(view: &FileView, pack_time: Tid, gc: bool, name: &str) -> Resu
             &HashMap::new(),
             m,
             vec![Oid::ROOT],
+            progress,
         )?;
+        progress.finish();
     }
     // findReachableFromFuture: revisions before the pack time that back pointers after it
     // bring back are kept, with what they reference.
     let mut extra: HashMap<Oid, Vec<u64>> = HashMap::new();
     let mut extra_roots: Vec<(Oid, u64)> = Vec::new();
     let mut back_targets = HashSet::new();
+    progress.start(
+        "packing: reading after the pack time",
+        Unit::Bytes,
+        view.end(),
+    );
+    progress.update(packpos);
     scan_records(
         &mut r,
         packpos,
         view.end(),
         None,
         &mut ltid,
+        progress,
         |_, _, _, d| {
             if d.back != 0 {
                 back_targets.insert(d.back);
@@ -378,12 +424,21 @@ fn find_reachable(view: &FileView, pack_time: Tid, gc: bool, name: &str) -> Resu
         },
     )
     .map_err(err)?;
+    progress.finish();
     if let Some(m) = &mut marked {
         let mut refs = Vec::new();
         for (oid, pos) in extra_roots {
             refs.clear();
             refs_at(view, &mut scanner, oid, pos, &mut refs).map_err(StorageError::Corrupted)?;
-            mark_from(view, &mut scanner, &curpos, &extra, m, refs.clone())?;
+            mark_from(
+                view,
+                &mut scanner,
+                &curpos,
+                &extra,
+                m,
+                refs.clone(),
+                &NoProgress,
+            )?;
         }
     }
     Ok(Some(Gc {
@@ -516,11 +571,18 @@ fn record_data(
 }
 
 /// Phase 2: the transactions before `packpos` that hold reachable records.
-fn copy_to_packtime(view: &FileView, gc: &Gc, out: &mut Output) -> crate::error::Result<()> {
+fn copy_to_packtime(
+    view: &FileView,
+    gc: &Gc,
+    out: &mut Output,
+    progress: &dyn Progress,
+) -> crate::error::Result<()> {
     let mut r = SeqReader::new(&*view.io, gc.packpos);
     let mut batch = Vec::new();
     let mut pos = FIRST_TXN_POS;
+    progress.start("packing: copying to the pack time", Unit::Bytes, gc.packpos);
     while pos < gc.packpos {
+        progress.update(pos);
         let h = r.txn_header(pos)?;
         let tend = pos + h.tlen;
         let mut tpos_new: Option<u64> = None;
@@ -585,6 +647,7 @@ fn copy_to_packtime(view: &FileView, gc: &Gc, out: &mut Output) -> crate::error:
         }
         pos = tend + 8;
     }
+    progress.finish();
     Ok(())
 }
 
@@ -640,10 +703,13 @@ fn copy_rest(
     to: u64,
     out: &mut Output,
     remember: &dyn Fn(u64) -> bool,
+    progress: &dyn Progress,
 ) -> crate::error::Result<()> {
     let view = FileView::new(view.io.clone(), to);
     let mut pos = from;
+    progress.start("packing: copying after the pack time", Unit::Bytes, to);
     while pos < to {
+        progress.update(pos);
         let t = view.txn_at(pos)?;
         let meta = txn_meta(&view, pos, &t.header)?;
         let tpos = out.txn_header(&t.header, t.header.status, &meta)?;
@@ -686,6 +752,7 @@ fn copy_rest(
         out.copied_after += 1;
         pos = t.next();
     }
+    progress.finish();
     Ok(())
 }
 
@@ -920,7 +987,8 @@ impl FileStorageCore {
         let view = self.view();
         let objects_before = self.len();
         tracing::info!(name = self.name(), pack_time = %zodb::timestamp::format_tid(pack_time), "pack: finding reachable objects");
-        let Some(gc) = find_reachable(&view, pack_time, options.gc, self.name())? else {
+        let progress = &*options.progress;
+        let Some(gc) = find_reachable(&view, pack_time, options.gc, self.name(), progress)? else {
             tracing::info!(
                 name = self.name(),
                 "The database has already been packed to a later time or no changes have been made since the last pack"
@@ -951,7 +1019,7 @@ impl FileStorageCore {
         };
         out.w.append(&magic).map_err(io_err)?;
         tracing::info!(name = self.name(), "pack: copying to the pack time");
-        copy_to_packtime(&view, &gc, &mut out).map_err(|e| self.err(e))?;
+        copy_to_packtime(&view, &gc, &mut out, progress).map_err(|e| self.err(e))?;
         if out.w.pos() == gc.packpos {
             tracing::info!(name = self.name(), "pack: nothing to remove");
             return Ok(PackOutcome::Unchanged("no space would be freed"));
@@ -975,6 +1043,7 @@ impl FileStorageCore {
                 end,
                 &mut out,
                 &remember,
+                progress,
             )
             .map_err(|e| self.err(e))?;
             ipos = end;
@@ -994,6 +1063,7 @@ impl FileStorageCore {
             end,
             &mut out,
             &remember,
+            &NoProgress,
         )
         .map_err(|e| self.err(e))?;
         out.w.flush()?;

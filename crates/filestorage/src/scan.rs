@@ -200,6 +200,51 @@ impl Tail {
     }
 }
 
+/// A torn tail in a file of `file_size` bytes. Its `Display` is the one sentence every
+/// reader of the file uses for it — the server when it moves the tail away, `zeors check`
+/// and `zeors info` — so an operator sees the same words for the same damage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TornTail {
+    pub tail: Tail,
+    pub file_size: u64,
+}
+
+impl TornTail {
+    /// Bytes from the tail's start to the end of the file.
+    pub fn len(&self) -> u64 {
+        self.file_size.saturating_sub(self.tail.pos())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Display for TornTail {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (pos, len) = (self.tail.pos(), self.len());
+        match &self.tail {
+            Tail::Short { .. } => write!(
+                f,
+                "torn tail at offset {pos} ({len} bytes): shorter than a transaction header"
+            ),
+            Tail::Torn { reason, .. } => {
+                write!(f, "torn tail at offset {pos} ({len} bytes): {reason}")
+            }
+        }
+    }
+}
+
+/// The words for a status byte that is none of `' '`, `'p'`, `'u'`, `'c'`: the server
+/// warns with them (it serves such a file, as Python does) and `zeors check` fails with
+/// them.
+pub fn invalid_status(status: u8) -> String {
+    format!(
+        "invalid transaction status {:?} (0x{status:02x})",
+        status as char
+    )
+}
+
 /// Result of [`scan`].
 #[derive(Debug)]
 pub struct ScanOutcome {
@@ -214,11 +259,13 @@ pub struct ScanOutcome {
 }
 
 /// Scans transactions from `start` to the end of the file (`size`), adding every data
-/// record to `index`. `ltid` is the tid of the transaction before `start`.
+/// record to `index`. `ltid` is the tid of the transaction before `start`; `name` (the
+/// file) prefixes the warnings.
 /// Damage followed by a valid transaction is an error; a damaged tail is reported in
 /// [`ScanOutcome::tail`] and left for the caller to truncate (or ignore, read-only).
 pub fn scan(
     io: &dyn FileIo,
+    name: &str,
     size: u64,
     start: u64,
     ltid: Tid,
@@ -247,22 +294,29 @@ pub fn scan(
             }
         };
         if h.tid <= last_tid {
-            tracing::warn!(pos, tid = %h.tid, previous = %last_tid, "time-stamp reduction");
+            tracing::warn!(
+                "{name}: at offset {pos}: time-stamp reduction {} <= {last_tid}",
+                h.tid
+            );
         }
         if !matches!(
             h.status,
             status::COMMITTED | status::PACKED | status::UNDONE
         ) {
-            tracing::warn!(pos, status = h.status, "invalid transaction status");
+            // Served anyway, as Python's FileStorage does; `zeors check` fails on it.
+            tracing::warn!(
+                "{name}: {}; served anyway, as Python's FileStorage does",
+                Error::corrupted(pos, invalid_status(h.status))
+            );
         }
         for &(oid, rpos, prev) in &good.records {
             // Python's read_index compares against the index as of the transaction start.
             let expected = index.get(oid).unwrap_or(0);
             if expected != prev {
                 if prev != 0 {
-                    tracing::error!(pos = rpos, %oid, prev, expected, "incorrect previous pointer");
+                    tracing::error!("{name}: at offset {rpos}: oid {oid}: incorrect previous pointer {prev}, expected {expected}");
                 } else {
-                    tracing::warn!(pos = rpos, %oid, expected, "incorrect previous pointer");
+                    tracing::warn!("{name}: at offset {rpos}: oid {oid}: incorrect previous pointer {prev}, expected {expected}");
                 }
             }
         }
@@ -342,34 +396,105 @@ pub struct VerifySummary {
     pub index: Index,
 }
 
+/// Why [`verify`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// Damage (or an I/O error) that an interrupted write cannot explain; the file is not
+    /// checked past it. Its text is the one the server's open reports for the same damage.
+    #[error(transparent)]
+    Damaged(#[from] Error),
+    /// Only the last transaction is damaged, as a write cut short by a crash or power
+    /// loss leaves it: the transactions before it (`intact`) passed every check, and
+    /// opening the file for writing (zeors or Python) moves the tail away.
+    #[error("{tail}")]
+    TornTail {
+        tail: TornTail,
+        intact: Box<VerifySummary>,
+    },
+}
+
+impl From<std::io::Error> for VerifyError {
+    fn from(e: std::io::Error) -> Self {
+        VerifyError::Damaged(Error::Io(e))
+    }
+}
+
 /// Checks a whole file against every rule of spec §1.6 as strictly as `fstest` and pack do:
 /// magic, strictly increasing tids, status `' '`/`'p'`, lengths, records that exactly fill
 /// their transaction with the right `tloc`, `prev` equal to the oid's position before the
 /// transaction (or 0 in a packed transaction), `prev`/`back` pointing backwards to a record
 /// of the same oid, no data-plus-back records, trailers, and the end of the file at a
-/// transaction boundary.
-pub fn verify(io: &dyn FileIo) -> std::result::Result<VerifySummary, String> {
-    let size = io.size().map_err(|e| e.to_string())?;
+/// transaction boundary. A damaged last transaction is told apart from other damage
+/// exactly as the open-time [`scan`] does.
+pub fn verify(io: &dyn FileIo) -> std::result::Result<VerifySummary, VerifyError> {
+    verify_with(io, &zodb::progress::NoProgress)
+}
+
+/// [`verify`], reporting the bytes checked so far to `progress`.
+pub fn verify_with(
+    io: &dyn FileIo,
+    progress: &dyn zodb::progress::Progress,
+) -> std::result::Result<VerifySummary, VerifyError> {
+    let size = io.size()?;
     if size < 4 {
-        return Err("file shorter than the magic".into());
+        return Err(Error::Format(format!("{size} bytes, shorter than the magic")).into());
     }
     let mut magic = [0u8; 4];
-    io.read_exact_at(&mut magic, 0).map_err(|e| e.to_string())?;
+    io.read_exact_at(&mut magic, 0)?;
     if crate::format::Magic::parse(magic).is_none() {
-        return Err(format!("bad magic {magic:?}"));
+        return Err(Error::Format(format!("starts with {magic:02x?}, not FS30 or FS21")).into());
     }
+    progress.start("checking the format", zodb::progress::Unit::Bytes, size);
     let mut r = SeqReader::new(io, size);
     let mut index = Index::new();
     let mut pos = FIRST_TXN_POS;
     let mut last_tid = Tid::ZERO;
     let mut transactions = 0;
     let mut data_records = 0;
-    let err = |pos: u64, s: String| format!("at {pos}: {s}");
+    let err = |pos: u64, s: String| VerifyError::Damaged(Error::corrupted(pos, s));
     while pos < size {
-        if size - pos < TXN_HEADER_LEN as u64 {
-            return Err(err(pos, "fragment after the last transaction".into()));
-        }
-        let h = r.txn_header(pos).map_err(|e| e.to_string())?;
+        progress.update(pos);
+        let damage = if size - pos < TXN_HEADER_LEN as u64 {
+            Some(Tail::Short { pos })
+        } else {
+            None
+        };
+        let (h, good) = match damage {
+            Some(tail) => (None, Err(tail)),
+            None => {
+                let h = r.txn_header(pos)?;
+                match check_txn(&mut r, pos, &h)? {
+                    Ok(good) => (Some(h), Ok(good)),
+                    Err(reason) => (Some(h), Err(Tail::Torn { pos, reason })),
+                }
+            }
+        };
+        let good = match good {
+            Ok(good) => good,
+            Err(tail) => {
+                // The open-time scan's rule: a torn tail if nothing valid follows.
+                if matches!(tail, Tail::Torn { .. }) && valid_txn_after(&mut r, pos)? {
+                    let Tail::Torn { reason, .. } = tail else {
+                        unreachable!()
+                    };
+                    return Err(err(pos, reason));
+                }
+                return Err(VerifyError::TornTail {
+                    tail: TornTail {
+                        tail,
+                        file_size: size,
+                    },
+                    intact: Box::new(VerifySummary {
+                        transactions,
+                        data_records,
+                        last_tid,
+                        end: pos,
+                        index,
+                    }),
+                });
+            }
+        };
+        let h = h.expect("a checked transaction has a header");
         if transactions > 0 && h.tid <= last_tid {
             return Err(err(
                 pos,
@@ -377,11 +502,8 @@ pub fn verify(io: &dyn FileIo) -> std::result::Result<VerifySummary, String> {
             ));
         }
         if !matches!(h.status, status::COMMITTED | status::PACKED) {
-            return Err(err(pos, format!("status {:?}", h.status as char)));
+            return Err(err(pos, invalid_status(h.status)));
         }
-        let good = check_txn(&mut r, pos, &h)
-            .map_err(|e| e.to_string())?
-            .map_err(|s| err(pos, s))?;
         for &(oid, rpos, prev) in &good.records {
             let expected = index.get(oid).unwrap_or(0);
             // Pack writes every record before the pack time without a previous pointer,
@@ -392,16 +514,14 @@ pub fn verify(io: &dyn FileIo) -> std::result::Result<VerifySummary, String> {
                 return Err(err(rpos, format!("prev {prev}, expected {expected}")));
             }
             let d = r
-                .data_header(rpos, pos + h.tlen)
-                .map_err(|e| e.to_string())?
+                .data_header(rpos, pos + h.tlen)?
                 .ok_or_else(|| err(rpos, "short record".into()))?;
             if d.back != 0 {
                 if d.back >= rpos {
                     return Err(err(rpos, format!("back pointer {} not backwards", d.back)));
                 }
                 let b = r
-                    .data_header(d.back, size)
-                    .map_err(|e| e.to_string())?
+                    .data_header(d.back, size)?
                     .ok_or_else(|| err(rpos, "back pointer past the end".into()))?;
                 if b.oid != oid {
                     return Err(err(rpos, format!("back pointer to oid {}", b.oid)));
@@ -415,6 +535,7 @@ pub fn verify(io: &dyn FileIo) -> std::result::Result<VerifySummary, String> {
         transactions += 1;
         pos += h.tlen + 8;
     }
+    progress.finish();
     Ok(VerifySummary {
         transactions,
         data_records,

@@ -21,7 +21,7 @@ use crate::index::Index;
 use crate::io::FileIo;
 use crate::iter::TxnIter;
 use crate::lock::LockFile;
-use crate::scan::{self, Tail};
+use crate::scan::{self, Tail, TornTail};
 use crate::undo::UndoResolution;
 use crate::view::{FileView, TxnAt};
 use bytes::Bytes;
@@ -136,6 +136,8 @@ pub struct FileStorageCore {
     quota: Option<u64>,
     sync_on_vote: bool,
     used_index: bool,
+    /// A torn tail that a read-only open did not remove.
+    ignored_tail: Option<TornTail>,
     pub(crate) undo_resolution: UndoResolution,
     pub(crate) pack_discard_old: bool,
     pub(crate) pack_without_gc: bool,
@@ -171,6 +173,21 @@ pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
     PathBuf::from(s)
 }
 
+/// An I/O error on `path`: std's error text never names the file, and "Permission
+/// denied" alone does not tell an operator which of Data.fs, its `.lock`, `.index` or
+/// `.trN` files to look at. The kind is kept.
+pub(crate) fn io_at(path: &Path, e: io::Error) -> StorageError {
+    StorageError::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
+}
+
+/// Names `path` in an I/O error that does not name it yet (other errors already do).
+fn naming(path: &Path, e: StorageError) -> StorageError {
+    match e {
+        StorageError::Io(e) if !e.to_string().contains(&*path.to_string_lossy()) => io_at(path, e),
+        e => e,
+    }
+}
+
 pub(crate) fn corrupted(name: &str, e: Error) -> StorageError {
     match e {
         Error::Io(e) => StorageError::Io(e),
@@ -202,40 +219,53 @@ impl FileStorageCore {
         let lock = if options.read_only {
             None
         } else {
-            Some(LockFile::acquire(&sibling(path, ".lock"))?)
+            let lock_path = sibling(path, ".lock");
+            Some(LockFile::acquire(&lock_path).map_err(|e| naming(&lock_path, e.into()))?)
         };
         let file = if options.read_only {
-            File::open(path)?
+            File::open(path).map_err(|e| io_at(path, e))?
         } else {
             match OpenOptions::new().read(true).write(true).open(path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == io::ErrorKind::NotFound && options.create => {
-                    let f = OpenOptions::new()
-                        .read(true)
-                        .write(true)
-                        .create_new(true)
-                        .open(path)?;
-                    // The magic at once, so a crash right after creation leaves a valid,
-                    // empty storage; then the directory entry.
-                    std::os::unix::fs::FileExt::write_all_at(&f, &MAGIC_FS30, 0)?;
-                    f.sync_data()?;
-                    sync_dir(path)?;
-                    tracing::info!(path = %path.display(), "created a new FileStorage");
-                    f
+                    Self::create(path).map_err(|e| io_at(path, e))?
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(io_at(path, e)),
             }
         };
-        let io = Arc::new(crate::io::MappedFile::new(file)?);
+        let io = Arc::new(crate::io::MappedFile::new(file).map_err(|e| io_at(path, e))?);
         let mut core = Self::open_inner(
             io.clone(),
             path.display().to_string(),
             Some(path.to_owned()),
             options,
-        )?;
+        )
+        .map_err(|e| naming(path, e))?;
         io.release_pages();
         *core.lock.get_mut() = lock;
         Ok(core)
+    }
+
+    /// Creates a new, empty storage file at `path`.
+    fn create(path: &Path) -> io::Result<File> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)?;
+        // The magic at once, so a crash right after creation leaves a valid, empty
+        // storage; then the directory entry.
+        std::os::unix::fs::FileExt::write_all_at(&f, &MAGIC_FS30, 0)?;
+        f.sync_data()?;
+        sync_dir(path)?;
+        tracing::info!(path = %path.display(), "created a new FileStorage");
+        Ok(f)
+    }
+
+    /// The damaged tail this read-only storage left in place (a writable open moves it to
+    /// `.trN` instead): `zeors info` tells it.
+    pub fn ignored_tail(&self) -> Option<&TornTail> {
+        self.ignored_tail.as_ref()
     }
 
     /// Opens a storage over any [`FileIo`] (e.g. a [`crate::sim::SimFile`]). There is no
@@ -271,21 +301,23 @@ impl FileStorageCore {
                 tail: None,
             }
         } else {
-            scan::scan(&*io, size, start, ltid, &mut index).map_err(|e| corrupted(&name, e))?
+            scan::scan(&*io, &name, size, start, ltid, &mut index)
+                .map_err(|e| corrupted(&name, e))?
         };
         if !used_index {
             index.shrink_to_fit();
         }
-        if let Some(tail) = &outcome.tail {
+        let mut ignored_tail = None;
+        if let Some(tail) = outcome.tail {
+            let torn = TornTail {
+                tail,
+                file_size: size,
+            };
             if options.read_only {
-                tracing::warn!(
-                    name,
-                    pos = tail.pos(),
-                    ?tail,
-                    "ignoring a damaged tail (read-only)"
-                );
+                tracing::warn!("{name}: {torn}; left in place (opened read-only)");
+                ignored_tail = Some(torn);
             } else {
-                recover_tail(&*io, &name, path.as_deref(), size, tail)?;
+                recover_tail(&*io, &name, path.as_deref(), &torn)?;
             }
         }
         let end = outcome.end;
@@ -321,6 +353,7 @@ impl FileStorageCore {
             quota: options.quota,
             sync_on_vote: options.sync_on_vote,
             used_index,
+            ignored_tail,
             undo_resolution: options.undo_resolution,
             pack_discard_old: options.pack_discard_old,
             pack_without_gc: options.pack_without_gc,
@@ -1159,33 +1192,20 @@ fn load_saved_index(io: &dyn FileIo, path: &Path, size: u64) -> Option<(Index, u
 
 /// Removes a damaged tail at open (writable): the cut bytes go to the first free
 /// `<path>.trN` (not for a fragment shorter than a header, as in Python).
-fn recover_tail(
-    io: &dyn FileIo,
-    name: &str,
-    path: Option<&Path>,
-    size: u64,
-    tail: &Tail,
-) -> Result<()> {
-    let pos = tail.pos();
-    match tail {
-        Tail::Short { .. } => {
-            tracing::warn!(name, pos, "truncating a fragment at the end of the file");
-        }
-        Tail::Torn { reason, .. } => {
+fn recover_tail(io: &dyn FileIo, name: &str, path: Option<&Path>, torn: &TornTail) -> Result<()> {
+    let pos = torn.tail.pos();
+    let size = torn.file_size;
+    match (&torn.tail, path) {
+        // Python truncates a fragment without keeping a copy.
+        (Tail::Short { .. }, _) => tracing::warn!("{name}: {torn}; truncating it"),
+        (Tail::Torn { .. }, Some(path)) => {
+            let kept = save_cut_bytes(io, path, pos, size)?;
             tracing::warn!(
-                name,
-                pos,
-                reason,
-                "truncating a damaged or unfinished last transaction"
+                "{name}: {torn}; moved to {} and cut off (the transactions before it are intact)",
+                kept.display()
             );
-            match path {
-                Some(path) => {
-                    let kept = save_cut_bytes(io, path, pos, size)?;
-                    tracing::warn!(name, file = %kept.display(), bytes = size - pos, "wrote the truncated data");
-                }
-                None => tracing::warn!(name, bytes = size - pos, "discarding the truncated data"),
-            }
         }
+        (Tail::Torn { .. }, None) => tracing::warn!("{name}: {torn}; discarding it"),
     }
     io.set_len(pos)?;
     io.sync_data()?;
@@ -1199,19 +1219,19 @@ fn save_cut_bytes(io: &dyn FileIo, path: &Path, pos: u64, size: u64) -> Result<P
         let mut f = match OpenOptions::new().write(true).create_new(true).open(&tr) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(io_at(&tr, e)),
         };
         let mut buf = vec![0u8; 1 << 20];
         let mut p = pos;
         while p < size {
             let n = ((size - p) as usize).min(buf.len());
             io.read_exact_at(&mut buf[..n], p)?;
-            f.write_all(&buf[..n])?;
+            f.write_all(&buf[..n]).map_err(|e| io_at(&tr, e))?;
             p += n as u64;
         }
-        f.sync_all()?;
+        f.sync_all().map_err(|e| io_at(&tr, e))?;
         // The copy must survive a crash before the truncation does.
-        sync_dir(&tr)?;
+        sync_dir(&tr).map_err(|e| io_at(&tr, e))?;
         return Ok(tr);
     }
     Err(Error::Value(format!("no free .trN name for {}", path.display())).into())

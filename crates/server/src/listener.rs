@@ -2,7 +2,7 @@
 
 use crate::{session, Shared};
 use std::sync::Arc;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::{TcpListener, TcpSocket, UnixListener, UnixSocket};
 use tokio::task::JoinSet;
 
 /// How long a client may take to complete the TLS handshake.
@@ -42,6 +42,49 @@ impl Listener {
         }
     }
 
+    /// Binds `address` (as [`Listener::bind`] reads it) without listening yet: whatever
+    /// makes an address unusable — a port in use, an invalid port, an unknown host, a
+    /// missing socket directory, a privileged port — fails here, before the caller creates
+    /// or opens anything, while clients are refused until [`Reserved::listen`] (their
+    /// connection attempts are not queued behind a storage that is still opening).
+    pub async fn reserve(address: &str) -> std::io::Result<Reserved> {
+        if address.contains('/') {
+            let path = std::path::PathBuf::from(address);
+            if path.exists() {
+                // A stale socket from an earlier run; a live server would hold the pid file.
+                std::fs::remove_file(&path)?;
+            }
+            let socket = UnixSocket::new_stream()?;
+            socket.bind(&path)?;
+            return Ok(Reserved::Unix(socket, path));
+        }
+        let addr = if address.contains(':') {
+            address.to_string()
+        } else {
+            format!("0.0.0.0:{address}")
+        };
+        let mut last = None;
+        for a in tokio::net::lookup_host(&addr).await? {
+            let socket = if a.is_ipv4() {
+                TcpSocket::new_v4()?
+            } else {
+                TcpSocket::new_v6()?
+            };
+            // As std's and tokio's `bind` do: a restart must not wait for TIME_WAIT.
+            socket.set_reuseaddr(true)?;
+            match socket.bind(a) {
+                Ok(()) => return Ok(Reserved::Tcp(socket)),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "could not resolve to any address",
+            )
+        }))
+    }
+
     /// Wraps a TCP listener in TLS (unix sockets rely on file permissions instead).
     pub fn with_tls(self, acceptor: tokio_rustls::TlsAcceptor) -> std::io::Result<Listener> {
         match self {
@@ -61,6 +104,43 @@ impl Listener {
                 l.local_addr().map(|a| a.to_string()).unwrap_or_default()
             }
             Listener::Unix(_, p) => p.display().to_string(),
+        }
+    }
+}
+
+/// A socket bound by [`Listener::reserve`], not listening yet.
+pub enum Reserved {
+    Tcp(TcpSocket),
+    Unix(UnixSocket, std::path::PathBuf),
+}
+
+/// Pending connections the kernel queues, as tokio's `TcpListener::bind` sets it.
+const BACKLOG: u32 = 1024;
+
+impl Reserved {
+    /// Starts listening: connections are queued from now on.
+    pub fn listen(self) -> std::io::Result<Listener> {
+        match self {
+            Reserved::Tcp(socket) => Ok(Listener::Tcp(socket.listen(BACKLOG)?)),
+            Reserved::Unix(socket, path) => {
+                let listener = socket.listen(BACKLOG)?;
+                // Local-only deployments control who may connect with the socket's
+                // permissions: owner and group.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))?;
+                Ok(Listener::Unix(listener, path))
+            }
+        }
+    }
+
+    /// Starts listening, for a plain TCP endpoint (the metrics).
+    pub fn listen_tcp(self) -> std::io::Result<TcpListener> {
+        match self {
+            Reserved::Tcp(socket) => socket.listen(BACKLOG),
+            Reserved::Unix(_, path) => Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} is not a TCP address", path.display()),
+            )),
         }
     }
 }

@@ -1,23 +1,47 @@
 //! `zeors`: the command-line entry point. Parses flags, sets up logging, opens the
 //! storages and runs the server until SIGTERM or SIGINT.
+//!
+//! An operator's mistake (a wrong path, a port in use, a damaged file) ends the process
+//! with one line on stderr — `zeors: error: ` and the whole chain of causes, each said
+//! once — and exit status 1, never a Rust backtrace, whatever `RUST_BACKTRACE` says:
+//! backtraces are for bugs, and panics keep theirs.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use std::io::IsTerminal;
+use std::process::ExitCode;
 
 mod config;
 mod logfile;
+mod progress;
 mod promote;
 mod serve;
 mod tools;
 mod zconfig;
 
-/// Ends the process with a tool's exit status.
-fn exit_with(status: Result<i32>) -> Result<()> {
-    let code = status?;
-    if code != 0 {
-        std::process::exit(code);
+/// The error and its causes on one line, outermost first. A cause whose text its parent
+/// already ends with (errors that print their source, like `I/O error: {0}`) is left out,
+/// so nothing is said twice; line breaks inside a message become spaces.
+pub(crate) fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        let text = text.trim();
+        if text.is_empty() || out.ends_with(text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(text);
     }
-    Ok(())
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Whether log lines on stderr may carry colour: only on a terminal, and never when
+/// `NO_COLOR` is set to anything (<https://no-color.org>).
+pub(crate) fn stderr_colour() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 #[derive(Parser)]
@@ -69,15 +93,16 @@ pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     Ok((n * mult as f64) as u64)
 }
 
-fn init_logging(level: Option<&str>) {
+/// Logging for the offline tools: warnings, and the progress lines when no bar can be
+/// shown (see [`progress`]); `RUST_LOG` replaces that filter.
+fn init_tool_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = match level {
-        Some(l) => EnvFilter::new(l),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("warn,zeors::progress=info"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_ansi(stderr_colour())
+        .with_writer(progress::Stderr)
         .init();
 }
 
@@ -93,20 +118,43 @@ fn ignore_sigxfsz() {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     ignore_sigxfsz();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Serve(args) => serve::run(*args),
-        Command::Check(args) => exit_with(tools::check(args)),
-        Command::Dump(args) => exit_with(tools::dump(args)),
-        Command::Info(args) => exit_with(tools::info(args)),
-        Command::Promote(args) => exit_with(promote::run(args)),
-        Command::Pack(args) => {
-            // The tool prints its own summary; the pack's progress logs need RUST_LOG=info.
-            let level = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
-            init_logging(Some(&level));
-            exit_with(tools::pack(args))
+    if !matches!(cli.command, Command::Serve(_)) {
+        init_tool_logging();
+    }
+    let status = match cli.command {
+        Command::Serve(args) => serve::run(*args).map(|()| 0),
+        Command::Check(args) => tools::check(args),
+        Command::Dump(args) => tools::dump(args),
+        Command::Info(args) => tools::info(args),
+        Command::Pack(args) => tools::pack(args),
+        Command::Promote(args) => promote::run(args).map(|c| c.clamp(0, 255) as u8),
+    };
+    match status {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("zeors: error: {}", one_line(&e));
+            ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+    use anyhow::Context;
+
+    #[test]
+    fn each_cause_once_on_one_line() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "x: No such file");
+        let e = Err::<(), _>(zodb::StorageError::Io(io))
+            .context("opening x")
+            .unwrap_err();
+        // StorageError::Io prints its source; the source is not repeated.
+        assert_eq!(one_line(&e), "opening x: I/O error: x: No such file");
+        let e = anyhow::anyhow!("first\nsecond").context("outer");
+        assert_eq!(one_line(&e), "outer: first second");
     }
 }

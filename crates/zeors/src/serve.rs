@@ -22,7 +22,8 @@ pub struct ServeArgs {
     #[arg(short = 'a', long = "address")]
     addresses: Vec<String>,
 
-    /// Data.fs to serve (created if missing). Default: var/Data.fs.
+    /// Data.fs to serve (created if missing; its directory must exist, except for the
+    /// default var/, which is created). Default: var/Data.fs.
     #[arg(short = 'f', long = "filename")]
     filename: Option<PathBuf>,
 
@@ -199,6 +200,10 @@ struct Plan {
     tls: Option<server::tls::TlsSettings>,
     warnings: Vec<String>,
     proxy: ProxyTuning,
+    /// The directory of the default `var/Data.fs`, the only one zeors creates: a path
+    /// that is given and does not exist is a typo until proven otherwise (Python's
+    /// FileStorage raises FileNotFoundError too).
+    default_dir: Option<PathBuf>,
     pg: PgTuning,
 }
 
@@ -210,6 +215,9 @@ struct PgTuning {
     cache_bytes: Option<usize>,
     commit_lock_timeout: Option<Duration>,
 }
+
+/// Where the default storage lives when neither -f, --upstream nor -C says otherwise.
+const DEFAULT_PATH: &str = "var/Data.fs";
 
 fn plan(args: &ServeArgs) -> Result<Plan> {
     let conf = match &args.configure {
@@ -228,7 +236,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
                         path: args
                             .filename
                             .clone()
-                            .unwrap_or_else(|| PathBuf::from("var/Data.fs")),
+                            .unwrap_or_else(|| PathBuf::from(DEFAULT_PATH)),
                         blob_dir: args.blob_dir.clone(),
                         read_only: false,
                         quota: None,
@@ -384,6 +392,15 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
             cache_bytes: args.pg_cache_size.map(|b| b as usize),
             commit_lock_timeout: args.commit_lock_timeout.map(Duration::from_secs_f64),
         },
+        default_dir: (args.configure.is_none()
+            && args.filename.is_none()
+            && args.upstreams.is_empty())
+        .then(|| {
+            Path::new(DEFAULT_PATH)
+                .parent()
+                .expect("the default path has a directory")
+                .to_path_buf()
+        }),
     })
 }
 
@@ -397,10 +414,70 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let mut fresh = FreshFiles {
+        storages: Vec::new(),
+        dir: plan.default_dir.clone().filter(|d| !d.exists()),
+        serving: false,
+    };
     let pid = PidFile::create(plan.pid_file.as_deref())?;
-    let result = rt.block_on(serve(plan, logfile));
+    let result = rt.block_on(serve(plan, logfile, &mut fresh));
     drop(pid);
+    // Storages, listeners and tasks are gone with the runtime: nothing holds the files.
+    drop(rt);
+    if result.is_err() && !fresh.serving {
+        fresh.remove_if_unused();
+    }
     result
+}
+
+/// What this start created, so that a start that fails before serving leaves nothing
+/// behind: a typo'd port must not leave a new empty Data.fs that a later start would
+/// happily serve.
+struct FreshFiles {
+    /// Data.fs files this process created (it held their lock, so no other process did),
+    /// each with the companions that did not exist before.
+    storages: Vec<(PathBuf, Vec<PathBuf>)>,
+    /// The default directory, if it did not exist.
+    dir: Option<PathBuf>,
+    /// Set once clients are accepted: from then on nothing is removed.
+    serving: bool,
+}
+
+impl FreshFiles {
+    /// The companions of `path` that do not exist yet; call before opening it.
+    fn missing_companions(path: &Path) -> Vec<PathBuf> {
+        [".index", ".lock", ".tmp", ".index.index_tmp"]
+            .iter()
+            .map(|suffix| {
+                let mut p = path.as_os_str().to_owned();
+                p.push(suffix);
+                PathBuf::from(p)
+            })
+            .filter(|p| !p.exists())
+            .collect()
+    }
+
+    /// Removes what this start created, as long as nothing was committed to it (a new
+    /// file holds only the 4-byte magic).
+    fn remove_if_unused(self) {
+        for (path, companions) in self.storages {
+            match std::fs::metadata(&path) {
+                Ok(m) if m.len() <= 4 => {}
+                _ => continue,
+            }
+            for p in std::iter::once(&path).chain(&companions) {
+                if let Err(e) = std::fs::remove_file(p) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        warn!(file = %p.display(), error = %e, "could not remove a file created by this failed start");
+                    }
+                }
+            }
+        }
+        if let Some(dir) = self.dir {
+            // Only if empty: anything else in it is not ours to delete.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
 }
 
 fn init_logging(log: &LogConf) -> Result<Option<LogFile>> {
@@ -410,7 +487,8 @@ fn init_logging(log: &LogConf) -> Result<Option<LogFile>> {
         None => {
             tracing_subscriber::fmt()
                 .with_env_filter(filter)
-                .with_writer(std::io::stderr)
+                .with_ansi(crate::stderr_colour())
+                .with_writer(crate::progress::Stderr)
                 .init();
             Ok(None)
         }
@@ -433,6 +511,7 @@ async fn open_storage(
     conf: &config::StorageConf,
     server_read_only: bool,
     tuning: ProxyTuning,
+    default_dir: Option<&Path>,
     pg: PgTuning,
 ) -> Result<Opened> {
     match &conf.kind {
@@ -468,10 +547,26 @@ async fn open_storage(
             pack_keep_old,
         } => {
             let read_only = *read_only || server_read_only;
-            if let Some(dir) = path.parent() {
-                if !dir.as_os_str().is_empty() && !read_only {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            if let Some(dir) = dir {
+                if !read_only && Some(dir) == default_dir {
                     std::fs::create_dir_all(dir)
                         .with_context(|| format!("creating {}", dir.display()))?;
+                } else {
+                    match std::fs::metadata(dir) {
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+                            "{}: no such directory {} (zeors creates only the default {}; \
+                             create the directory or correct the path)",
+                            path.display(),
+                            dir.display(),
+                            DEFAULT_PATH
+                        ),
+                        Ok(m) if !m.is_dir() => {
+                            bail!("{}: {} is not a directory", path.display(), dir.display())
+                        }
+                        // Anything else (permissions) the open reports, naming the file.
+                        _ => {}
+                    }
                 }
             }
             let storage = filestorage::FileStorage::open(
@@ -490,7 +585,15 @@ async fn open_storage(
                     ..Default::default()
                 },
             )
-            .with_context(|| format!("opening {}", path.display()))?;
+            .map_err(|e| {
+                // Its errors name the file they are about (Data.fs or its .lock, .index,
+                // .trN or blob directory); say which storage only if one does not.
+                if e.to_string().contains(&*path.to_string_lossy()) {
+                    anyhow::Error::new(e)
+                } else {
+                    anyhow::Error::new(e).context(format!("opening {}", path.display()))
+                }
+            })?;
             info!(path = %path.display(), name = %conf.name, "opened FileStorage");
             if let Some(z) = &conf.zrs {
                 let role = match &z.replicate_from {
@@ -550,6 +653,9 @@ async fn open_storage(
             pconfig.storage = storage.clone();
             pconfig.read_only = *read_only || server_read_only;
             pconfig.prefetch = tuning.prefetch;
+            pconfig.progress = zodb::progress::ProgressHandle::new(
+                crate::progress::Reporter::for_server(format!("storage {:?}", conf.name)),
+            );
             pconfig.blobs = blob_dir.as_ref().map(|dir| proxy::blobs::BlobConfig {
                 dir: dir.clone(),
                 // Python's ClientStorage does not bound its blob cache by default either.
@@ -609,12 +715,54 @@ async fn promote(nodes: &[(Arc<replication::Node>, config::ZrsConf)]) {
     }
 }
 
-async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
+async fn serve(plan: Plan, logfile: Option<LogFile>, fresh: &mut FreshFiles) -> Result<()> {
+    // Everything about the addresses that can fail does so before a storage is created
+    // or opened; clients are refused (not queued) until the storages are ready.
+    let acceptor = match &plan.tls {
+        Some(t) => Some(server::tls::acceptor(t).context("setting up TLS")?),
+        None => None,
+    };
+    let mut reserved = Vec::new();
+    for address in &plan.addresses {
+        let socket = server::Listener::reserve(address)
+            .await
+            .with_context(|| format!("listening on {address}"))?;
+        if acceptor.is_some() && address.contains('/') {
+            bail!("listening on {address}: TLS on a unix socket is not supported");
+        }
+        reserved.push((address, socket));
+    }
+    let metrics = match &plan.metrics_address {
+        Some(address) => Some((
+            address,
+            server::Listener::reserve(address)
+                .await
+                .with_context(|| format!("metrics endpoint on {address}"))?,
+        )),
+        None => None,
+    };
+
     let mut storages: Vec<(String, Arc<dyn zodb::Storage>)> = Vec::new();
     let mut proxies = Vec::new();
     let mut nodes = Vec::new();
     for conf in &plan.storages {
-        match open_storage(conf, plan.server.read_only, plan.proxy, plan.pg).await? {
+        let new_file = match &conf.kind {
+            StorageKind::File { path, .. } if !path.exists() => {
+                Some((path.clone(), FreshFiles::missing_companions(path)))
+            }
+            _ => None,
+        };
+        let opened = open_storage(
+            conf,
+            plan.server.read_only,
+            plan.proxy,
+            plan.default_dir.as_deref(),
+            plan.pg,
+        )
+        .await?;
+        // Opened with its lock held: this process created the file.
+        fresh.storages.extend(new_file);
+        match opened {
             Opened::File(s) => storages.push((conf.name.clone(), s)),
             Opened::Pg(s) => storages.push((conf.name.clone(), s)),
             Opened::Proxy(p) => {
@@ -650,13 +798,10 @@ async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
             }
         }
     }
-    let acceptor = match &plan.tls {
-        Some(t) => Some(server::tls::acceptor(t).context("setting up TLS")?),
-        None => None,
-    };
-    for address in &plan.addresses {
-        let mut listener = server::Listener::bind(address)
-            .await
+    let signals = Signals::install()?;
+    for (address, socket) in reserved {
+        let mut listener = socket
+            .listen()
             .with_context(|| format!("listening on {address}"))?;
         if let Some(acceptor) = &acceptor {
             if !address.contains('/') {
@@ -664,40 +809,60 @@ async fn serve(plan: Plan, logfile: Option<LogFile>) -> Result<()> {
             }
         }
         server.serve(listener);
+        fresh.serving = true;
     }
-    if let Some(address) = &plan.metrics_address {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
+    if let Some((address, socket)) = metrics {
+        let listener = socket
+            .listen_tcp()
             .with_context(|| format!("metrics endpoint on {address}"))?;
         info!(%address, "serving metrics at /metrics");
         server.serve_metrics(listener);
     }
-    wait_for_signal(logfile, &nodes).await?;
+    signals.wait(logfile, &nodes).await;
     info!("shutting down");
     server.shutdown().await;
     info!("stopped");
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP and SIGUSR2 reopen the log file (log rotation);
-/// SIGUSR1 promotes replicas to primaries (`zeors promote`).
-async fn wait_for_signal(
-    logfile: Option<LogFile>,
-    nodes: &[(Arc<replication::Node>, config::ZrsConf)],
-) -> Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut usr1 = signal(SignalKind::user_defined1())?;
-    let mut usr2 = signal(SignalKind::user_defined2())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => { info!("SIGTERM received"); return Ok(()) }
-            _ = int.recv() => { info!("SIGINT received"); return Ok(()) }
-            _ = hup.recv() => reopen(&logfile),
-            _ = usr2.recv() => reopen(&logfile),
-            _ = usr1.recv() => { info!("SIGUSR1 received: promoting"); promote(nodes).await }
+/// The signals a serving process handles. Installed before the first listener accepts,
+/// so that a SIGTERM sent as soon as the server is reachable stops it cleanly instead of
+/// killing it (before that, the default action ends a start that is still opening).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+            hup: signal(SignalKind::hangup())?,
+            usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT; SIGHUP and SIGUSR2 reopen the log file (log rotation);
+    /// SIGUSR1 promotes replicas to primaries (`zeors promote`).
+    async fn wait(
+        mut self,
+        logfile: Option<LogFile>,
+        nodes: &[(Arc<replication::Node>, config::ZrsConf)],
+    ) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => { info!("SIGTERM received"); return }
+                _ = self.int.recv() => { info!("SIGINT received"); return }
+                _ = self.hup.recv() => reopen(&logfile),
+                _ = self.usr2.recv() => reopen(&logfile),
+                _ = self.usr1.recv() => { info!("SIGUSR1 received: promoting"); promote(nodes).await }
+            }
         }
     }
 }

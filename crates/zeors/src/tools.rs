@@ -6,6 +6,7 @@
 //! for writing and so needs it not to be served; a served storage is packed through ZEO
 //! (`ClientStorage.pack()`, `zeopack`).
 
+use crate::progress::Reporter;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use filestorage::check::CheckReport;
@@ -13,8 +14,9 @@ use filestorage::iter::{RecordIter, TxnIter};
 use filestorage::view::FileView;
 use filestorage::{FileStorageCore, Options, PackOptions, PackOutcome};
 use std::io::{BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use zodb::progress::{Progress, Unit};
 use zodb::timestamp::format_tid;
 
 #[derive(Args)]
@@ -68,14 +70,29 @@ pub struct PackArgs {
 }
 
 fn open_io(path: &PathBuf) -> Result<Arc<std::fs::File>> {
-    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    // io::Error's text does not name the file: say which one.
+    let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     Ok(Arc::new(f))
 }
 
+/// Opens `path` read-only for a tool, naming the file in every error.
+fn open_read_only(path: &Path) -> Result<FileStorageCore> {
+    let core = FileStorageCore::open(
+        path,
+        Options {
+            read_only: true,
+            ..Options::default()
+        },
+    )?;
+    Ok(core)
+}
+
 /// `zeors check PATH`: exit status 0 when the file is sound, 1 otherwise.
-pub fn check(args: CheckArgs) -> Result<i32> {
+pub fn check(args: CheckArgs) -> Result<u8> {
     let io = open_io(&args.path)?;
-    let report = filestorage::check::check(io, !args.no_refs);
+    let progress = Reporter::for_tool(args.path.display().to_string());
+    let report = filestorage::check::check_with(io, !args.no_refs, &progress);
+    drop(progress);
     print_check(&args, &report);
     Ok(if report.is_ok() { 0 } else { 1 })
 }
@@ -83,9 +100,17 @@ pub fn check(args: CheckArgs) -> Result<i32> {
 fn print_check(args: &CheckArgs, r: &CheckReport) {
     let name = args.path.display();
     if let Some(e) = &r.format_error {
-        println!("{name}: FORMAT ERROR {e}");
-        println!("The file is damaged at that offset; nothing after it was checked.");
+        // The words the server's open uses for the same damage.
+        println!("{name}: {e}");
+        println!("Nothing after that offset was checked.");
         return;
+    }
+    if let Some(tail) = &r.torn_tail {
+        println!("{name}: {tail}");
+        println!(
+            "The transactions before it are intact: opening the file for writing (zeors \
+             serve, or Python) moves the tail to {name}.trN and cuts it off, as after a crash."
+        );
     }
     if let Some(s) = &r.summary {
         println!(
@@ -102,7 +127,11 @@ fn print_check(args: &CheckArgs, r: &CheckReport) {
                 format_tid(s.last_tid)
             );
         }
-        println!("format: OK (every check of fstest and of pack passed)");
+        if r.torn_tail.is_some() {
+            println!("format: OK up to the torn tail");
+        } else {
+            println!("format: OK (every check of fstest and of pack passed)");
+        }
     }
     if args.no_refs {
         return;
@@ -174,16 +203,9 @@ fn py_bytes_repr(b: &[u8]) -> String {
 }
 
 /// `zeors dump PATH`: every transaction and record, line for line what `fsdump` prints.
-pub fn dump(args: DumpArgs) -> Result<i32> {
+pub fn dump(args: DumpArgs) -> Result<u8> {
     let io = open_io(&args.path)?;
-    let core = FileStorageCore::open(
-        &args.path,
-        Options {
-            read_only: true,
-            ..Options::default()
-        },
-    )
-    .with_context(|| format!("opening {}", args.path.display()))?;
+    let core = open_read_only(&args.path)?;
     let view = FileView::new(io, core.size());
     drop(core);
     let stdout = std::io::stdout();
@@ -244,20 +266,22 @@ pub fn dump(args: DumpArgs) -> Result<i32> {
 
 /// `zeors info PATH`: opens the storage read-only (through its `.index` when valid, as
 /// the server does) and prints what it holds and how long opening took.
-pub fn info(args: InfoArgs) -> Result<i32> {
+pub fn info(args: InfoArgs) -> Result<u8> {
     let started = std::time::Instant::now();
-    let core = FileStorageCore::open(
-        &args.path,
-        Options {
-            read_only: true,
-            ..Options::default()
-        },
-    )
-    .with_context(|| format!("opening {}", args.path.display()))?;
+    let core = open_read_only(&args.path)?;
     let open_seconds = started.elapsed().as_secs_f64();
     let last = core.last_transaction();
     println!("path: {}", args.path.display());
     println!("size: {}", core.size());
+    if let Some(tail) = core.ignored_tail() {
+        // `size` is where the intact part ends; the file is longer by the tail.
+        println!("file size: {}", tail.file_size);
+        println!(
+            "damage: {tail} (not counted below; zeors check tells more, and opening the file \
+             for writing moves it to {}.trN)",
+            args.path.display()
+        );
+    }
     println!("objects: {}", core.len());
     println!("last transaction: {last} ({})", format_tid(last));
     println!(
@@ -268,15 +292,20 @@ pub fn info(args: InfoArgs) -> Result<i32> {
     if args.iterate {
         let started = std::time::Instant::now();
         let (mut txns, mut records, mut bytes) = (0u64, 0u64, 0u64);
+        let progress = Reporter::for_tool(args.path.display().to_string());
+        progress.start("reading every record", Unit::Bytes, core.size());
         let mut it = core.iterator(None, None)?;
         while let Some((t, _)) = it.next_txn()? {
             txns += 1;
+            progress.update(t.pos);
             let mut recs = RecordIter::new(it.view().clone(), t);
             while let Some(r) = recs.next_record()? {
                 records += 1;
                 bytes += r.data.map_or(0, |d| d.len() as u64);
             }
         }
+        progress.finish();
+        drop(progress);
         println!("transactions: {txns}");
         println!("data records: {records}");
         println!("data bytes: {bytes}");
@@ -286,7 +315,7 @@ pub fn info(args: InfoArgs) -> Result<i32> {
 }
 
 /// `zeors pack PATH --days N`.
-pub fn pack(args: PackArgs) -> Result<i32> {
+pub fn pack(args: PackArgs) -> Result<u8> {
     if !(args.days.is_finite() && args.days >= 0.0) {
         bail!("--days must be a non-negative number");
     }
@@ -307,7 +336,15 @@ pub fn pack(args: PackArgs) -> Result<i32> {
     })?;
     let t = zodb::timestamp::now_unix() - args.days * 86400.0;
     let pack_time = zodb::timestamp::tid_from_unix(t);
-    let outcome = core.pack(pack_time, PackOptions { gc: !args.no_gc });
+    let progress =
+        zodb::progress::ProgressHandle::new(Reporter::for_tool(args.path.display().to_string()));
+    let outcome = core.pack(
+        pack_time,
+        PackOptions {
+            gc: !args.no_gc,
+            progress,
+        },
+    );
     let closed = core.close();
     match outcome? {
         PackOutcome::Packed(s) => println!(

@@ -11,6 +11,7 @@ pub mod blob;
 mod error;
 mod ids;
 pub mod pickle;
+pub mod progress;
 pub mod refs;
 mod storage;
 pub mod timestamp;

@@ -218,7 +218,7 @@ fn redundant_empty_and_bad_packs() {
     assert!(!sibling(&path, ".pack").exists());
     assert!(std::fs::metadata(&path).unwrap().len() > size);
     // Without GC the same pack works.
-    packed(core.pack(t4, PackOptions { gc: false }).unwrap());
+    packed(core.pack(t4, PackOptions::gc(false)).unwrap());
     verify(&path);
 
     // Read-only storages cannot pack.

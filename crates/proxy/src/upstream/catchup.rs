@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 use zeo_client::{ClientError, Connection};
 use zeo_proto::reply::Invalidations;
 use zeo_proto::Request;
+use zodb::progress::Unit;
 use zodb::{DataRecord, Oid, Tid, TransactionInfo};
 
 impl Inner {
@@ -119,6 +120,8 @@ impl Inner {
             })
             .await?;
         let mut count = 0;
+        let progress = &*self.config.progress;
+        progress.start("catching up with upstream", Unit::Transactions, 0);
         while let Some(txn) = conn
             .request::<Option<TransactionInfo>>(&Request::IteratorNext { iid })
             .await?
@@ -138,7 +141,9 @@ impl Inner {
             }
             self.apply(txn.tid, &oids, None, false);
             count += 1;
+            progress.update(count as u64);
         }
+        progress.finish();
         let _ = conn.send(&Request::IteratorGc { iids: vec![iid] });
         Ok(count)
     }
@@ -185,7 +190,13 @@ impl Inner {
             }
         }
         let mut latest: HashMap<Oid, (Tid, Bytes)> = HashMap::new();
-        for chunk in tids.chunks(WINDOW) {
+        let progress = &*self.config.progress;
+        progress.start(
+            "catching up with upstream",
+            Unit::Transactions,
+            tids.len() as u64,
+        );
+        for (n, chunk) in tids.chunks(WINDOW).enumerate() {
             let iids: Vec<i64> = join_all(chunk.iter().map(|t| {
                 conn.request::<i64>(&Request::IteratorStart {
                     start: Some(*t),
@@ -262,8 +273,10 @@ impl Inner {
             for (t, o) in chunk.iter().zip(&oids) {
                 self.apply(*t, o, None, false);
             }
+            progress.update((n * WINDOW + chunk.len()) as u64);
             let _ = conn.send(&Request::IteratorGc { iids });
         }
+        progress.finish();
         let _ = conn.send(&Request::IteratorGc { iids: vec![iid] });
         let seen = self.last_tid();
         let bytes = latest.values().map(|(_, d)| d.len()).sum();

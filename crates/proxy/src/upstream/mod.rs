@@ -80,6 +80,8 @@ pub struct ProxyConfig {
     /// After a miss, how many of the objects the fetched record references to fetch
     /// too, before anyone asks (0: none). See [`fetch`].
     pub prefetch: usize,
+    /// Told how a catch-up that walks upstream's transaction log advances.
+    pub progress: zodb::progress::ProgressHandle,
 }
 
 impl ProxyConfig {
@@ -94,6 +96,7 @@ impl ProxyConfig {
             oid_batch: 100,
             blobs: None,
             prefetch: 64,
+            progress: Default::default(),
         }
     }
 }
@@ -381,6 +384,12 @@ impl Storage for UpstreamStorage {
                 "Records in the proxy cache.",
                 false,
                 cache.entries,
+            ),
+            m(
+                "cache_max_bytes",
+                "The proxy cache's bound on disk (--cache-size): cache_bytes over it is the fill.",
+                false,
+                inner.config.cache.max_bytes,
             ),
             m(
                 "upstream_bytes_received",
