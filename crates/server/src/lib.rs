@@ -46,8 +46,19 @@ pub struct ServerConfig {
     pub max_message_size: usize,
     /// Bytes queued for one client before it is considered stuck and disconnected.
     pub max_queued_bytes: usize,
+    /// Bytes queued for all clients together before the server stops reading from (and
+    /// starting the requests of) clients with more than a little output waiting; see
+    /// [`outbox::QueueBudget`].
+    pub max_queued_total: usize,
     /// Requests one connection may have in progress at once before reading pauses.
     pub max_pipelined: usize,
+    /// Connections served at once, over every listener; more are closed when accepted.
+    pub max_connections: usize,
+    /// Iterators (transaction and record iterators) one connection may have open.
+    pub max_iterators: usize,
+    /// A connection that sends nothing for this long (ZEO clients send a heartbeat every
+    /// 60 s) while none of its requests is in progress is closed. `None`: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -59,7 +70,11 @@ impl Default for ServerConfig {
             invalidation_queue_size: 100,
             max_message_size: zeo_proto::frame::DEFAULT_MAX_FRAME,
             max_queued_bytes: 256 * 1024 * 1024,
+            max_queued_total: 256 * 1024 * 1024,
             max_pipelined: 256,
+            max_connections: 10_000,
+            max_iterators: 100,
+            idle_timeout: Some(Duration::from_secs(600)),
         }
     }
 }
@@ -83,6 +98,8 @@ pub(crate) struct Shared {
     pub next_txn: AtomicU64,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Arc<metrics::ServerMetrics>,
+    /// The bound on output queued for all connections together.
+    pub budget: Arc<outbox::QueueBudget>,
 }
 
 /// A ZEO server over a set of named storages.
@@ -127,12 +144,13 @@ impl Server {
         let (shutdown_tx, shutdown) = watch::channel(false);
         Ok(Server {
             shared: Arc::new(Shared {
-                config,
                 storages: map,
                 next_session: AtomicU64::new(1),
                 next_txn: AtomicU64::new(1),
                 shutdown,
                 metrics: Arc::new(metrics::ServerMetrics::default()),
+                budget: Arc::new(outbox::QueueBudget::new(config.max_queued_total)),
+                config,
             }),
             shutdown_tx,
             tasks: Mutex::new(Vec::new()),

@@ -21,6 +21,16 @@ pub struct ServerMetrics {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub connections_accepted: AtomicU64,
+    /// Connections open now (every listener).
+    pub connections_open: AtomicU64,
+    /// Connections closed at once because `max_connections` were open.
+    pub connections_refused: AtomicU64,
+    /// Connections closed by the idle timeout.
+    pub idle_closed: AtomicU64,
+    /// Iterators open now, over all connections.
+    pub iterators_open: AtomicU64,
+    /// `iterator_start`s refused because the connection had `max_iterators` open.
+    pub iterators_refused: AtomicU64,
     /// Seconds a `vote` waited for the commit lock.
     pub commit_lock_wait: Histogram,
 }
@@ -31,6 +41,11 @@ impl Default for ServerMetrics {
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
+            connections_open: AtomicU64::new(0),
+            connections_refused: AtomicU64::new(0),
+            idle_closed: AtomicU64::new(0),
+            iterators_open: AtomicU64::new(0),
+            iterators_refused: AtomicU64::new(0),
             commit_lock_wait: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
         }
     }
@@ -39,6 +54,11 @@ impl Default for ServerMetrics {
 #[derive(Debug)]
 struct ServerCollector {
     shared: Weak<Shared>,
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, value: f64) -> std::fmt::Result {
+    let mut m = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    m.encode_gauge(&value)
 }
 
 fn counter(
@@ -98,6 +118,62 @@ impl Collector for ServerCollector {
             "zeors_connections_accepted",
             "Client connections accepted.",
             m.connections_accepted.load(Ordering::Relaxed),
+        )?;
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        gauge(
+            &mut encoder,
+            "zeors_connections_open",
+            "Client connections open now (registered or not).",
+            load(&m.connections_open) as f64,
+        )?;
+        counter(
+            &mut encoder,
+            "zeors_connections_refused",
+            "Connections closed when accepted because max-connections were open.",
+            load(&m.connections_refused),
+        )?;
+        counter(
+            &mut encoder,
+            "zeors_connections_idle_closed",
+            "Connections closed by the idle timeout.",
+            load(&m.idle_closed),
+        )?;
+        gauge(
+            &mut encoder,
+            "zeors_iterators_open",
+            "Transaction and record iterators open, over all connections.",
+            load(&m.iterators_open) as f64,
+        )?;
+        counter(
+            &mut encoder,
+            "zeors_iterators_refused",
+            "iterator_start calls refused because the connection had max-iterators open.",
+            load(&m.iterators_refused),
+        )?;
+        let budget = &shared.budget;
+        gauge(
+            &mut encoder,
+            "zeors_queued_bytes",
+            "Output queued for all clients, not yet written.",
+            budget.total() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "zeors_queued_bytes_limit",
+            "The server-wide bound on queued output (max-queued-total).",
+            budget.limit() as f64,
+        )?;
+        gauge(
+            &mut encoder,
+            "zeors_connections_paused",
+            "Connections not read from now because queued output is over the bound.",
+            budget.paused.load(Ordering::Relaxed) as f64,
+        )?;
+        counter(
+            &mut encoder,
+            "zeors_connection_pauses",
+            "Times a connection stopped being read from because queued output was over the bound.",
+            budget.pauses.load(Ordering::Relaxed),
         )?;
         {
             let mut d = encoder.encode_descriptor(

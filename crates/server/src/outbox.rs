@@ -12,7 +12,17 @@
 //!   takes, so they are atomic with respect to invalidations.
 //! * **Bounded memory.** A client that stops reading must not make the server buffer
 //!   without limit. Past `max_queued` bytes the outbox marks itself overflowed and the
-//!   session closes the connection.
+//!   session closes the connection. Many clients together are bounded by the
+//!   server-wide [`QueueBudget`]: while the output queued for all connections exceeds
+//!   it, a connection with more than [`PAUSE_FLOOR`] bytes of its own waiting is not read
+//!   from and its requests are not started ([`Outbox::admit`]) until either drains. A
+//!   request admitted adds at most its one reply, so the queued total stays within the
+//!   budget plus one reply per connection; clients that read their replies keep being
+//!   served throughout, since their own queues stay below the floor.
+//!
+//! Every byte queued is counted in the outbox's [`Queued`] and in the budget until the
+//! writer has written it or the queue is dropped unwritten (the count outlives the
+//! outbox while the writer still holds frames).
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -21,11 +31,97 @@ use tokio::sync::{mpsc, Notify};
 use zeo_proto::Encoding;
 use zodb::Tid;
 
+/// A connection may always have this much output waiting and still be read from, however
+/// full the server-wide budget is: a client that reads its replies is never paused.
+pub const PAUSE_FLOOR: usize = 1 << 20;
+
+/// The server-wide bound on output queued for clients.
+pub struct QueueBudget {
+    total: AtomicUsize,
+    limit: usize,
+    /// Woken when the total falls back to the limit.
+    below: Notify,
+    /// Connections currently not read from because of the budget (a gauge).
+    pub paused: AtomicUsize,
+    /// Times a connection was paused (a counter).
+    pub pauses: std::sync::atomic::AtomicU64,
+}
+
+impl QueueBudget {
+    pub fn new(limit: usize) -> QueueBudget {
+        QueueBudget {
+            total: AtomicUsize::new(0),
+            limit,
+            below: Notify::new(),
+            paused: AtomicUsize::new(0),
+            pauses: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Bytes queued for all connections.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub fn exceeded(&self) -> bool {
+        self.total() > self.limit
+    }
+
+    fn take(&self, n: usize) {
+        self.total.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn release(&self, n: usize) {
+        let before = self.total.fetch_sub(n, Ordering::AcqRel);
+        if before > self.limit && before - n <= self.limit {
+            self.below.notify_waiters();
+        }
+    }
+}
+
+/// One connection's queued byte count, shared by its outbox and its writer, and charged
+/// to the budget: whatever is still counted when both are gone (frames never written)
+/// is given back then.
+pub struct Queued {
+    bytes: AtomicUsize,
+    budget: std::sync::Arc<QueueBudget>,
+}
+
+impl Queued {
+    fn add(&self, n: usize) -> usize {
+        self.budget.take(n);
+        self.bytes.fetch_add(n, Ordering::Relaxed) + n
+    }
+
+    /// `n` bytes were written (or dropped unwritten).
+    pub fn sub(&self, n: usize) {
+        self.bytes.fetch_sub(n, Ordering::Relaxed);
+        self.budget.release(n);
+    }
+
+    pub fn get(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        let left = self.bytes.swap(0, Ordering::Relaxed);
+        if left > 0 {
+            self.budget.release(left);
+        }
+    }
+}
+
 pub struct Outbox {
     pub encoding: Encoding,
     state: Mutex<OutState>,
     tx: mpsc::UnboundedSender<Bytes>,
-    queued: AtomicUsize,
+    queued: std::sync::Arc<Queued>,
     max_queued: usize,
     overflowed: AtomicBool,
     /// Set when the connection can no longer be written to; further frames are dropped.
@@ -50,8 +146,18 @@ struct OutState {
 pub struct Stale;
 
 impl Outbox {
-    pub fn new(encoding: Encoding, max_queued: usize) -> (Outbox, mpsc::UnboundedReceiver<Bytes>) {
+    /// An outbox charging `budget`; the writer gets the receiving end of the queue and
+    /// the byte count it must decrease as it writes ([`Queued::sub`]).
+    pub fn new(
+        encoding: Encoding,
+        max_queued: usize,
+        budget: std::sync::Arc<QueueBudget>,
+    ) -> (Outbox, mpsc::UnboundedReceiver<Bytes>, std::sync::Arc<Queued>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        let queued = std::sync::Arc::new(Queued {
+            bytes: AtomicUsize::new(0),
+            budget,
+        });
         (
             Outbox {
                 encoding,
@@ -59,7 +165,7 @@ impl Outbox {
                     last_invalidation: Tid::ZERO,
                 }),
                 tx,
-                queued: AtomicUsize::new(0),
+                queued: queued.clone(),
                 max_queued,
                 overflowed: AtomicBool::new(false),
                 closed: AtomicBool::new(false),
@@ -68,6 +174,7 @@ impl Outbox {
                 drain_waiters: AtomicUsize::new(0),
             },
             rx,
+            queued,
         )
     }
 
@@ -76,12 +183,14 @@ impl Outbox {
             return;
         }
         let n = frame.len();
-        let total = self.queued.fetch_add(n, Ordering::Relaxed) + n;
+        let total = self.queued.add(n);
         if total > self.max_queued && !self.overflowed.swap(true, Ordering::Relaxed) {
             self.trouble.notify_one();
         }
         // A closed channel means the connection is going away; dropping the frame is fine.
-        let _ = self.tx.send(frame);
+        if self.tx.send(frame).is_err() {
+            self.queued.sub(n);
+        }
     }
 
     /// Queues a frame with no ordering constraint.
@@ -117,18 +226,41 @@ impl Outbox {
         self.state.lock().last_invalidation = tid;
     }
 
-    /// Called by the writer after bytes have been written.
-    pub fn written(&self, n: usize) {
-        self.queued.fetch_sub(n, Ordering::Relaxed);
+    /// Called by the writer after bytes have been written (and counted off with
+    /// [`Queued::sub`]): wakes those waiting for the queue to drain.
+    pub fn written(&self) {
         if self.drain_waiters.load(Ordering::Acquire) > 0 {
             self.drained.notify_waiters();
         }
+    }
+
+    /// Whether this connection must wait for the server-wide budget: the total is over
+    /// it and this connection has more than [`PAUSE_FLOOR`] bytes of its own waiting.
+    pub fn over_budget(&self) -> bool {
+        self.queued.budget.exceeded() && self.queued_bytes() > PAUSE_FLOOR
+    }
+
+    /// Waits until this connection may start a request: at once unless it is
+    /// [over budget](Outbox::over_budget), else until the budget or its own queue has
+    /// drained (or the connection is closed).
+    pub async fn admit(&self) {
+        if !self.over_budget() {
+            return;
+        }
+        self.wait_for(|| !self.over_budget(), true).await
     }
 
     /// Waits until at most `limit` bytes are queued, or the connection is closed. Lets a
     /// large response (a blob) be produced only as fast as the client reads it, with a
     /// bounded amount of it in memory.
     pub async fn wait_queued_below(&self, limit: usize) {
+        self.wait_for(|| self.queued_bytes() <= limit, false).await
+    }
+
+    /// Waits until `done()` holds or the connection is closed, re-checking after every
+    /// write (and, with `budget`, whenever the server-wide total falls back to its
+    /// limit).
+    async fn wait_for(&self, done: impl Fn() -> bool, budget: bool) {
         /// Counts the waiter for as long as it waits, even if its future is dropped.
         struct Waiting<'a>(&'a AtomicUsize);
         impl Drop for Waiting<'_> {
@@ -141,17 +273,29 @@ impl Outbox {
         loop {
             let notified = self.drained.notified();
             tokio::pin!(notified);
+            let below = self.queued.budget.below.notified();
+            tokio::pin!(below);
             // Registered before the check, so a write in between is not missed.
             notified.as_mut().enable();
-            if self.queued_bytes() <= limit || self.is_closed() {
+            if budget {
+                below.as_mut().enable();
+            }
+            if done() || self.is_closed() {
                 return;
             }
-            notified.await;
+            if budget {
+                tokio::select! {
+                    _ = notified => {}
+                    _ = below => {}
+                }
+            } else {
+                notified.await;
+            }
         }
     }
 
     pub fn queued_bytes(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        self.queued.get()
     }
 
     /// The writer lost the connection: drop whatever is queued from now on.
@@ -174,10 +318,15 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
+    fn budget(limit: usize) -> Arc<QueueBudget> {
+        Arc::new(QueueBudget::new(limit))
+    }
 
     #[test]
     fn stale_load_replies_are_refused_after_a_newer_invalidation() {
-        let (out, mut rx) = Outbox::new(Encoding::Pickle, 1 << 20);
+        let (out, mut rx, _) = Outbox::new(Encoding::Pickle, 1 << 20, budget(1 << 30));
         out.set_registered_tid(Tid(10));
         assert!(out
             .send_load_reply(Bytes::from_static(b"a"), Tid(10))
@@ -202,10 +351,47 @@ mod tests {
 
     #[test]
     fn overflow_is_flagged() {
-        let (out, _rx) = Outbox::new(Encoding::Pickle, 10);
+        let (out, _rx, _) = Outbox::new(Encoding::Pickle, 10, budget(1 << 30));
         out.send(Bytes::from_static(b"12345"));
         assert!(!out.is_overflowed());
         out.send(Bytes::from_static(b"123456"));
         assert!(out.is_overflowed());
+    }
+
+    #[tokio::test]
+    async fn the_budget_pauses_only_connections_with_output_waiting_and_is_given_back() {
+        let b = budget(3 << 20);
+        let (big, rx_big, q_big) = Outbox::new(Encoding::Pickle, 1 << 30, b.clone());
+        let (small, _rx_small, _q_small) = Outbox::new(Encoding::Pickle, 1 << 30, b.clone());
+        for _ in 0..4 {
+            big.send(Bytes::from(vec![0u8; 1 << 20]));
+        }
+        small.send(Bytes::from_static(b"reply"));
+        assert_eq!(b.total(), (4 << 20) + 5);
+        assert!(big.over_budget(), "4 MiB waiting with the budget exceeded");
+        assert!(!small.over_budget(), "a connection below the floor is always served");
+        // The writer writes two frames: the total falls to the limit and admits again.
+        let admitted = tokio::spawn({
+            let big = Arc::new(big);
+            let waiter = big.clone();
+            async move {
+                waiter.admit().await;
+                big
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!admitted.is_finished());
+        q_big.sub(1 << 20);
+        q_big.sub(1 << 20);
+        let big = tokio::time::timeout(std::time::Duration::from_secs(5), admitted)
+            .await
+            .expect("admitted once the budget has room")
+            .unwrap();
+        assert!(!big.over_budget());
+        // What was never written is given back when the queue goes away.
+        drop(rx_big);
+        drop(big);
+        drop(q_big);
+        assert_eq!(b.total(), 5);
     }
 }

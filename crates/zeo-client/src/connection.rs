@@ -233,7 +233,7 @@ impl Connection {
             last_invalidation: AtomicU64::new(0),
         });
         let traffic = opts.traffic.clone().unwrap_or_default();
-        tokio::spawn(write_loop(wr, rx, traffic.clone(), backlog));
+        tokio::spawn(write_loop(wr, rx, traffic.clone(), backlog, encoding));
         tokio::spawn(read_loop(
             rd,
             buf,
@@ -474,14 +474,31 @@ impl Inner {
     }
 }
 
+/// After this long without sending anything, the writer sends a heartbeat, as ZEO's
+/// client does: servers may close connections that stay silent (zeors' idle timeout).
+const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
     traffic: Arc<Traffic>,
     backlog: Arc<Backlog>,
+    encoding: Encoding,
 ) {
     let mut batch = BytesMut::with_capacity(64 * 1024);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = match tokio::time::timeout(HEARTBEAT_INTERVAL, rx.recv()).await {
+            Ok(Some(first)) => first,
+            Ok(None) => break,
+            Err(_) => {
+                // `(-1, 0, '.reply', None)`: servers ignore it; it is not in the backlog.
+                let beat = zeo_proto::message::reply_frame(encoding, &Value::Int(-1), Value::None);
+                if wr.write_all(&beat).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
         batch.extend_from_slice(&first);
         while batch.len() < 256 * 1024 {
             match rx.try_recv() {

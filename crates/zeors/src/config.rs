@@ -28,6 +28,14 @@ pub struct ZeoSection {
     pub pid_filename: Option<PathBuf>,
     pub msgpack: Option<bool>,
     pub ssl: Option<SslConf>,
+    /// zeors' own keys (not in runzeo's schema): the bounds against hostile clients and
+    /// the unix socket's mode.
+    pub max_client_queue: Option<u64>,
+    pub max_queued_total: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_iterators: Option<usize>,
+    pub idle_timeout: Option<f64>,
+    pub socket_mode: Option<u32>,
 }
 
 /// `<ssl>` inside `<zeo>`: server certificate, and the CA that client certificates
@@ -167,6 +175,16 @@ impl<'a> Checker<'a> {
         }
     }
 
+    fn count(&self, key: &str) -> Result<Option<usize>> {
+        match self.str(key) {
+            None => Ok(None),
+            Some(v) => v
+                .parse::<usize>()
+                .map(Some)
+                .map_err(|_| self.err(key, "must be a whole number")),
+        }
+    }
+
     fn path(&self, key: &str) -> Option<PathBuf> {
         self.str(key).map(PathBuf::from)
     }
@@ -292,6 +310,12 @@ fn zeo_section(s: &Section, warnings: &mut Vec<String>) -> Result<ZeoSection> {
             "pid-filename",
             "client-conflict-resolution",
             "msgpack",
+            "max-client-queue",
+            "max-queued-total",
+            "max-connections",
+            "max-iterators",
+            "idle-timeout",
+            "socket-mode",
         ],
         ignored: &[
             "monitor-address",
@@ -363,6 +387,20 @@ fn zeo_section(s: &Section, warnings: &mut Vec<String>) -> Result<ZeoSection> {
         pid_filename: c.path("pid-filename"),
         msgpack: c.opt_bool("msgpack")?,
         ssl,
+        max_client_queue: c.size("max-client-queue")?,
+        max_queued_total: c.size("max-queued-total")?,
+        max_connections: c.count("max-connections")?,
+        max_iterators: c.count("max-iterators")?,
+        idle_timeout: c.float("idle-timeout")?,
+        socket_mode: match c.str("socket-mode") {
+            None => None,
+            Some(v) => Some(
+                u32::from_str_radix(v.trim_start_matches("0o"), 8)
+                    .ok()
+                    .filter(|m| *m <= 0o7777)
+                    .ok_or_else(|| c.err("socket-mode", "must be an octal mode such as 660"))?,
+            ),
+        },
     })
 }
 

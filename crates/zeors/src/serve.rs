@@ -67,9 +67,36 @@ pub struct ServeArgs {
     tls_authenticate: Option<PathBuf>,
 
     /// Output queued for one client (replies, invalidations) before it is considered
-    /// stuck and disconnected.
-    #[arg(long, default_value = "256MB", value_parser = crate::parse_size)]
-    max_client_queue: u64,
+    /// stuck and disconnected. Default: 256MB.
+    #[arg(long, value_parser = crate::parse_size)]
+    max_client_queue: Option<u64>,
+
+    /// Output queued for all clients together: past it, clients with more than a little
+    /// output waiting are not read from (and their requests not started) until it
+    /// drains. Default: 256MB.
+    #[arg(long, value_parser = crate::parse_size, value_name = "SIZE")]
+    max_queued_total: Option<u64>,
+
+    /// Connections served at once (every address together); more are closed at once.
+    /// Default: 10000.
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
+
+    /// Open iterators (`iterator_start`, record iterators) per connection; more are
+    /// refused with an error. Default: 100.
+    #[arg(long, value_name = "N")]
+    max_iterators: Option<usize>,
+
+    /// Seconds a connection may stay silent (no request, no heartbeat: ZEO clients send
+    /// one every 60 s) with nothing of its own in progress before it is closed; 0: never.
+    /// Default: 600.
+    #[arg(long, value_name = "SECONDS")]
+    idle_timeout: Option<f64>,
+
+    /// Permissions of unix sockets, in octal (e.g. 660 to let the group connect).
+    /// Default: as the umask makes them, as runzeo does (owner only with umask 022).
+    #[arg(long, value_parser = parse_mode, value_name = "OCTAL")]
+    socket_mode: Option<u32>,
 
     /// Serve Prometheus metrics at http://ADDRESS/metrics (off by default).
     #[arg(long, value_name = "HOST:PORT")]
@@ -196,6 +223,7 @@ struct Plan {
     storages: Vec<config::StorageConf>,
     log: LogConf,
     pid_file: Option<PathBuf>,
+    socket_mode: Option<u32>,
     metrics_address: Option<String>,
     tls: Option<server::tls::TlsSettings>,
     warnings: Vec<String>,
@@ -327,6 +355,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         .unwrap_or(false);
     let msgpack = args.msgpack || conf.zeo.msgpack.unwrap_or(msgpack_env);
     let timeout = args.transaction_timeout.or(conf.zeo.transaction_timeout);
+    let defaults = server::ServerConfig::default();
     let server = server::ServerConfig {
         read_only: args.read_only || conf.zeo.read_only,
         encoding: if msgpack {
@@ -344,8 +373,29 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
             .invalidation_queue_size
             .or(conf.zeo.invalidation_queue_size)
             .unwrap_or(100),
-        max_queued_bytes: args.max_client_queue as usize,
-        ..Default::default()
+        max_queued_bytes: args
+            .max_client_queue
+            .or(conf.zeo.max_client_queue)
+            .unwrap_or(defaults.max_queued_bytes as u64) as usize,
+        max_queued_total: args
+            .max_queued_total
+            .or(conf.zeo.max_queued_total)
+            .unwrap_or(defaults.max_queued_total as u64) as usize,
+        max_connections: args
+            .max_connections
+            .or(conf.zeo.max_connections)
+            .unwrap_or(defaults.max_connections),
+        max_iterators: args
+            .max_iterators
+            .or(conf.zeo.max_iterators)
+            .unwrap_or(defaults.max_iterators),
+        idle_timeout: match args.idle_timeout.or(conf.zeo.idle_timeout) {
+            None => defaults.idle_timeout,
+            Some(t) if t == 0.0 => None,
+            Some(t) if t > 0.0 && t.is_finite() => Some(Duration::from_secs_f64(t)),
+            Some(t) => bail!("idle timeout must be a positive number of seconds or 0, not {t}"),
+        },
+        ..defaults
     };
     let tls = match (&args.tls_certificate, conf.zeo.ssl) {
         (Some(cert), _) => Some(server::tls::TlsSettings {
@@ -377,6 +427,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         storages: conf.storages,
         log,
         pid_file: args.pid_file.clone().or(conf.zeo.pid_filename),
+        socket_mode: args.socket_mode.or(conf.zeo.socket_mode),
         metrics_address: args.metrics_address.clone(),
         tls,
         warnings: conf.warnings,
@@ -404,6 +455,15 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
     })
 }
 
+/// An octal file mode (`660`, `0660`, `0o660`).
+fn parse_mode(s: &str) -> std::result::Result<u32, String> {
+    let digits = s.trim_start_matches("0o");
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o7777 => Ok(m),
+        _ => Err(format!("{s:?} is not an octal file mode such as 660")),
+    }
+}
+
 /// Runs `zeors serve`.
 pub fn run(args: ServeArgs) -> Result<()> {
     let plan = plan(&args)?;
@@ -419,9 +479,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         dir: plan.default_dir.clone().filter(|d| !d.exists()),
         serving: false,
     };
-    let pid = PidFile::create(plan.pid_file.as_deref())?;
     let result = rt.block_on(serve(plan, logfile, &mut fresh));
-    drop(pid);
     // Storages, listeners and tasks are gone with the runtime: nothing holds the files.
     drop(rt);
     if result.is_err() && !fresh.serving {
@@ -719,12 +777,21 @@ async fn serve(plan: Plan, logfile: Option<LogFile>, fresh: &mut FreshFiles) -> 
     // Everything about the addresses that can fail does so before a storage is created
     // or opened; clients are refused (not queued) until the storages are ready.
     let acceptor = match &plan.tls {
-        Some(t) => Some(server::tls::acceptor(t).context("setting up TLS")?),
+        Some(t) => {
+            if t.authenticate.is_none() {
+                warn!(
+                    "TLS without client authentication: any client that can reach the server \
+                     may connect and register writable; give --tls-authenticate (or \
+                     `authenticate` in <ssl>) to require client certificates"
+                );
+            }
+            Some(server::tls::acceptor(t).context("setting up TLS")?)
+        }
         None => None,
     };
     let mut reserved = Vec::new();
     for address in &plan.addresses {
-        let socket = server::Listener::reserve(address)
+        let socket = server::Listener::reserve(address, plan.socket_mode)
             .await
             .with_context(|| format!("listening on {address}"))?;
         if acceptor.is_some() && address.contains('/') {
@@ -735,7 +802,7 @@ async fn serve(plan: Plan, logfile: Option<LogFile>, fresh: &mut FreshFiles) -> 
     let metrics = match &plan.metrics_address {
         Some(address) => Some((
             address,
-            server::Listener::reserve(address)
+            server::Listener::reserve(address, None)
                 .await
                 .with_context(|| format!("metrics endpoint on {address}"))?,
         )),
@@ -818,9 +885,13 @@ async fn serve(plan: Plan, logfile: Option<LogFile>, fresh: &mut FreshFiles) -> 
         info!(%address, "serving metrics at /metrics");
         server.serve_metrics(listener);
     }
+    // Written only now that the storages are locked and every address is bound: an
+    // instance that fails to start never touches the pid file of one that runs.
+    let pid = PidFile::create(plan.pid_file.as_deref())?;
     signals.wait(logfile, &nodes).await;
     info!("shutting down");
     server.shutdown().await;
+    drop(pid);
     info!("stopped");
     Ok(())
 }
@@ -876,7 +947,8 @@ fn reopen(logfile: &Option<LogFile>) {
     }
 }
 
-/// The pid file, removed when dropped.
+/// The pid file: written once the server runs, removed when dropped if it still names
+/// this process (never another instance's).
 struct PidFile(Option<PathBuf>);
 
 impl PidFile {
@@ -884,7 +956,10 @@ impl PidFile {
         let Some(path) = path else {
             return Ok(PidFile(None));
         };
-        std::fs::write(path, format!("{}\n", std::process::id()))
+        // Written beside and renamed into place: a reader never sees a partial file.
+        let tmp = path.with_extension(format!("zeors-{}.tmp", std::process::id()));
+        std::fs::write(&tmp, format!("{}\n", std::process::id()))
+            .and_then(|()| std::fs::rename(&tmp, path))
             .with_context(|| format!("writing pid file {}", path.display()))?;
         Ok(PidFile(Some(path.to_path_buf())))
     }
@@ -892,8 +967,13 @@ impl PidFile {
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        if let Some(p) = &self.0 {
-            let _ = std::fs::remove_file(p);
+        let Some(p) = &self.0 else { return };
+        match std::fs::read_to_string(p) {
+            Ok(text) if text.trim() == std::process::id().to_string() => {
+                let _ = std::fs::remove_file(p);
+            }
+            Ok(_) => warn!(path = %p.display(), "the pid file names another process now; left in place"),
+            Err(_) => {}
         }
     }
 }

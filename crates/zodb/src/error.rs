@@ -55,6 +55,11 @@ pub enum StorageError {
     #[error("{0}")]
     Value(String),
 
+    /// A request refused because the connection reached one of the server's bounds
+    /// (open iterators, ...): `ZODB.POSException.StorageError` with the reason.
+    #[error("{0}")]
+    Limit(String),
+
     /// The storage does not implement this call.
     #[error("not supported by this storage: {0}")]
     Unsupported(&'static str),

@@ -247,7 +247,7 @@ impl Session {
     ) {
         let storage = handle.storage.clone();
         let outbox = self.outbox.clone();
-        self.pending.push(Box::pin(async move {
+        self.push_request(async move {
             let file = match storage.open_blob(oid, serial).await {
                 Ok(f) => f,
                 Err(e) => return send_error(&outbox, &msgid, &e),
@@ -279,7 +279,7 @@ impl Session {
             outbox.send(Callback::ReceiveBlobStop { oid, serial }.frame(outbox.encoding));
             outbox.send(message::reply_frame(outbox.encoding, &msgid, Value::None));
             debug!(%oid, %serial, bytes = sent, "blob sent");
-        }));
+        });
     }
 }
 

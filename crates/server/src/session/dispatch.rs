@@ -100,8 +100,7 @@ impl Session {
             Request::LoadBefore { oid, before } => {
                 Stats::incr(&handle.stats.loads);
                 let outbox = self.outbox.clone();
-                self.pending
-                    .push(Box::pin(load_before(handle, outbox, msgid, oid, before)));
+                self.push_request(load_before(handle, outbox, msgid, oid, before));
             }
             Request::LoadSerial { oid, serial } => {
                 Stats::incr(&handle.stats.loads);

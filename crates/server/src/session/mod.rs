@@ -117,17 +117,23 @@ where
         }
     };
 
-    let (outbox, rx) = Outbox::new(encoding, shared.config.max_queued_bytes);
+    let (outbox, rx, queued) = Outbox::new(
+        encoding,
+        shared.config.max_queued_bytes,
+        shared.budget.clone(),
+    );
     let outbox = Arc::new(outbox);
     let mut writer = tokio::spawn(write_loop(
         wr,
         rx,
+        queued,
         Arc::downgrade(&outbox),
         shared.metrics.clone(),
     ));
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     debug!(session = id, %peer, ?encoding, "connected");
     let txn = TxnShell::new(shared.config.transaction_timeout);
+    let iterators = Iterators::new(shared.config.max_iterators, shared.metrics.clone());
     let mut session = Session {
         id,
         peer,
@@ -139,7 +145,7 @@ where
         txn,
         pending: FuturesUnordered::new(),
         limits: Limits::default(),
-        iterators: Arc::new(parking_lot::Mutex::new(Iterators::default())),
+        iterators: Arc::new(parking_lot::Mutex::new(iterators)),
         upload: None,
     };
     // A panic while serving (a bug: none is known to be reachable from the network) is
@@ -182,6 +188,8 @@ enum Close {
     Shutdown,
     Stuck,
     Timeout,
+    /// Nothing received for the idle timeout, with nothing in progress.
+    Idle,
     /// Serving the connection panicked (the message).
     Panic(String),
 }
@@ -195,6 +203,7 @@ impl std::fmt::Display for Close {
             Close::Shutdown => f.write_str("server shutting down"),
             Close::Stuck => f.write_str("client not reading"),
             Close::Timeout => f.write_str("transaction timeout"),
+            Close::Idle => f.write_str("idle timeout (nothing received)"),
             Close::Panic(what) => write!(f, "internal error (panic: {what})"),
         }
     }
@@ -227,6 +236,10 @@ enum Event {
     Shutdown,
     Trouble,
     RequestDone,
+    /// The budget let this connection go on (it was paused).
+    Unpaused,
+    /// The idle deadline passed.
+    IdleCheck,
     Txn(txn::TxnWait),
     Read(std::io::Result<usize>),
 }
@@ -254,17 +267,37 @@ impl Session {
         tokio::pin!(trouble);
         let shutdown_changed = shutdown.changed();
         tokio::pin!(shutdown_changed);
+        let idle_timeout = self.shared.config.idle_timeout;
+        let idle = tokio::time::sleep(idle_timeout.unwrap_or(Duration::MAX / 4));
+        tokio::pin!(idle);
+        let budget = self.shared.budget.clone();
+        let mut paused = Paused::new(&budget);
         loop {
-            let can_read = self.pending.len() < self.shared.config.max_pipelined;
+            paused.set(self.outbox.over_budget());
+            let can_read = self.pending.len() < self.shared.config.max_pipelined && !paused.is();
             let event = tokio::select! {
                 _ = &mut shutdown_changed => Event::Shutdown,
                 _ = &mut trouble => Event::Trouble,
                 Some(()) = self.pending.next(), if !self.pending.is_empty() => Event::RequestDone,
                 ev = self.txn.next_event() => Event::Txn(ev),
                 r = rd.read_buf(&mut buf), if can_read => Event::Read(r),
+                _ = outbox.admit(), if paused.is() => Event::Unpaused,
+                _ = &mut idle, if idle_timeout.is_some() => Event::IdleCheck,
             };
             match event {
                 Event::Shutdown => return Close::Shutdown,
+                Event::Unpaused => {}
+                Event::IdleCheck => {
+                    // Only a connection with nothing of its own under way is idle: a long
+                    // request (a pack, a blob download) or a vote keeps it open.
+                    if self.pending.is_empty() && !self.txn.in_progress() {
+                        info!(session = self.id, peer = %self.peer,
+                              "nothing received for {:?}; closing the connection", idle_timeout.unwrap_or_default());
+                        self.shared.metrics.idle_closed.fetch_add(1, Ordering::Relaxed);
+                        return Close::Idle;
+                    }
+                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout.unwrap_or_default());
+                }
                 Event::Trouble => {
                     if self.outbox.is_overflowed() {
                         warn!(session = self.id, peer = %self.peer, queued = self.outbox.queued_bytes(),
@@ -290,6 +323,9 @@ impl Session {
                         .metrics
                         .bytes_in
                         .fetch_add(n as u64, Ordering::Relaxed);
+                    if let Some(t) = idle_timeout {
+                        idle.as_mut().reset(tokio::time::Instant::now() + t);
+                    }
                     if let Err(close) = self.handle_buffered(&mut buf, max_frame).await {
                         return close;
                     }
@@ -339,17 +375,30 @@ impl Session {
         self.txn.disconnected(&ctx).await;
     }
 
+    /// Runs a request as a future of the session, once the server-wide output budget
+    /// admits it (see [`Outbox::admit`]): it may queue a reply of any size.
+    pub(super) fn push_request<F>(&mut self, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let outbox = self.outbox.clone();
+        self.pending.push(Box::pin(async move {
+            outbox.admit().await;
+            fut.await
+        }));
+    }
+
     pub(super) fn spawn_call<F>(&mut self, msgid: Value, fut: F)
     where
         F: Future<Output = zodb::Result<Value>> + Send + 'static,
     {
         let outbox = self.outbox.clone();
-        self.pending.push(Box::pin(async move {
+        self.push_request(async move {
             match fut.await {
                 Ok(v) => outbox.send(message::reply_frame(outbox.encoding, &msgid, v)),
                 Err(e) => send_error(&outbox, &msgid, &e),
             }
-        }));
+        });
     }
 
     pub(super) fn reply(&self, msgid: &Value, v: Value) {
@@ -391,10 +440,47 @@ fn send_error(outbox: &Outbox, msgid: &Value, e: &StorageError) {
     ));
 }
 
+/// Whether the session is paused by the server-wide budget, kept in the budget's gauge
+/// (and given back when the session ends).
+struct Paused<'a> {
+    budget: &'a crate::outbox::QueueBudget,
+    on: bool,
+}
+
+impl<'a> Paused<'a> {
+    fn new(budget: &'a crate::outbox::QueueBudget) -> Self {
+        Paused { budget, on: false }
+    }
+
+    fn is(&self) -> bool {
+        self.on
+    }
+
+    fn set(&mut self, on: bool) {
+        if on == self.on {
+            return;
+        }
+        self.on = on;
+        if on {
+            self.budget.paused.fetch_add(1, Ordering::Relaxed);
+            self.budget.pauses.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.budget.paused.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 /// Writes queued frames, coalescing small ones into one write.
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<crate::outbox::Queued>,
     outbox: Weak<Outbox>,
     metrics: Arc<crate::metrics::ServerMetrics>,
 ) {
@@ -433,8 +519,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             return;
         }
         metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        queued.sub(n);
         if let Some(o) = outbox.upgrade() {
-            o.written(n);
+            o.written();
         }
     }
     let _ = wr.shutdown().await;

@@ -73,6 +73,11 @@ impl TxnShell {
         &self.core
     }
 
+    /// A vote or finish is running in the storage.
+    pub fn in_progress(&self) -> bool {
+        self.vote_task.is_some() || self.finish_task.is_some()
+    }
+
     /// The next thing the transaction needs the session to act on; pending forever when
     /// there is none.
     pub async fn next_event(&mut self) -> TxnWait {
