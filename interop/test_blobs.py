@@ -251,9 +251,15 @@ def test_conflicting_blob_writes(pickle_blob_server, tmp_path):
     d2.close()
 
 
-def test_shared_blob_dir(pickle_blob_server, tmp_path):
+@pytest.fixture
+def shared_blob_server(make_server, tmp_path):
+    return make_server("--blob-dir", str(tmp_path / "blobs"), "--shared-blob-dir")
+
+
+def test_shared_blob_dir(shared_blob_server, tmp_path):
     """Clients configured with `shared_blob_dir` write into the server's directory and
     read from it; clients without it see the same blobs over the wire."""
+    pickle_blob_server = shared_blob_server
     shared = str(tmp_path / "blobs")
     d1 = blob_db(pickle_blob_server, tmp_path, blob_dir=shared, shared_blob_dir=True)
     with d1.transaction() as conn:

@@ -203,7 +203,7 @@ def test_shared_blob_dir_with_upstream(make_server, tmp_path):
     """The proxy sees upstream's blob directory (`--shared-blob-dir`): it reads blobs
     there and uploads by linking them in."""
     shared = tmp_path / "upstream-blobs"
-    upstream = make_server("--blob-dir", str(shared), path=tmp_path / "upstream.fs")
+    upstream = make_server("--blob-dir", str(shared), "--shared-blob-dir", path=tmp_path / "upstream.fs")
     proxy = make_server.proxy(upstream.addr, "proxy", "--blob-dir", str(shared), "--shared-blob-dir")
     direct, via = blob_db(upstream, tmp_path), blob_db(proxy, tmp_path)
     with direct.transaction() as conn:

@@ -274,10 +274,13 @@ impl Storage for FileStorage {
     }
 
     fn blob_shared_dir(&self, oid: Oid) -> Result<std::path::PathBuf> {
-        self.core
-            .blob_dir()
-            .map(|d| d.oid_dir(oid))
-            .ok_or(StorageError::Unsupported("blobs"))
+        match (self.core.shared_blob_dir(), self.core.blob_dir()) {
+            (Some(d), _) => Ok(d.oid_dir(oid)),
+            (None, Some(_)) => Err(StorageError::Unsupported(
+                "storeBlobShared (the blob directory is not configured as shared with clients: shared-blob-dir)",
+            )),
+            (None, None) => Err(StorageError::Unsupported("blobs")),
+        }
     }
 
     async fn open_blob(&self, oid: Oid, serial: Tid) -> Result<std::fs::File> {

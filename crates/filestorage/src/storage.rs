@@ -78,6 +78,10 @@ pub struct Options {
     /// The blob directory (Python's `blob_dir`): blobs are stored there in ZODB's layout
     /// (see [`zodb::blob`]); created when missing unless read-only. `None`: no blobs.
     pub blob_dir: Option<PathBuf>,
+    /// Clients share the blob directory and may commit files they wrote into it
+    /// (`storeBlobShared`). Off: only uploads are accepted, so that no client can make
+    /// the server commit a file of the directory it did not send.
+    pub shared_blob_dir: bool,
 }
 
 /// The file and what describes it, replaced as a whole by pack.
@@ -143,6 +147,8 @@ pub struct FileStorageCore {
     pub(crate) pack_without_gc: bool,
     /// The blob directory, when the storage has blobs.
     pub(crate) blobs: Option<BlobDir>,
+    /// `storeBlobShared` is accepted (see [`Options::shared_blob_dir`]).
+    pub(crate) shared_blob_dir: bool,
     pub(crate) live: RwLock<Live>,
     last_tid: AtomicU64,
     max_oid: Mutex<u64>,
@@ -358,6 +364,7 @@ impl FileStorageCore {
             pack_discard_old: options.pack_discard_old,
             pack_without_gc: options.pack_without_gc,
             blobs,
+            shared_blob_dir: options.shared_blob_dir,
             live: RwLock::new(Live {
                 io,
                 index,
@@ -951,24 +958,29 @@ impl FileStorageCore {
                 BlobSource::File(p) => p.clone(),
                 BlobSource::Revision(t) => dir.blob_path(*oid, *t),
             };
-            let tmp = dir.new_temp_path("staged");
-            let linked =
-                zodb::blob::link_or_copy(&source, &tmp).and_then(|()| File::open(&tmp)?.sync_all());
-            if let Err(e) = linked {
-                remove_files(staged.iter().map(|(_, f): &(Oid, PathBuf)| f.as_path()));
-                remove_files([tmp.as_path()]);
-                return Err(match (src, e.kind()) {
-                    // Python's undo: "No blob file" (POSKeyError).
-                    (BlobSource::Revision(_), io::ErrorKind::NotFound) => {
-                        StorageError::PosKey(*oid)
-                    }
-                    (BlobSource::File(p), io::ErrorKind::NotFound) => StorageError::Value(format!(
-                        "the blob file {} for oid {oid} does not exist",
-                        p.display()
-                    )),
-                    _ => e.into(),
-                });
-            }
+            // Never through a symbolic link, and only a regular file (see zodb::blob).
+            let tmp = match dir.stage(&source, "staged") {
+                Ok(tmp) => tmp,
+                Err(e) => {
+                    remove_files(staged.iter().map(|(_, f): &(Oid, PathBuf)| f.as_path()));
+                    return Err(match (src, e.kind()) {
+                        // Python's undo: "No blob file" (POSKeyError).
+                        (BlobSource::Revision(_), io::ErrorKind::NotFound) => {
+                            StorageError::PosKey(*oid)
+                        }
+                        (BlobSource::File(p), io::ErrorKind::NotFound) => StorageError::Value(
+                            format!("the blob file {} for oid {oid} does not exist", p.display()),
+                        ),
+                        (BlobSource::File(p), io::ErrorKind::InvalidInput) => {
+                            tracing::warn!(file = %p.display(), %oid, error = %e, "refusing a blob file");
+                            StorageError::Value(format!(
+                                "the blob file for oid {oid} was refused: {e}"
+                            ))
+                        }
+                        _ => e.into(),
+                    });
+                }
+            };
             staged.push((*oid, tmp));
         }
         Ok(staged)
@@ -989,11 +1001,8 @@ impl FileStorageCore {
         let mut dirs: Vec<PathBuf> = Vec::new();
         for (oid, tmp) in staged {
             let oid_dir = dir.oid_dir(*oid);
-            zodb::blob::create_dir_all_synced(&oid_dir)?;
-            let target = dir.blob_path(*oid, tid);
-            std::fs::rename(tmp, &target)?;
-            placed.push(target.clone());
-            zodb::blob::set_not_writable(&target)?;
+            let target = dir.place(tmp, *oid, tid)?;
+            placed.push(target);
             if !dirs.contains(&oid_dir) {
                 dirs.push(oid_dir);
             }
@@ -1009,6 +1018,11 @@ impl FileStorageCore {
         self.blobs.as_ref()
     }
 
+    /// The blob directory if clients share it (`storeBlobShared` is accepted).
+    pub fn shared_blob_dir(&self) -> Option<&BlobDir> {
+        self.blobs.as_ref().filter(|_| self.shared_blob_dir)
+    }
+
     /// Opens the blob file of revision `serial` of `oid` (`loadBlob`). Only revisions the
     /// storage has committed are served: a file left behind by a crash between placing
     /// blobs and committing is never visible. Errors: `PosKey` when there is no such
@@ -1021,7 +1035,7 @@ impl FileStorageCore {
         if !self.has_revision(oid, serial)? {
             return Err(StorageError::PosKey(oid));
         }
-        match File::open(dir.blob_path(oid, serial)) {
+        match dir.open_blob_file(oid, serial) {
             Ok(f) => Ok(f),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::PosKey(oid)),
             Err(e) => Err(e.into()),

@@ -117,7 +117,8 @@ impl ProxyBlobs {
                     })
                     .await
             }
-            ProxyBlobs::Shared(dir) => match File::open(dir.blob_path(oid, serial)) {
+            // Never through a symbolic link planted in the shared directory.
+            ProxyBlobs::Shared(dir) => match dir.open_blob_file(oid, serial) {
                 Ok(f) => Ok(f),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::PosKey(oid)),
                 Err(e) => Err(e.into()),
@@ -151,6 +152,9 @@ impl ProxyBlobs {
                 let name = zodb::blob::unique_name(&zodb::blob::tid_repr(serial), ".tmp-");
                 let (oid_dir2, file2, name2) = (oid_dir.clone(), file.to_owned(), name.clone());
                 tokio::task::spawn_blocking(move || {
+                    // Only a regular file: a link planted by a downstream client sharing
+                    // the directory is refused here, not handed to upstream.
+                    zodb::blob::open_regular_nofollow(&file2)?;
                     std::fs::create_dir_all(&oid_dir2)?;
                     zodb::blob::link_or_copy(&file2, &oid_dir2.join(&name2))
                 })

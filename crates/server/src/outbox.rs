@@ -133,6 +133,8 @@ pub struct Outbox {
     /// streamed, see [`Outbox::wait_queued_below`]).
     drained: Notify,
     drain_waiters: AtomicUsize,
+    /// When the writer last completed a write (for the idle timeout).
+    last_written: Mutex<std::time::Instant>,
 }
 
 struct OutState {
@@ -152,7 +154,11 @@ impl Outbox {
         encoding: Encoding,
         max_queued: usize,
         budget: std::sync::Arc<QueueBudget>,
-    ) -> (Outbox, mpsc::UnboundedReceiver<Bytes>, std::sync::Arc<Queued>) {
+    ) -> (
+        Outbox,
+        mpsc::UnboundedReceiver<Bytes>,
+        std::sync::Arc<Queued>,
+    ) {
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = std::sync::Arc::new(Queued {
             bytes: AtomicUsize::new(0),
@@ -172,6 +178,7 @@ impl Outbox {
                 trouble: Notify::new(),
                 drained: Notify::new(),
                 drain_waiters: AtomicUsize::new(0),
+                last_written: Mutex::new(std::time::Instant::now()),
             },
             rx,
             queued,
@@ -229,6 +236,7 @@ impl Outbox {
     /// Called by the writer after bytes have been written (and counted off with
     /// [`Queued::sub`]): wakes those waiting for the queue to drain.
     pub fn written(&self) {
+        *self.last_written.lock() = std::time::Instant::now();
         if self.drain_waiters.load(Ordering::Acquire) > 0 {
             self.drained.notify_waiters();
         }
@@ -292,6 +300,11 @@ impl Outbox {
                 notified.await;
             }
         }
+    }
+
+    /// When the writer last completed a write (the outbox's creation before any).
+    pub fn last_written(&self) -> std::time::Instant {
+        *self.last_written.lock()
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -369,7 +382,10 @@ mod tests {
         small.send(Bytes::from_static(b"reply"));
         assert_eq!(b.total(), (4 << 20) + 5);
         assert!(big.over_budget(), "4 MiB waiting with the budget exceeded");
-        assert!(!small.over_budget(), "a connection below the floor is always served");
+        assert!(
+            !small.over_budget(),
+            "a connection below the floor is always served"
+        );
         // The writer writes two frames: the total falls to the limit and admits again.
         let admitted = tokio::spawn({
             let big = Arc::new(big);

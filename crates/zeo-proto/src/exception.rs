@@ -68,10 +68,7 @@ pub fn exception_for(err: &StorageError) -> (String, Value) {
             args("The storage quota has been exceeded.".into()),
         ),
         StorageError::Value(msg) => ("builtins.ValueError".into(), args(msg.clone())),
-        StorageError::Limit(msg) => (
-            "ZODB.POSException.StorageError".into(),
-            args(msg.clone()),
-        ),
+        StorageError::Limit(msg) => ("ZODB.POSException.StorageError".into(), args(msg.clone())),
         StorageError::Unsupported(what) => (
             "builtins.NotImplementedError".into(),
             args(format!("not supported by this storage: {what}")),

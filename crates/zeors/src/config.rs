@@ -78,6 +78,9 @@ pub enum StorageKind {
         quota: Option<u64>,
         pack_gc: bool,
         pack_keep_old: bool,
+        /// Clients share `blob_dir` and commit files with `storeBlobShared` (zeors' own
+        /// key: without it only uploads are accepted).
+        shared_blob_dir: bool,
     },
     /// `<zeoclient>` / `<clientstorage>`: proxy mode.
     Upstream {
@@ -429,6 +432,7 @@ fn filestorage_section(s: &Section, warnings: &mut Vec<String>) -> Result<Storag
             "pack-gc",
             "pack-keep-old",
             "name",
+            "shared-blob-dir",
         ],
         ignored: &["packer"],
     };
@@ -455,6 +459,7 @@ fn filestorage_section(s: &Section, warnings: &mut Vec<String>) -> Result<Storag
         quota: c.size("quota")?,
         pack_gc: c.bool("pack-gc", true)?,
         pack_keep_old: c.bool("pack-keep-old", true)?,
+        shared_blob_dir: c.bool("shared-blob-dir", false)?,
     })
 }
 

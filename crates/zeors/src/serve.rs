@@ -155,8 +155,10 @@ pub struct ServeArgs {
     #[arg(long, default_value = "10GB", value_parser = crate::parse_size)]
     blob_cache_size: u64,
 
-    /// Proxy mode: --blob-dir is the upstream server's blob directory, shared with it
-    /// (a network file system): blobs are read and written there directly.
+    /// --blob-dir is shared with clients: with a Data.fs, clients configured with
+    /// `shared-blob-dir` write their blob files into it and commit them with
+    /// `storeBlobShared` (refused without this flag); in proxy mode, it is the upstream
+    /// server's blob directory (a network file system), read and written directly.
     #[arg(long)]
     shared_blob_dir: bool,
 
@@ -270,6 +272,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
                         quota: None,
                         pack_gc: true,
                         pack_keep_old: true,
+                        shared_blob_dir: args.shared_blob_dir,
                     }
                 } else {
                     StorageKind::Upstream {
@@ -340,8 +343,8 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
     {
         bail!("--commit-lock-timeout must be a positive number of seconds");
     }
-    if args.shared_blob_dir && (args.upstreams.is_empty() || args.blob_dir.is_none()) {
-        bail!("--shared-blob-dir needs --upstream and --blob-dir");
+    if args.shared_blob_dir && args.blob_dir.is_none() {
+        bail!("--shared-blob-dir needs --blob-dir");
     }
     let addresses = if !args.addresses.is_empty() {
         args.addresses.clone()
@@ -603,7 +606,11 @@ async fn open_storage(
             quota,
             pack_gc,
             pack_keep_old,
+            shared_blob_dir,
         } => {
+            if *shared_blob_dir && blob_dir.is_none() {
+                bail!("storage {:?}: shared-blob-dir needs a blob-dir", conf.name);
+            }
             let read_only = *read_only || server_read_only;
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
             if let Some(dir) = dir {
@@ -640,6 +647,7 @@ async fn open_storage(
                     pack_discard_old: !*pack_keep_old,
                     pack_without_gc: !*pack_gc,
                     blob_dir: blob_dir.clone(),
+                    shared_blob_dir: *shared_blob_dir,
                     ..Default::default()
                 },
             )
@@ -972,7 +980,9 @@ impl Drop for PidFile {
             Ok(text) if text.trim() == std::process::id().to_string() => {
                 let _ = std::fs::remove_file(p);
             }
-            Ok(_) => warn!(path = %p.display(), "the pid file names another process now; left in place"),
+            Ok(_) => {
+                warn!(path = %p.display(), "the pid file names another process now; left in place")
+            }
             Err(_) => {}
         }
     }

@@ -15,11 +15,22 @@
 //!
 //! Uncommitted files live in `<blob dir>/tmp`, on the same file system, so that a commit is
 //! a rename.
+//!
+//! **Symbolic links are never followed below the blob directory's root** when a blob is
+//! committed or served ([`BlobDir::open_blob_file`], [`BlobDir::stage`],
+//! [`BlobDir::place`]): every path is walked one component at a time with `O_NOFOLLOW`, and
+//! only regular files are accepted. A blob directory shared with clients can be written
+//! by them; without this, a client could plant `<oid dir>/x.tmp` as a link to a file it
+//! may not read, commit it with `storeBlobShared`, and have the server make the target
+//! read-only and serve its contents to anyone. (The root itself may be a link: it comes
+//! from the configuration.)
 
 use crate::{Oid, Tid};
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::fs::PermissionsExt;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -217,6 +228,118 @@ impl BlobDir {
         self.temp_dir().join(unique_name(what, ".tmp"))
     }
 
+    /// Opens the committed file of revision `tid` of `oid` for reading, following no
+    /// symbolic link below the root; anything but a regular file is refused.
+    pub fn open_blob_file(&self, oid: Oid, tid: Tid) -> io::Result<File> {
+        let (_, file) = open_beneath(&self.root, &self.layout.blob_path(oid, tid))?;
+        Ok(file)
+    }
+
+    /// Gives `source` (a file below the root: an upload in `tmp`, a client's file in an
+    /// oid directory, a committed revision) a second name of our own in `tmp`, fsynced,
+    /// and returns it. `source` is opened without following links and must be a regular
+    /// file; the new name is a hard link to exactly that file (checked after linking, so
+    /// a swap of `source` in between is caught), or a copy of it where linking is not
+    /// possible.
+    pub fn stage(&self, source: &Path, what: &str) -> io::Result<PathBuf> {
+        let rel = source.strip_prefix(&self.root).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is not inside the blob directory {}",
+                    source.display(),
+                    self.root.display()
+                ),
+            )
+        })?;
+        let (src_dir, file) = open_beneath(&self.root, rel)?;
+        let src_name = last_component(rel)?;
+        let tmp = open_dir_beneath(&self.root, Path::new(TEMP_DIR))?;
+        let name = unique_name(what, ".tmp");
+        let cname = cstring(Path::new(&name))?;
+        // linkat without AT_SYMLINK_FOLLOW links the name itself, never a link's target.
+        let linked = unsafe {
+            libc::linkat(
+                src_dir.as_raw_fd(),
+                src_name.as_ptr(),
+                tmp.as_raw_fd(),
+                cname.as_ptr(),
+                0,
+            )
+        };
+        let staged = if linked == 0 {
+            let want = file.metadata()?;
+            let got = stat_at(&tmp, &cname)?;
+            if (got.st_dev as u64, got.st_ino as u64) != (want.dev(), want.ino()) {
+                unsafe { libc::unlinkat(tmp.as_raw_fd(), cname.as_ptr(), 0) };
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{} was replaced while being committed", source.display()),
+                ));
+            }
+            file
+        } else {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EXDEV | libc::EPERM | libc::EMLINK | libc::ENOTSUP) => {
+                    tracing::debug!(src = %source.display(), error = %e, "cannot hard-link a blob file; copying it");
+                    copy_into(&file, &tmp, &cname)?
+                }
+                _ => return Err(e),
+            }
+        };
+        if let Err(e) = staged.sync_all() {
+            unsafe { libc::unlinkat(tmp.as_raw_fd(), cname.as_ptr(), 0) };
+            return Err(e);
+        }
+        Ok(self.temp_dir().join(name))
+    }
+
+    /// Moves a file [staged](BlobDir::stage) in `tmp` to its committed name as revision
+    /// `tid` of `oid` and makes it read-only ([`set_not_writable`]), creating the oid's
+    /// directories as needed; no symbolic link below the root is followed. Does not
+    /// fsync the oid directory: the caller syncs each directory once.
+    pub fn place(&self, staged: &Path, oid: Oid, tid: Tid) -> io::Result<PathBuf> {
+        let staged_name = staged
+            .strip_prefix(self.temp_dir())
+            .ok()
+            .filter(|n| n.components().count() == 1)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} is not a staged blob file", staged.display()),
+                )
+            })?;
+        let oid_rel = self.layout.oid_path(oid);
+        create_dir_all_synced(&self.root.join(&oid_rel))?;
+        let oid_dir = open_dir_beneath(&self.root, &oid_rel)?;
+        let tmp = open_dir_beneath(&self.root, Path::new(TEMP_DIR))?;
+        let target = self.layout.blob_path(oid, tid);
+        let from = cstring(staged_name)?;
+        let to = last_component(&target)?;
+        let renamed = unsafe {
+            libc::renameat(
+                tmp.as_raw_fd(),
+                from.as_ptr(),
+                oid_dir.as_raw_fd(),
+                to.as_ptr(),
+            )
+        };
+        if renamed != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let made_read_only = open_at(&oid_dir, &to, libc::O_RDONLY).and_then(|file| {
+            let dir_read = fstat_mode(&oid_dir)? & 0o444;
+            chmod_not_writable(&file, dir_read)
+        });
+        if let Err(e) = made_read_only {
+            // Not placed after all: the caller takes back only what was.
+            unsafe { libc::unlinkat(oid_dir.as_raw_fd(), to.as_ptr(), 0) };
+            return Err(e);
+        }
+        Ok(self.root.join(target))
+    }
+
     /// Removes the temporary files a previous run of zeors left in `tmp` (a crash, or a
     /// kill during an upload). Other files are left alone: clients sharing the directory
     /// keep their uncommitted blobs there. Returns how many were removed.
@@ -319,19 +442,28 @@ pub fn create_dir_all_synced(dir: &Path) -> io::Result<()> {
 }
 
 /// Makes a committed blob file read-only, as `ZODB.blob.set_not_writable` does: no write
-/// bits, and the read bits of its directory.
+/// bits, and the read bits of its directory. A symbolic link is refused, never followed
+/// (the mode of its target is not ours to change).
 pub fn set_not_writable(path: &Path) -> io::Result<()> {
-    let mode = fs::symlink_metadata(path)?.permissions().mode() & 0o7777;
+    let file = open_regular_nofollow(path)?;
     let dir_read = path
         .parent()
         .and_then(|d| fs::symlink_metadata(d).ok())
         .map(|m| m.permissions().mode() & 0o444)
         .unwrap_or(0);
-    fs::set_permissions(path, fs::Permissions::from_mode((mode & !0o222) | dir_read))
+    chmod_not_writable(&file, dir_read)
+}
+
+fn chmod_not_writable(file: &File, dir_read: u32) -> io::Result<()> {
+    let mode = file.metadata()?.permissions().mode() & 0o7777;
+    // fchmod: the file we opened, whatever its name points to by now.
+    file.set_permissions(fs::Permissions::from_mode((mode & !0o222) | dir_read))
 }
 
 /// A second name for `src` at `dst`: a hard link (blob files never change once written,
-/// so sharing the data is safe), or a copy where links are not possible.
+/// so sharing the data is safe), or a copy where links are not possible. A symbolic link
+/// at `src` is linked as the link itself (Linux's `link` does not follow it), and never
+/// copied through.
 pub fn link_or_copy(src: &Path, dst: &Path) -> io::Result<()> {
     match fs::hard_link(src, dst) {
         Ok(()) => Ok(()),
@@ -342,9 +474,178 @@ pub fn link_or_copy(src: &Path, dst: &Path) -> io::Result<()> {
         }
         Err(e) => {
             tracing::debug!(src = %src.display(), dst = %dst.display(), error = %e, "cannot hard-link a blob file; copying it");
-            fs::copy(src, dst).map(|_| ())
+            let from = open_regular_nofollow(src)?;
+            let mut to = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(dst)?;
+            io::copy(&mut &from, &mut to).map(|_| ())
         }
     }
+}
+
+/// Opens `path` for reading if it is a regular file; a symbolic link (as the last
+/// component), a FIFO, a device or a directory is refused with an error naming it.
+pub fn open_regular_nofollow(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| not_followed(e, path))?;
+    check_regular(&file, path)?;
+    Ok(file)
+}
+
+/// Opens `rel` below `root` for reading, one component at a time without following
+/// symbolic links; the last must be a regular file. Returns the file and its directory.
+fn open_beneath(root: &Path, rel: &Path) -> io::Result<(OwnedFd, File)> {
+    let parent = rel.parent().unwrap_or(Path::new(""));
+    let dir = open_dir_beneath(root, parent)?;
+    let name = last_component(rel)?;
+    let file =
+        open_at(&dir, &name, libc::O_RDONLY).map_err(|e| not_followed(e, &root.join(rel)))?;
+    Ok((dir, file))
+}
+
+/// Opens the directory `rel` below `root` (the root itself when `rel` is empty) without
+/// following symbolic links below the root.
+fn open_dir_beneath(root: &Path, rel: &Path) -> io::Result<OwnedFd> {
+    let mut dir: OwnedFd = File::open(root)?.into();
+    let mut at = root.to_path_buf();
+    for c in rel.components() {
+        let std::path::Component::Normal(part) = c else {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} is not a plain path below the blob directory",
+                    rel.display()
+                ),
+            ));
+        };
+        at.push(part);
+        let cpart = cstring(Path::new(part))?;
+        let fd = unsafe {
+            libc::openat(
+                dir.as_raw_fd(),
+                cpart.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(not_followed(io::Error::last_os_error(), &at));
+        }
+        dir = unsafe { OwnedFd::from_raw_fd(fd) };
+    }
+    Ok(dir)
+}
+
+/// `openat(dir, name, flags | O_NOFOLLOW | O_NONBLOCK)`, which must be a regular file
+/// (`O_NONBLOCK` so that a FIFO planted there cannot block the open).
+fn open_at(dir: &OwnedFd, name: &std::ffi::CStr, flags: libc::c_int) -> io::Result<File> {
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let file = unsafe { File::from_raw_fd(fd) };
+    check_regular(
+        &file,
+        Path::new(&std::ffi::OsStr::from_bytes(name.to_bytes())),
+    )?;
+    Ok(file)
+}
+
+/// Copies `from` into a new file `name` of `dir` (created exclusively, never through a
+/// link) and returns it.
+fn copy_into(from: &File, dir: &OwnedFd, name: &std::ffi::CStr) -> io::Result<File> {
+    let fd = unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            0o644 as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut to = unsafe { File::from_raw_fd(fd) };
+    let copied = io::copy(&mut &*from, &mut to);
+    if let Err(e) = copied {
+        unsafe { libc::unlinkat(dir.as_raw_fd(), name.as_ptr(), 0) };
+        return Err(e);
+    }
+    Ok(to)
+}
+
+fn fstat_mode(fd: &OwnedFd) -> io::Result<u32> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.st_mode)
+}
+
+fn stat_at(dir: &OwnedFd, name: &std::ffi::CStr) -> io::Result<libc::stat> {
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::fstatat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            &mut st,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+fn check_regular(file: &File, path: &Path) -> io::Result<()> {
+    if file.metadata()?.file_type().is_file() {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file", path.display()),
+        ))
+    }
+}
+
+/// `O_NOFOLLOW` met a symbolic link: say so instead of "too many levels of links".
+fn not_followed(e: io::Error, path: &Path) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::ELOOP) | Some(libc::ENOTDIR) => io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "{} is a symbolic link (or below one), which blob files never are",
+                path.display()
+            ),
+        ),
+        _ => e,
+    }
+}
+
+fn last_component(rel: &Path) -> io::Result<std::ffi::CString> {
+    match rel.components().next_back() {
+        Some(std::path::Component::Normal(name)) => cstring(Path::new(name)),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} does not name a file", rel.display()),
+        )),
+    }
+}
+
+fn cstring(p: &Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))
 }
 
 /// Removes a file; a file that is already gone is fine.
@@ -426,6 +727,68 @@ mod tests {
         let d = BlobDir::open(&tmp, true).unwrap();
         assert_eq!(d.layout(), Layout::Lawn);
         assert_eq!(fs::read_to_string(tmp.join(LAYOUT_MARKER)).unwrap(), "lawn");
+        fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn links_are_never_followed_when_staging_placing_or_opening() {
+        let tmp = std::env::temp_dir().join(unique_name("blobdir-links", ""));
+        let d = BlobDir::open(&tmp, true).unwrap();
+        let secret = tmp.join("secret");
+        fs::write(&secret, b"private").unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
+        let oid = Oid(7);
+        let oid_dir = d.oid_dir(oid);
+        create_dir_all_synced(&oid_dir).unwrap();
+
+        // A client's "file" that is a link to a private one is refused.
+        let planted = oid_dir.join("x.tmp");
+        std::os::unix::fs::symlink(&secret, &planted).unwrap();
+        let e = d.stage(&planted, "staged").unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert_eq!(
+            fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // So is a FIFO (it would block a plain open).
+        let fifo = oid_dir.join("f.tmp");
+        let cf = cstring(&fifo).unwrap();
+        assert_eq!(unsafe { libc::mkfifo(cf.as_ptr(), 0o600) }, 0);
+        assert!(d.stage(&fifo, "staged").is_err());
+        // A regular file is staged and placed read-only.
+        let good = oid_dir.join("g.tmp");
+        fs::write(&good, b"data").unwrap();
+        let staged = d.stage(&good, "staged").unwrap();
+        let placed = d.place(&staged, oid, Tid(5)).unwrap();
+        assert_eq!(fs::read(&placed).unwrap(), b"data");
+        assert_eq!(
+            fs::metadata(&placed).unwrap().permissions().mode() & 0o222,
+            0
+        );
+        let mut served = Vec::new();
+        io::Read::read_to_end(&mut d.open_blob_file(oid, Tid(5)).unwrap(), &mut served).unwrap();
+        assert_eq!(served, b"data");
+        // A committed revision replaced by a link is not served, and chmod does not follow.
+        fs::remove_file(&placed).unwrap();
+        std::os::unix::fs::symlink(&secret, &placed).unwrap();
+        assert!(d.open_blob_file(oid, Tid(5)).is_err());
+        assert!(set_not_writable(&placed).is_err());
+        assert_eq!(
+            fs::metadata(&secret).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        // A directory on the way replaced by a link is not followed either.
+        let real = tmp.join("elsewhere");
+        fs::create_dir_all(&real).unwrap();
+        fs::write(
+            real.join(format!("{}{BLOB_SUFFIX}", tid_repr(Tid(6)))),
+            b"x",
+        )
+        .unwrap();
+        fs::remove_dir_all(&oid_dir).unwrap();
+        std::os::unix::fs::symlink(&real, &oid_dir).unwrap();
+        let e = d.open_blob_file(oid, Tid(6)).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
         fs::remove_dir_all(&tmp).unwrap();
     }
 }

@@ -42,7 +42,9 @@ impl Iterators {
     /// open as it may.
     fn reserve(&mut self) -> Result<i64, StorageError> {
         if self.slots.len() + self.opening >= self.max {
-            self.metrics.iterators_refused.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .iterators_refused
+                .fetch_add(1, Ordering::Relaxed);
             return Err(StorageError::Limit(format!(
                 "too many open iterators on this connection (max-iterators is {}); \
                  exhaust them or let them be garbage-collected",

@@ -188,7 +188,7 @@ enum Close {
     Shutdown,
     Stuck,
     Timeout,
-    /// Nothing received for the idle timeout, with nothing in progress.
+    /// Nothing received or sent for the idle timeout.
     Idle,
     /// Serving the connection panicked (the message).
     Panic(String),
@@ -203,7 +203,7 @@ impl std::fmt::Display for Close {
             Close::Shutdown => f.write_str("server shutting down"),
             Close::Stuck => f.write_str("client not reading"),
             Close::Timeout => f.write_str("transaction timeout"),
-            Close::Idle => f.write_str("idle timeout (nothing received)"),
+            Close::Idle => f.write_str("idle timeout (nothing received or sent)"),
             Close::Panic(what) => write!(f, "internal error (panic: {what})"),
         }
     }
@@ -272,6 +272,7 @@ impl Session {
         tokio::pin!(idle);
         let budget = self.shared.budget.clone();
         let mut paused = Paused::new(&budget);
+        let mut last_read = std::time::Instant::now();
         loop {
             paused.set(self.outbox.over_budget());
             let can_read = self.pending.len() < self.shared.config.max_pipelined && !paused.is();
@@ -288,15 +289,26 @@ impl Session {
                 Event::Shutdown => return Close::Shutdown,
                 Event::Unpaused => {}
                 Event::IdleCheck => {
-                    // Only a connection with nothing of its own under way is idle: a long
-                    // request (a pack, a blob download) or a vote keeps it open.
-                    if self.pending.is_empty() && !self.txn.in_progress() {
+                    // Idle: nothing read from the client and nothing written to it for the
+                    // whole timeout (a client that does not read its replies is idle too),
+                    // and no vote or finish of its own running.
+                    let timeout = idle_timeout.unwrap_or_default();
+                    let active = last_read.max(self.outbox.last_written());
+                    if active.elapsed() >= timeout && !self.txn.in_progress() {
                         info!(session = self.id, peer = %self.peer,
-                              "nothing received for {:?}; closing the connection", idle_timeout.unwrap_or_default());
-                        self.shared.metrics.idle_closed.fetch_add(1, Ordering::Relaxed);
+                              "nothing received or sent for {timeout:?}; closing the connection");
+                        self.shared
+                            .metrics
+                            .idle_closed
+                            .fetch_add(1, Ordering::Relaxed);
                         return Close::Idle;
                     }
-                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout.unwrap_or_default());
+                    let next = if active.elapsed() >= timeout {
+                        tokio::time::Instant::now()
+                    } else {
+                        active.into()
+                    };
+                    idle.as_mut().reset(next + timeout);
                 }
                 Event::Trouble => {
                     if self.outbox.is_overflowed() {
@@ -323,9 +335,7 @@ impl Session {
                         .metrics
                         .bytes_in
                         .fetch_add(n as u64, Ordering::Relaxed);
-                    if let Some(t) = idle_timeout {
-                        idle.as_mut().reset(tokio::time::Instant::now() + t);
-                    }
+                    last_read = std::time::Instant::now();
                     if let Err(close) = self.handle_buffered(&mut buf, max_frame).await {
                         return close;
                     }
