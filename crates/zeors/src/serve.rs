@@ -394,7 +394,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
             .unwrap_or(defaults.max_iterators),
         idle_timeout: match args.idle_timeout.or(conf.zeo.idle_timeout) {
             None => defaults.idle_timeout,
-            Some(t) if t == 0.0 => None,
+            Some(0.0) => None,
             Some(t) if t > 0.0 && t.is_finite() => Some(Duration::from_secs_f64(t)),
             Some(t) => bail!("idle timeout must be a positive number of seconds or 0, not {t}"),
         },
