@@ -168,12 +168,15 @@ def make_pki(d):
     certificate from another CA."""
     for ca in ("ca", "otherca"):
         openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={ca}",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign",
                 "-keyout", f"{ca}.key", "-out", f"{ca}.pem", cwd=d)
     for name, ca in (("server", "ca"), ("client", "ca"), ("intruder", "otherca")):
         openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={'localhost' if name == 'server' else name}",
                 "-keyout", f"{name}.key", "-out", f"{name}.csr", cwd=d)
         ext = d / f"{name}.ext"
-        ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n" if name == "server" else "extendedKeyUsage=clientAuth\n")
+        # The key identifiers OpenSSL's strict checks (which ZEO turns on) require.
+        ext.write_text(("subjectAltName=DNS:localhost,IP:127.0.0.1\n" if name == "server" else "extendedKeyUsage=clientAuth\n")
+                       + "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n")
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key", "-CAcreateserial",
                 "-days", "2", "-extfile", ext.name, "-out", f"{name}.pem", cwd=d)
 

@@ -37,6 +37,8 @@ pub struct ConnectOptions {
     pub max_message_size: usize,
     /// Where to count the bytes this connection moves (shared across reconnects).
     pub traffic: Option<Arc<Traffic>>,
+    /// TLS on TCP addresses (ZEO's client `<ssl>`); `None`: plain TCP.
+    pub tls: Option<zeo_tls::ClientTls>,
 }
 
 /// Bytes moved over a link, for monitoring (e.g. a proxy's upstream link).
@@ -54,6 +56,7 @@ impl Default for ConnectOptions {
             connect_timeout: Duration::from_secs(10),
             max_message_size: zeo_proto::frame::DEFAULT_MAX_FRAME,
             traffic: None,
+            tls: None,
         }
     }
 }
@@ -180,7 +183,17 @@ impl Connection {
                     .await
                     .map_err(|e| ClientError::Connect(address.clone(), e))?;
                 let _ = s.set_nodelay(true);
-                Self::start(s, address, opts, callbacks).await
+                match &opts.tls {
+                    Some(tls) => {
+                        let host = address.0.rsplit_once(':').map_or("", |(h, _)| h);
+                        let s = tls
+                            .connect(host, s)
+                            .await
+                            .map_err(|e| ClientError::Connect(address.clone(), e))?;
+                        Self::start(s, address, opts, callbacks).await
+                    }
+                    None => Self::start(s, address, opts, callbacks).await,
+                }
             }
         };
         tokio::time::timeout(opts.connect_timeout, fut)

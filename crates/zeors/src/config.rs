@@ -94,6 +94,8 @@ pub enum StorageKind {
         /// Bound of the blob cache (`blob-cache-size`); `None`: unbounded, as Python.
         blob_cache_size: Option<u64>,
         shared_blob_dir: bool,
+        /// `<ssl>` inside `<zeoclient>`: TLS to upstream.
+        tls: Option<zeo_tls::ClientTlsSettings>,
     },
     /// `<relstorage>` with `<postgresql>`: a RelStorage database on PostgreSQL.
     Postgres(relstorage::Options),
@@ -547,7 +549,19 @@ fn upstream_section(s: &Section, name: &str, warnings: &mut Vec<String>) -> Resu
         ],
     };
     c.check(warnings)?;
-    no_subsections(s)?;
+    let mut tls = None;
+    for sub in &s.sections {
+        if sub.kind != "ssl" || tls.is_some() {
+            bail!(
+                "{}:{}: unexpected section <{}> in <{}> (one <ssl> may be given)",
+                sub.file.display(),
+                sub.line,
+                sub.kind,
+                s.kind
+            );
+        }
+        tls = Some(client_ssl_section(sub, warnings)?);
+    }
     let servers: Vec<String> = s.values("server").map(|(_, v, _)| v.clone()).collect();
     if servers.is_empty() {
         bail!(
@@ -576,6 +590,42 @@ fn upstream_section(s: &Section, name: &str, warnings: &mut Vec<String>) -> Resu
         blob_dir: c.path("blob-dir"),
         blob_cache_size: c.size("blob-cache-size")?,
         shared_blob_dir: c.bool("shared-blob-dir", false)?,
+        tls,
+    })
+}
+
+/// ZEO's client `<ssl>`: `certificate`, `key`, `authenticate`, `check-hostname` (default
+/// true), `server-hostname`.
+fn client_ssl_section(
+    sub: &Section,
+    warnings: &mut Vec<String>,
+) -> Result<zeo_tls::ClientTlsSettings> {
+    let sc = Checker {
+        section: sub,
+        known: &[
+            "certificate",
+            "key",
+            "authenticate",
+            "check-hostname",
+            "server-hostname",
+            "password-function",
+        ],
+        ignored: &[],
+    };
+    sc.check(warnings)?;
+    if sc.str("password-function").is_some() {
+        bail!(
+            "{}:{}: password-function needs Python; use an unencrypted key file",
+            sub.file.display(),
+            sub.line
+        );
+    }
+    Ok(zeo_tls::ClientTlsSettings {
+        certificate: sc.path("certificate"),
+        key: sc.path("key"),
+        authenticate: sc.path("authenticate"),
+        check_hostname: sc.bool("check-hostname", true)?,
+        server_hostname: sc.str("server-hostname").map(str::to_string),
     })
 }
 
@@ -974,5 +1024,37 @@ mod tests {
         let c = conf("<zeo>\n address 1\n <ssl>\n  certificate server.pem\n  key server_key.pem\n  authenticate clients.pem\n </ssl>\n</zeo>\n<filestorage>\n path a\n</filestorage>\n").unwrap();
         let ssl = c.zeo.ssl.unwrap();
         assert_eq!(ssl.authenticate, Some(PathBuf::from("clients.pem")));
+    }
+
+    #[test]
+    fn bounds_socket_mode_and_tls_to_upstream() {
+        let c = conf("<zeo>\n address 1\n max-queued-total 64MB\n max-connections 50\n max-iterators 7\n idle-timeout 30\n socket-mode 0660\n</zeo>\n<filestorage>\n path a\n blob-dir b\n shared-blob-dir true\n</filestorage>\n<zeoclient p>\n server up:8100\n <ssl>\n  certificate c.pem\n  key k.pem\n  authenticate s.pem\n  check-hostname false\n  server-hostname zodb.org\n </ssl>\n</zeoclient>\n").unwrap();
+        assert_eq!(c.zeo.max_queued_total, Some(64 << 20));
+        assert_eq!(c.zeo.max_connections, Some(50));
+        assert_eq!(c.zeo.max_iterators, Some(7));
+        assert_eq!(c.zeo.idle_timeout, Some(30.0));
+        assert_eq!(c.zeo.socket_mode, Some(0o660));
+        assert!(matches!(
+            c.storages[0].kind,
+            StorageKind::File {
+                shared_blob_dir: true,
+                ..
+            }
+        ));
+        match &c.storages[1].kind {
+            StorageKind::Upstream { tls: Some(t), .. } => {
+                assert_eq!(t.authenticate.as_deref(), Some(Path::new("s.pem")));
+                assert!(!t.check_hostname);
+                assert_eq!(t.server_hostname.as_deref(), Some("zodb.org"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let e = conf(
+            "<zeo>\n address 1\n socket-mode 999\n</zeo>\n<filestorage>\n path a\n</filestorage>\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("socket-mode"), "{e}");
+        let e = conf("<zeo>\n address 1\n</zeo>\n<zeoclient>\n server a:1\n <ssl>\n  password-function x.y\n </ssl>\n</zeoclient>\n").unwrap_err();
+        assert!(e.to_string().contains("password-function"), "{e}");
     }
 }

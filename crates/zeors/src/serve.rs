@@ -139,6 +139,34 @@ pub struct ServeArgs {
     #[arg(long = "upstream", value_name = "ADDRESS")]
     upstreams: Vec<String>,
 
+    /// Proxy mode: TLS to upstream (as `<ssl>` in `<zeoclient>`), checking its
+    /// certificate against the system's CAs unless --upstream-tls-authenticate is given.
+    /// Implied by any other --upstream-tls-* flag.
+    #[arg(long)]
+    upstream_tls: bool,
+
+    /// Proxy mode: the client certificate (PEM) presented to upstream.
+    #[arg(long, value_name = "PEM")]
+    upstream_tls_certificate: Option<PathBuf>,
+
+    /// Proxy mode: the key of --upstream-tls-certificate, if not in that file.
+    #[arg(long, value_name = "PEM")]
+    upstream_tls_key: Option<PathBuf>,
+
+    /// Proxy mode: certificates (a PEM file, or an OpenSSL hashed directory) upstream's
+    /// certificate must be or chain to.
+    #[arg(long, value_name = "PEM")]
+    upstream_tls_authenticate: Option<PathBuf>,
+
+    /// Proxy mode: the name upstream's certificate must carry (and that is sent as SNI),
+    /// instead of the host of --upstream.
+    #[arg(long, value_name = "NAME")]
+    upstream_tls_server_hostname: Option<String>,
+
+    /// Proxy mode: do not check upstream's certificate's name (`check-hostname false`).
+    #[arg(long)]
+    upstream_tls_no_check_hostname: bool,
+
     /// Proxy mode: name of the storage on the upstream server.
     #[arg(long, default_value = "1")]
     upstream_storage: String,
@@ -249,6 +277,23 @@ struct PgTuning {
 /// Where the default storage lives when neither -f, --upstream nor -C says otherwise.
 const DEFAULT_PATH: &str = "var/Data.fs";
 
+/// The `--upstream-tls*` flags, if any is given.
+fn upstream_tls(args: &ServeArgs) -> Option<zeo_tls::ClientTlsSettings> {
+    let any = args.upstream_tls
+        || args.upstream_tls_certificate.is_some()
+        || args.upstream_tls_key.is_some()
+        || args.upstream_tls_authenticate.is_some()
+        || args.upstream_tls_server_hostname.is_some()
+        || args.upstream_tls_no_check_hostname;
+    any.then(|| zeo_tls::ClientTlsSettings {
+        certificate: args.upstream_tls_certificate.clone(),
+        key: args.upstream_tls_key.clone(),
+        authenticate: args.upstream_tls_authenticate.clone(),
+        check_hostname: !args.upstream_tls_no_check_hostname,
+        server_hostname: args.upstream_tls_server_hostname.clone(),
+    })
+}
+
 fn plan(args: &ServeArgs) -> Result<Plan> {
     let conf = match &args.configure {
         Some(path) => config::load(path)?,
@@ -284,6 +329,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
                         blob_dir: args.blob_dir.clone(),
                         blob_cache_size: Some(args.blob_cache_size),
                         shared_blob_dir: args.shared_blob_dir,
+                        tls: upstream_tls(args),
                     }
                 },
                 zrs: None,
@@ -330,7 +376,8 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         && (args.filename.is_some()
             || !args.upstreams.is_empty()
             || args.blob_dir.is_some()
-            || args.postgresql.is_some())
+            || args.postgresql.is_some()
+            || upstream_tls(args).is_some())
     {
         bail!("give storages either in zeo.conf or with -f/--upstream/--postgresql/--blob-dir, not both");
     }
@@ -699,6 +746,7 @@ async fn open_storage(
             blob_dir,
             blob_cache_size,
             shared_blob_dir,
+            tls,
         } => {
             if *shared_blob_dir && blob_dir.is_none() {
                 bail!("storage {:?}: shared-blob-dir needs a blob-dir", conf.name);
@@ -722,6 +770,13 @@ async fn open_storage(
             pconfig.progress = zodb::progress::ProgressHandle::new(
                 crate::progress::Reporter::for_server(format!("storage {:?}", conf.name)),
             );
+            pconfig.tls = match tls {
+                Some(t) => Some(
+                    zeo_tls::ClientTls::new(t)
+                        .with_context(|| format!("storage {:?}: TLS to upstream", conf.name))?,
+                ),
+                None => None,
+            };
             pconfig.blobs = blob_dir.as_ref().map(|dir| proxy::blobs::BlobConfig {
                 dir: dir.clone(),
                 // Python's ClientStorage does not bound its blob cache by default either.

@@ -127,6 +127,7 @@ impl Inner {
             read_only: self.config.read_only,
             connect_timeout: self.config.connect_timeout,
             traffic: Some(self.link.traffic.clone()),
+            tls: self.config.tls.clone(),
             ..Default::default()
         };
         let mut failures = 0u32;

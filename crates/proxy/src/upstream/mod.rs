@@ -82,6 +82,8 @@ pub struct ProxyConfig {
     pub prefetch: usize,
     /// Told how a catch-up that walks upstream's transaction log advances.
     pub progress: zodb::progress::ProgressHandle,
+    /// TLS to upstream (`<ssl>` in `<zeoclient>`); `None`: plain TCP.
+    pub tls: Option<zeo_tls::ClientTls>,
 }
 
 impl ProxyConfig {
@@ -97,6 +99,7 @@ impl ProxyConfig {
             blobs: None,
             prefetch: 64,
             progress: Default::default(),
+            tls: None,
         }
     }
 }
