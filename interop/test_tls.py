@@ -1,7 +1,7 @@
 """TLS as ZEO documents and tests it (issue 20, item 5).
 
-* ZEO's own TLS tests (`ZEO.tests.testssl`) run against zeors and, in the same run,
-  against the stock server.
+* ZEO's own TLS tests (`ZEO.tests.testssl`, and its connection tests over TLS,
+  `SSLConnectionTests`) run against zeors and, in the same run, against the stock server.
 * Client certificates are accepted exactly when the stock server (OpenSSL, with the
   same `authenticate` file or directory) accepts them: a differential test over
   self-signed certificates listed in the file, CA-signed ones, chains, partial chains,
@@ -106,6 +106,76 @@ def zeors_start_zeo_server(storage_conf=None, zeo_conf=None, port=None, keep=Fal
         assert server.stop() == 0, server.log.read_text(errors="replace")[-3000:]
 
     return ("127.0.0.1", port), stop
+
+
+def zeors_forker(storage_conf=None, zeo_conf=None, port=None, keep=False, path="Data.fs", **kw):
+    """`ZEO.tests.forker.start_zeo_server` for ZEO's connection tests, with zeors: the
+    given port when there is one (the tests restart a server on its address), a
+    FileStorage (kept across restarts with `keep`) for their `<mappingstorage>`."""
+    zeo_conf = str(zeo_conf)
+    m = __import__("re").search(r"address\s+([^\s:]+):\s*(\d+)", zeo_conf)
+    if not port:
+        port = int(m.group(2)) if m and int(m.group(2)) else free_port()
+    zeo_conf = zeo_conf.replace(m.group(0), f"address {m.group(1)}:{port}") if m else zeo_conf
+    here = pathlib.Path(tempfile.mkdtemp(prefix="zeors-conntests-"))
+    fs = pathlib.Path(os.getcwd()) / f"zeors-{port}.fs"
+    if "mappingstorage" in (storage_conf or "") and not keep:
+        for f in fs.parent.glob(fs.name + "*"):
+            f.unlink()
+    storage = storage_conf if storage_conf and "filestorage" in storage_conf else \
+        f"<filestorage 1>\n  path {fs}\n</filestorage>\n"
+    if not fs.exists():
+        # What a new <mappingstorage> is: an empty storage, there from the start (also
+        # for a read-only server, which does not create its file).
+        from ZODB.FileStorage import FileStorage
+
+        FileStorage(str(fs)).close()
+    conf = here / "zeo.conf"
+    conf.write_text(zeo_conf + "\n" + storage)
+    server = Running([zeors_binary(), "serve", "-C", str(conf)], port, here / "zeors.log")
+
+    def stop(stop_timeout=None):
+        server.stop()
+
+    return ("127.0.0.1", port), stop
+
+
+def run_cases(classes, prefix="check"):
+    loader = unittest.TestLoader()
+    loader.testMethodPrefix = prefix
+    suite = unittest.TestSuite([loader.loadTestsFromTestCase(c) for c in classes])
+    names = [t.id().rsplit(".", 1)[1] for t in iter_tests(suite)]
+    result = unittest.TestResult()
+    cwd = os.getcwd()
+    try:
+        suite.run(result)
+    finally:
+        os.chdir(cwd)
+    failed = {t.id().rsplit(".", 1)[1]: tb for t, tb in result.failures + result.errors}
+    return {n: n not in failed for n in names}, failed
+
+
+def test_zeo_ssl_connection_tests_against_zeors_and_stock(monkeypatch, tmp_path):
+    """ZEO's `SSLConnectionTests` (its connection tests over TLS with the test
+    certificates), against the stock server and against zeors in the same run."""
+    from ZEO.tests import forker
+    from ZEO.tests.ConnectionTests import SSLConnectionTests
+
+    class SSLCheck(SSLConnectionTests):
+        def getConfig(self, path, create, read_only):
+            return "<mappingstorage 1/>"
+
+    monkeypatch.chdir(tmp_path)
+    stock, stock_failed = run_cases([SSLCheck])
+    monkeypatch.setattr(forker, "start_zeo_server", zeors_forker)
+    ours, ours_failed = run_cases([SSLCheck])
+    print(f"\nZEO SSLConnectionTests: stock server {sum(stock.values())}/{len(stock)} passed, "
+          f"zeors {sum(ours.values())}/{len(ours)} passed "
+          f"(failing against zeors: {sorted(n for n, ok in ours.items() if not ok)}; "
+          f"against stock: {sorted(n for n, ok in stock.items() if not ok)})")
+    for n, tb in ours_failed.items():
+        print(n, tb[-1500:])
+    assert {n for n, ok in ours.items() if not ok} <= {n for n, ok in stock.items() if not ok}, ours_failed
 
 
 # ZEO's test passes a password-protected key with `password-function` naming a Python
