@@ -11,6 +11,10 @@
  * its bytes and returns that count, as a filling disk does, and only a write of a single
  * byte fails. Removing the control file ends the fault.
  *
+ * Every decision is counted, so that a test can show its fault fired: one line per call
+ * is appended to "OP.log" in the control directory — "skip" for a call let through by
+ * skip=N, "short" for a shortened write, "fail" for a call that failed with ERRNO.
+ *
  * Build: cc -shared -fPIC -O2 -o faultinject.so faultinject.c -ldl
  */
 #define _GNU_SOURCE
@@ -46,7 +50,27 @@ static int is_target(int fd)
     return (size_t)n >= s && strcmp(path + n - s, suffix) == 0;
 }
 
-/* What to do for `op` on `fd`: err == 0 means "go through". */
+/* Appends `what` as a line to DIR/OP.log (errno is kept). */
+static void record(const char *op, const char *what)
+{
+    const char *dir = getenv("ZEORS_FAULT_DIR");
+    char path[4096];
+    int saved = errno;
+    FILE *fp;
+
+    if (!dir)
+        return;
+    snprintf(path, sizeof path, "%s/%s.log", dir, op);
+    fp = fopen(path, "a");
+    if (fp) {
+        fprintf(fp, "%s\n", what);
+        fclose(fp);
+    }
+    errno = saved;
+}
+
+/* What to do for `op` on `fd`: err == 0 means "go through". Calls that a fault lets
+ * through with skip=N are recorded here; the caller records what it injects. */
 static struct fault fault_for(const char *op, int fd)
 {
     struct fault f = {0, 0};
@@ -77,6 +101,7 @@ static struct fault fault_for(const char *op, int fd)
             fprintf(fp, "%d skip=%d%s\n", err, skip - 1, strstr(line, "short") ? " short" : "");
             fclose(fp);
         }
+        record(op, "skip");
         errno = saved;
         return f;
     }
@@ -96,8 +121,11 @@ ssize_t pwrite64(int fd, const void *buf, size_t count, off64_t off)
     REAL("pwrite64", ssize_t, int, const void *, size_t, off64_t)
     struct fault f = fault_for("pwrite", fd);
     if (f.err) {
-        if (f.shorten && count > 1)
+        if (f.shorten && count > 1) {
+            record("pwrite", "short");
             return real(fd, buf, count / 2, off);
+        }
+        record("pwrite", "fail");
         errno = f.err;
         return -1;
     }
@@ -114,6 +142,7 @@ int fdatasync(int fd)
     REAL("fdatasync", int, int)
     struct fault f = fault_for("fdatasync", fd);
     if (f.err) {
+        record("fdatasync", "fail");
         errno = f.err;
         return -1;
     }
@@ -125,6 +154,7 @@ int fsync(int fd)
     REAL("fsync", int, int)
     struct fault f = fault_for("fsync", fd);
     if (f.err) {
+        record("fsync", "fail");
         errno = f.err;
         return -1;
     }
@@ -136,6 +166,7 @@ int ftruncate64(int fd, off64_t len)
     REAL("ftruncate64", int, int, off64_t)
     struct fault f = fault_for("ftruncate", fd);
     if (f.err) {
+        record("ftruncate", "fail");
         errno = f.err;
         return -1;
     }

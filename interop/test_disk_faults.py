@@ -14,7 +14,9 @@ injected three ways, each a real mechanism:
 - an LD_PRELOAD shim (`faultinject.c`, built here with the C compiler) that makes
   `pwrite64`, `fdatasync` or `ftruncate64` on Data.fs fail on demand: I/O errors at vote
   and at `tpc_finish`, short writes, a failed truncation. It is required: without a C
-  compiler these tests fail rather than skip.
+  compiler these tests fail rather than skip. The shim logs every call it lets through or
+  fails, and each test asserts those counts and the server's log line for the failure, so
+  a fault that never fired fails the test.
 """
 import errno
 import os
@@ -213,6 +215,8 @@ def proxy_with_a_full_cache(upstream, proxy, small_disk):
     # commits through the proxy work: they are written upstream, not in the cache.
     got = read(proxy, [f"k{i}" for i in range(20)])
     assert all(got[f"k{i}"]["v"] == bytes([i]) * 100_000 for i in range(20))
+    # The full disk was hit: the cache could not keep what it fetched, and said why.
+    assert "No space left on device" in proxy.log_text(), proxy.log_text()[-3000:]
     dp = open_db(proxy)
     commit(dp, "via-proxy", 1)
     dp.close()
@@ -257,17 +261,31 @@ def shim(tmp_path_factory):
 
 
 class Faults:
+    """The shim's control directory: a control file per operation sets a fault, and the
+    shim appends what it did to OP.log ("skip", "short", "fail"), so that each test shows
+    that its fault fired, and how often."""
+
     def __init__(self, directory):
         self.dir = directory
         self.dir.mkdir()
 
     def set(self, op, err, skip=0, short=False):
+        self.forget(op)
         (self.dir / op).write_text(f"{err} skip={skip}{' short' if short else ''}\n")
 
     def clear(self, op=None):
+        """Ends the faults (the logs stay)."""
         for p in self.dir.iterdir():
-            if op is None or p.name == op:
+            if p.suffix != ".log" and (op is None or p.name == op):
                 p.unlink()
+
+    def events(self, op):
+        """What the shim did to `op` calls since the fault was set: one word per call."""
+        log = self.dir / f"{op}.log"
+        return log.read_text().split() if log.exists() else []
+
+    def forget(self, op):
+        (self.dir / f"{op}.log").unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -299,9 +317,18 @@ def test_write_errors_at_vote(faulty_server):
              ("pwrite", errno.ENOSPC, True, "No space left on device"),
              ("fdatasync", errno.EIO, False, "Input/output error")]
     for op, err, short, reason in cases:
+        logged = server.log_text().count("writing the transaction failed; truncating")
         faults.set(op, err, short=short)
         expect_failed_commit(d, "big", PersistentMapping({"v": b"x" * 100_000}), reason)
         faults.clear()
+        # The fault fired where it was meant to: the one write (or sync) of the vote
+        # failed — after shortened writes, for the filling disk — and the server said so.
+        events = faults.events(op)
+        if short:
+            assert events[-1] == "fail" and set(events[:-1]) == {"short"} and len(events) >= 2, events
+        else:
+            assert events == ["fail"], events
+        assert server.log_text().count("writing the transaction failed; truncating") == logged + 1
         assert server.proc.poll() is None
         assert os.path.getsize(server.path) == size, f"{op}: bytes left behind"
         zeors_check(server.path)
@@ -320,13 +347,19 @@ def test_fsync_error_at_tpc_finish_commits_nothing(faulty_server):
     wconn = watcher.open()
     assert wconn.root()["a"] == 1
     size = os.path.getsize(server.path)
-    # The fsync at vote goes through; the one after the status byte at tpc_finish fails.
+    # The fsync at vote goes through; the one after the status byte at tpc_finish fails
+    # (and so does the one after the truncation that drops the transaction).
     faults.set("fdatasync", errno.EIO, skip=1)
     with pytest.raises(Exception) as info:
         commit(d, "a", 2)
     assert "Input/output error" in str(info.value), info.value
     transaction.abort()
     faults.clear()
+    assert faults.events("fdatasync") == ["skip", "fail", "fail"], faults.events("fdatasync")
+    log = server.log_text()
+    assert "commit failed; dropping the transaction" in log
+    assert "fsync after truncation failed too" in log
+    assert "writing the transaction failed" not in log, "the fault hit the vote, not tpc_finish"
     assert server.proc.poll() is None
     assert os.path.getsize(server.path) == size
     # Not visible, neither to a new client nor to one that was connected all along.
@@ -353,11 +386,19 @@ def test_failed_truncation_after_a_failed_write(faulty_server):
     faults.set("ftruncate", errno.EIO)
     expect_failed_commit(d, "big", PersistentMapping({"v": b"x" * 300_000}), "No space left on device")
     faults.clear()
+    # A partial transaction was written (shortened writes) and its truncation failed.
+    assert "short" in faults.events("pwrite") and faults.events("pwrite")[-1] == "fail", faults.events("pwrite")
+    assert faults.events("ftruncate") == ["fail"], faults.events("ftruncate")
+    assert "could not truncate after a failed commit" in server.log_text()
+    assert os.path.getsize(server.path) > 100_000, "the partial transaction should still be in the file"
     commit(d, "b", 2)
     assert read(server, ["a", "b"]) == {"a": 1, "b": 2}
     d.close()
     server.kill()
+    before = len(server.log_text())
     server.start()
     assert read(server, ["a", "b"]) == {"a": 1, "b": 2}
+    # What was left of the partial transaction after "b" was cut at the restart.
+    assert "truncating a damaged or unfinished last transaction" in server.log_text()[before:]
     server.stop()
     check_python_reads(server.path, {"a": 1, "b": 2})

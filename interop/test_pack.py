@@ -114,6 +114,7 @@ def test_pack_while_other_clients_commit(pickle_server):
         for w in range(3):
             conn.root()[f"counter{w}"] = PersistentMapping({"n": 0})
     committed = [0, 0, 0]
+    acked_at = []  # time.monotonic() of each acknowledged commit
     stop = threading.Event()
     errors = []
 
@@ -122,11 +123,12 @@ def test_pack_while_other_clients_commit(pickle_server):
         tm = transaction.TransactionManager()
         conn = dd.open(tm)
         try:
-            while not stop.is_set() or committed[w] < 20:
+            while not stop.is_set():
                 try:
                     conn.root()[f"counter{w}"]["n"] += 1
                     conn.root()["tree"][w]["w"] = committed[w]
                     tm.commit()
+                    acked_at.append(time.monotonic())
                     committed[w] += 1
                 except ConflictError:
                     tm.abort()
@@ -140,17 +142,27 @@ def test_pack_while_other_clients_commit(pickle_server):
     for t in threads:
         t.start()
     time.sleep(0.3)
-    started = time.time()
+    packs = []  # (start, end) of each pack
     for _ in range(3):
+        start = time.monotonic()
         d.pack()
+        packs.append((start, time.monotonic()))
         time.sleep(0.1)
-    pack_seconds = time.time() - started
     stop.set()
     for t in threads:
         t.join(60)
+    assert not any(t.is_alive() for t in threads), "a writer did not stop"
     assert not errors, errors
-    # Commits went on during the packs and none was lost.
-    assert min(committed) >= 20
+    # Commits went on while the packs ran (not only between them), and none was lost.
+    during = sum(1 for a in acked_at if any(s <= a <= e for s, e in packs))
+    pack_seconds = sum(e - s for s, e in packs)
+    rate_packing = during / pack_seconds
+    rate_overall = len(acked_at) / (max(acked_at) - min(acked_at))
+    # Measured: 23-26 commits in 0.07-0.09 s of packing, at the overall rate; a pack that
+    # held the commit lock throughout lets through only the few at its edges.
+    assert during >= 3 and rate_packing >= 0.2 * rate_overall, (
+        f"{during} commits acknowledged during {pack_seconds:.3f} s of packing "
+        f"({rate_packing:.0f}/s; {rate_overall:.0f}/s overall)")
     d2 = db(pickle_server)
     with d2.transaction() as conn:
         assert [conn.root()[f"counter{w}"]["n"] for w in range(3)] == committed

@@ -1,6 +1,8 @@
 """Turns a benchmark run (bench/out/<timestamp>.json) into the Markdown table of zeors /
 stock ratios and the SVG chart, and publishes them (bench/server/latest.md,
-bench/server/latest.svg, the README's Benchmarks block).
+bench/server/latest.svg, the README's Benchmarks block) with the run's raw figures
+(bench/server/latest.json, kept in the repository so that the published table can be
+re-derived: `python bench/server/report.py bench/server/latest.json`).
 
     python bench/server/report.py bench/out/<timestamp>.json [--publish]
 
@@ -348,6 +350,8 @@ def svg(results):
 def publish(results, here, readme):
     here = pathlib.Path(here)
     md = markdown(results)
+    raw = {k: v for k, v in results.items() if k != "summary"}
+    (here / "latest.json").write_text(json.dumps(raw, indent=1, sort_keys=True) + "\n")
     (here / "latest.md").write_text(md)
     (here / "latest.svg").write_text(svg(results))
     readme = pathlib.Path(readme)

@@ -11,9 +11,9 @@
 //! reported as such, in the words the server uses, and the transactions before it are
 //! still checked, references included.
 
-use crate::io::FileIo;
 use crate::scan::{self, TornTail, VerifyError, VerifySummary};
 use crate::view::FileView;
+use fsio::FileIo;
 use std::collections::HashSet;
 use std::sync::Arc;
 use zodb::progress::{NoProgress, Progress, Unit};

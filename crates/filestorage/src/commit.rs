@@ -328,7 +328,7 @@ pub(crate) fn prepare(
                     Some(prev) => {
                         let view = view.get_or_insert_with(|| state.committed_view());
                         restore_back_pointer(view, *oid, *prev, data.as_deref())
-                            .map_err(|e| crate::storage::corrupted(state.name(), e))?
+                            .map_err(|e: crate::error::Error| e.in_storage(state.name()))?
                     }
                     None => None,
                 };
@@ -508,7 +508,7 @@ fn undone_blob(
     oid: Oid,
     back: u64,
 ) -> Result<Option<BlobSource>, StorageError> {
-    let err = |e| crate::storage::corrupted(state.name(), e);
+    let err = |e: crate::error::Error| e.in_storage(state.name());
     let Some((data, at)) = view.resolve(oid, back).map_err(err)? else {
         return Ok(None);
     };
@@ -544,7 +544,7 @@ mod tests {
             Ok(self.0[&oid].1)
         }
         fn committed_view(&self) -> FileView {
-            let sim = crate::sim::SimFile::with_contents(b"FS30".to_vec());
+            let sim = fsio::sim::SimFile::with_contents(b"FS30".to_vec());
             FileView::new(std::sync::Arc::new(sim), 4)
         }
         fn name(&self) -> &str {

@@ -34,6 +34,17 @@ impl Error {
             what: what.into(),
         }
     }
+
+    /// The error as the storage named `name` reports it: damage names the storage.
+    pub(crate) fn in_storage(self, name: &str) -> StorageError {
+        match self {
+            Error::Io(e) => StorageError::Io(e),
+            e @ (Error::Corrupted { .. } | Error::Format(_)) => {
+                StorageError::Corrupted(format!("{name}: {e}"))
+            }
+            other => other.into(),
+        }
+    }
 }
 
 impl From<Error> for StorageError {

@@ -7,7 +7,7 @@
 //! checked by the callers, which know the context (file size, enclosing transaction).
 
 use crate::error::{Error, Result};
-use crate::io::FileIo;
+use fsio::FileIo;
 use std::io;
 use zodb::{Oid, Tid};
 

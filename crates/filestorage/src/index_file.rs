@@ -14,8 +14,8 @@
 
 use crate::index::{Bucket, Index};
 use bytes::Bytes;
-use std::fs;
-use std::io::{self, Write};
+use fsio::{Fs, Mode};
+use std::io;
 use std::path::Path;
 use zodb::pickle::{self, op, Reader, Truncated, Writer};
 
@@ -166,8 +166,8 @@ pub fn parse_bytes(file: &Bytes) -> Result<(u64, Index), IndexFileError> {
 }
 
 /// Reads and parses `path`.
-pub fn load(path: &Path) -> Result<(u64, Index), IndexFileError> {
-    let b = Bytes::from(fs::read(path)?);
+pub fn load(fs: &dyn Fs, path: &Path) -> Result<(u64, Index), IndexFileError> {
+    let b = Bytes::from(fsio::read(fs, path)?);
     parse_bytes(&b)
 }
 
@@ -197,14 +197,13 @@ pub fn serialize(index: &Index, pos: u64) -> Vec<u8> {
 /// Writes `path` via `path.index_tmp`-style temporary `tmp` and a rename, so a reader
 /// never sees a half-written index. The temporary file is fsynced first: a crash must not
 /// leave a renamed but empty index (it would merely be rebuilt, but slowly).
-pub fn save(index: &Index, pos: u64, path: &Path, tmp: &Path) -> io::Result<()> {
+pub fn save(fs: &dyn Fs, index: &Index, pos: u64, path: &Path, tmp: &Path) -> io::Result<()> {
     let bytes = serialize(index, pos);
-    {
-        let mut f = fs::File::create(tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_data()?;
-    }
-    fs::rename(tmp, path)
+    let f = fs.open(tmp, Mode::Truncate)?;
+    f.write_all_at(&bytes, 0)?;
+    f.sync_data()?;
+    drop(f);
+    fs.rename(tmp, path)
 }
 
 #[cfg(test)]

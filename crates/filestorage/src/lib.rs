@@ -10,9 +10,9 @@
 //! a strict checker), [`view`] (bounds-checked reads of committed data), [`iter`]
 //! (transaction and record iteration), [`undo`] (undo log and transactional undo),
 //! [`pack`] (pack with garbage collection), [`check`] (the offline `fstest`/`fsrefs`
-//! checks), `commit` (turning a transaction into bytes, conflict rules), [`io`] (the file
-//! abstraction) and [`sim`] (a file that simulates power loss). Record pickles are read
-//! by [`zodb::refs`].
+//! checks), `commit` (turning a transaction into bytes, conflict rules), `paths` (the
+//! files beside the `Data.fs`). Record pickles are read by [`zodb::refs`]. Every file
+//! operation goes through [`fsio`], so the crash tests run the storage on a simulated disk.
 //!
 //! Blobs ([`Options::blob_dir`]) are kept as Python's FileStorage keeps them: one file per
 //! revision in a `bushy` or `lawn` blob directory (see [`zodb::blob`]). A commit stages
@@ -41,12 +41,10 @@ mod error;
 pub mod format;
 pub mod index;
 pub mod index_file;
-pub mod io;
 pub mod iter;
-mod lock;
 pub mod pack;
+mod paths;
 pub mod scan;
-pub mod sim;
 mod storage;
 pub mod undo;
 pub mod view;
@@ -292,11 +290,8 @@ impl Storage for FileStorage {
             return Err(StorageError::Value("Invalid pack time".into()));
         }
         let tid = zodb::timestamp::tid_from_unix(pack_time);
-        self.blocking(move |c| {
-            let gc = !c.pack_without_gc;
-            c.pack(tid, PackOptions::gc(gc)).map(|_| ())
-        })
-        .await
+        self.blocking(move |c| c.pack(tid, PackOptions::gc(c.pack_gc())).map(|_| ()))
+            .await
     }
 }
 

@@ -19,7 +19,7 @@ use crate::format::{
     TXN_HEADER_LEN,
 };
 use crate::index::Index;
-use crate::io::FileIo;
+use fsio::FileIo;
 use zodb::{Oid, Tid};
 
 /// Sequential reads through a large buffer: the scan touches every header of the file,

@@ -13,8 +13,8 @@
 
 use crate::error::{Error, Result};
 use crate::format::{self, DataHeader, TxnHeader, DATA_HEADER_LEN, FIRST_TXN_POS, TXN_HEADER_LEN};
-use crate::io::FileIo;
 use bytes::Bytes;
+use fsio::FileIo;
 use std::sync::Arc;
 use zodb::{Oid, Tid};
 

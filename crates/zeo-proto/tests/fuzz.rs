@@ -14,12 +14,26 @@
 //!   proportion to their input, and nesting stays within `max_depth` (no deep recursion
 //!   when the value is later encoded, compared or dropped).
 //!
+//! Inputs are built so that the decoders get past their first bytes and the assertions
+//! run: values through the encoders (then mutated), pickle *programs* that keep the
+//! unpickler's stack valid while using every opcode the decoder knows (memo, `DUP`,
+//! marks, every int, string and container form, globals), msgpack documents in every
+//! format family including the non-canonical ones no encoder of ours writes, and whole
+//! request messages. Each generated family states what share of its inputs decodes, and
+//! its test fails if that share falls (a generator that stopped reaching the checks):
+//! measured at 1,000 cases, pickle programs 99 %, msgpack documents 77 % (a quarter are
+//! damaged on purpose), messages 76 % decoded and 19 % parsed as requests (random
+//! arguments rarely fit a method), where the arbitrary bytes they replace decoded in 0, 2
+//! and 0 of 1,000. Only these reach, for instance, msgpack's 32-bit floats: a decoder
+//! that read them wrong fails `msgpack_documents_in_every_format` and nothing else.
+//!
 //! `PROPTEST_CASES=N` sets the number of cases per property (default 1,000); for a long
 //! run: `PROPTEST_CASES=1000000 cargo test --release -p zeo-proto --test fuzz`.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
-use proptest::test_runner::Config;
+use proptest::test_runner::{Config, TestRunner};
+use std::cell::Cell;
 use zeo_proto::frame::{self, FrameError};
 use zeo_proto::message::{self, Encoding};
 use zeo_proto::request::METHODS;
@@ -370,23 +384,7 @@ proptest! {
         }
     }
 
-    #[test]
-    fn arbitrary_messages_never_panic(
-        bytes in prop::collection::vec(any::<u8>(), 0..600),
-        msgpack in any::<bool>(),
-    ) {
-        let enc = if msgpack { Encoding::Msgpack } else { Encoding::Pickle };
-        if let Ok(m) = Message::decode(enc, &bytes, &Limits::default().for_message(bytes.len())) {
-            let _ = Request::parse(&m.name, &m.args);
-        }
-    }
-
     // -- Pickle ---------------------------------------------------------------------------
-
-    #[test]
-    fn pickle_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
-        check_decoded(&bytes, pickle::decode, pickle::to_vec)?;
-    }
 
     #[test]
     fn pickle_opcode_programs(program in pickle_program()) {
@@ -409,11 +407,6 @@ proptest! {
     }
 
     // -- msgpack --------------------------------------------------------------------------
-
-    #[test]
-    fn msgpack_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
-        check_decoded(&bytes, msgpack::decode, msgpack::to_vec)?;
-    }
 
     #[test]
     fn msgpack_mutated_messages(
@@ -453,4 +446,537 @@ fn a_memo_bomb_is_refused_within_the_message_budget() {
     small.extend([b'h', 0].repeat(10));
     small.extend(b"e.");
     assert!(pickle::decode(&small, &Limits::default().for_message(small.len())).is_ok());
+}
+
+// -- Generated inputs, with the share that decodes ---------------------------------------
+
+/// A tiny deterministic generator driven by the strategy's choices.
+struct Choices<'a> {
+    c: &'a [u32],
+    at: usize,
+}
+
+impl Choices<'_> {
+    fn next(&mut self, n: u32) -> u32 {
+        let v = self.c.get(self.at).copied().unwrap_or(0);
+        self.at += 1;
+        v % n.max(1)
+    }
+}
+
+/// What the generator knows of an unpickler stack entry.
+#[derive(Clone, Copy, PartialEq)]
+enum Slot {
+    Mark,
+    /// An item: hashable (a valid dict key or set member), and its container kind.
+    Item(bool, Kind),
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Scalar,
+    Tuple,
+    List,
+    Dict,
+    Set,
+}
+
+/// A pickle program built from `choices`: at each step an operation that is valid for the
+/// stack as it is (so the whole program decodes), in any of the forms the opcode set allows.
+fn pickle_program_from(choices: &[u32]) -> Vec<u8> {
+    let mut ch = Choices { c: choices, at: 0 };
+    let mut out = vec![0x80, 2 + ch.next(4) as u8];
+    if ch.next(4) == 0 {
+        out.push(0x95); // FRAME: its length is not checked
+        out.extend_from_slice(&(ch.next(1000) as u64).to_le_bytes());
+    }
+    let mut stack: Vec<Slot> = Vec::new();
+    let mut memo: Vec<Slot> = Vec::new();
+    let floor = |stack: &Vec<Slot>| {
+        stack
+            .iter()
+            .rposition(|s| *s == Slot::Mark)
+            .map_or(0, |i| i + 1)
+    };
+    let scalar = |ch: &mut Choices, out: &mut Vec<u8>| -> Slot {
+        let n = ch.next(1000);
+        match ch.next(24) {
+            0 => out.push(b'N'),
+            1 => out.push(0x88),
+            2 => out.push(0x89),
+            3 => out.extend(format!("I{}\n", n as i64 - 500).bytes()),
+            4 => out.extend(if n.is_multiple_of(2) {
+                &b"I01\n"[..]
+            } else {
+                &b"I00\n"[..]
+            }),
+            5 => out.extend(format!("L{}L\n", n as i64 * 1_000_003 - 7).bytes()),
+            6 => {
+                out.push(b'J');
+                out.extend_from_slice(&(n as i32 - 500).to_le_bytes());
+            }
+            7 => out.extend_from_slice(&[b'K', n as u8]),
+            8 => {
+                out.push(b'M');
+                out.extend_from_slice(&(n as u16).to_le_bytes());
+            }
+            9 => {
+                let v = (n as i64 - 500) * 0x1_0000_0001;
+                let b = v.to_le_bytes();
+                out.extend_from_slice(&[0x8a, 8]);
+                out.extend_from_slice(&b);
+            }
+            10 => out.extend(format!("F{}.5\n", n).bytes()),
+            11 => {
+                out.push(b'G');
+                out.extend_from_slice(&(n as f64 / 7.0).to_be_bytes());
+            }
+            12 => out.extend(format!("S'str{n}'\n").bytes()),
+            13 => {
+                out.push(b'T');
+                out.extend_from_slice(&5u32.to_le_bytes());
+                out.extend_from_slice(b"bytes");
+            }
+            14 => out.extend_from_slice(b"U\x03abc"),
+            15 => out.extend(format!("Vuni{n}\n").bytes()),
+            16 => {
+                let t = format!("日本{n}");
+                out.push(b'X');
+                out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+                out.extend_from_slice(t.as_bytes());
+            }
+            17 => out.extend_from_slice(b"\x8c\x02\xc3\xa9"),
+            18 => {
+                out.push(0x8d);
+                out.extend_from_slice(&3u64.to_le_bytes());
+                out.extend_from_slice(b"u64");
+            }
+            19 => out.extend_from_slice(b"C\x02hi"),
+            20 => {
+                out.push(b'B');
+                out.extend_from_slice(&(n % 40).to_le_bytes());
+                out.extend(std::iter::repeat_n(b'z', (n % 40) as usize));
+            }
+            21 => {
+                out.push(0x8e);
+                out.extend_from_slice(&2u64.to_le_bytes());
+                out.extend_from_slice(b"b8");
+            }
+            22 => out.push(b')'),
+            _ => {
+                // bytes via _codecs.encode(str, "latin1"), as Python 2 pickles write them
+                out.extend_from_slice(
+                    b"c_codecs\nencode\nX\x02\x00\x00\x00\xc3\xa9X\x06\x00\x00\x00latin1\x86R",
+                );
+            }
+        }
+        Slot::Item(true, Kind::Scalar)
+    };
+    for _ in 0..choices.len() {
+        let f = floor(&stack);
+        let above = stack.len() - f;
+        let top = |k: usize| stack.get(stack.len().wrapping_sub(k + 1)).copied();
+        match ch.next(17) {
+            0..=3 => {
+                let s = scalar(&mut ch, &mut out);
+                stack.push(s);
+            }
+            4 => {
+                let (op, kind) = match ch.next(3) {
+                    0 => (b']', Kind::List),
+                    1 => (b'}', Kind::Dict),
+                    _ => (0x8f, Kind::Set),
+                };
+                out.push(op);
+                stack.push(Slot::Item(false, kind));
+            }
+            5 if stack.iter().filter(|s| **s == Slot::Mark).count() < 12 => {
+                out.push(b'(');
+                stack.push(Slot::Mark);
+            }
+            6 if f > 0 => {
+                // Close the innermost mark, in one of the ways that fit what it holds.
+                let items: Vec<Slot> = stack.drain(f..).collect();
+                stack.pop(); // the mark
+                let all_hashable = items.iter().all(|s| matches!(s, Slot::Item(true, _)));
+                let keys_hashable = items.len().is_multiple_of(2)
+                    && items
+                        .iter()
+                        .step_by(2)
+                        .all(|s| matches!(s, Slot::Item(true, _)));
+                let below = stack.last().copied();
+                let slot = match ch.next(6) {
+                    0 if below == Some(Slot::Item(false, Kind::List)) => {
+                        out.push(b'e');
+                        None
+                    }
+                    1 if keys_hashable && below == Some(Slot::Item(false, Kind::Dict)) => {
+                        out.push(b'u');
+                        None
+                    }
+                    2 if all_hashable && below == Some(Slot::Item(false, Kind::Set)) => {
+                        out.push(0x90);
+                        None
+                    }
+                    3 if keys_hashable => {
+                        out.push(b'd');
+                        Some(Slot::Item(false, Kind::Dict))
+                    }
+                    4 => {
+                        out.push(b'l');
+                        Some(Slot::Item(false, Kind::List))
+                    }
+                    5 if all_hashable => {
+                        out.push(0x91); // FROZENSET
+                        Some(Slot::Item(false, Kind::Set))
+                    }
+                    _ => {
+                        out.push(b't');
+                        Some(Slot::Item(all_hashable, Kind::Tuple))
+                    }
+                };
+                if let Some(s) = slot {
+                    stack.push(s);
+                }
+            }
+            7 if f > 0 && ch.next(4) == 0 => {
+                stack.truncate(f - 1);
+                out.push(b'1'); // POP_MARK
+            }
+            8 if above >= 1 => {
+                let k = 1 + ch.next(above.min(3) as u32) as usize;
+                let items: Vec<Slot> = stack.drain(stack.len() - k..).collect();
+                let h = items.iter().all(|s| matches!(s, Slot::Item(true, _)));
+                out.push([0x85, 0x86, 0x87][k - 1]);
+                stack.push(Slot::Item(h, Kind::Tuple));
+            }
+            9 if above >= 2 && top(1) == Some(Slot::Item(false, Kind::List)) => {
+                stack.pop();
+                out.push(b'a');
+            }
+            10 if above >= 3
+                && top(2) == Some(Slot::Item(false, Kind::Dict))
+                && matches!(top(1), Some(Slot::Item(true, _))) =>
+            {
+                stack.truncate(stack.len() - 2);
+                out.push(b's');
+            }
+            11 if above >= 1 => {
+                let idx = memo.len();
+                match ch.next(4) {
+                    0 => out.extend(format!("p{idx}\n").bytes()),
+                    1 if idx < 256 => out.extend_from_slice(&[b'q', idx as u8]),
+                    2 => {
+                        out.push(b'r');
+                        out.extend_from_slice(&(idx as u32).to_le_bytes());
+                    }
+                    _ => out.push(0x94), // MEMOIZE
+                }
+                memo.push(*stack.last().expect("an item"));
+            }
+            12 if !memo.is_empty() => {
+                let idx = ch.next(memo.len() as u32) as usize;
+                match ch.next(3) {
+                    0 => out.extend(format!("g{idx}\n").bytes()),
+                    1 if idx < 256 => out.extend_from_slice(&[b'h', idx as u8]),
+                    _ => {
+                        out.push(b'j');
+                        out.extend_from_slice(&(idx as u32).to_le_bytes());
+                    }
+                }
+                stack.push(memo[idx]);
+            }
+            13 if above >= 1 => {
+                out.push(b'2'); // DUP
+                stack.push(*stack.last().expect("an item"));
+            }
+            14 if above >= 1 => {
+                out.push(b'0'); // POP
+                stack.pop();
+            }
+            15 => {
+                // set([]) or frozenset(()) through REDUCE, by GLOBAL or STACK_GLOBAL
+                if ch.next(2) == 0 {
+                    out.extend_from_slice(b"c__builtin__\nset\n");
+                } else {
+                    out.extend_from_slice(b"\x8c\x08builtins\x8c\x09frozenset\x93");
+                }
+                out.extend_from_slice(b"]\x85R");
+                stack.push(Slot::Item(false, Kind::Set));
+            }
+            _ => {
+                let s = scalar(&mut ch, &mut out);
+                stack.push(s);
+            }
+        }
+    }
+    // Close every mark, then make one value of what is left.
+    while let Some(m) = stack.iter().rposition(|s| *s == Slot::Mark) {
+        stack.truncate(m);
+        out.push(b't');
+        stack.push(Slot::Item(false, Kind::Tuple));
+    }
+    if stack.is_empty() {
+        out.push(b'N');
+        stack.push(Slot::Item(true, Kind::Scalar));
+    }
+    while stack.len() > 1 {
+        stack.pop();
+        out.push(0x86);
+    }
+    out.push(b'.');
+    out
+}
+
+/// msgpack of `v` in formats chosen by `choices` among all that can carry it: ints in any
+/// wider format, strings and bytes in any length family, containers as fix, 16 or 32,
+/// floats as 32 bits when exact.
+fn msgpack_any_format(v: &Value, ch: &mut Choices, out: &mut Vec<u8>) {
+    fn len_header(out: &mut Vec<u8>, n: usize, fix: Option<(u8, usize)>, ops: [u8; 3], pick: u32) {
+        let fits_fix = fix.is_some_and(|(_, max)| n <= max);
+        match pick % 4 {
+            0 if fits_fix => out.push(fix.expect("fix").0 | n as u8),
+            1 if n <= 0xff && ops[0] != 0 => out.extend_from_slice(&[ops[0], n as u8]),
+            2 if n <= 0xffff => {
+                out.push(ops[1]);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            _ => {
+                out.push(ops[2]);
+                out.extend_from_slice(&(n as u32).to_be_bytes());
+            }
+        }
+    }
+    match v {
+        Value::None => out.push(0xc0),
+        Value::Bool(b) => out.push(if *b { 0xc3 } else { 0xc2 }),
+        Value::Int(i) => {
+            let i = *i;
+            let pick = ch.next(5);
+            if (0..128).contains(&i) && pick == 0 {
+                out.push(i as u8);
+            } else if (-32..0).contains(&i) && pick == 0 {
+                out.push(i as i8 as u8);
+            } else if (0..=0xff).contains(&i) && pick == 1 {
+                out.extend_from_slice(&[0xcc, i as u8]);
+            } else if (0..=0xffff).contains(&i) && pick == 2 {
+                out.push(0xcd);
+                out.extend_from_slice(&(i as u16).to_be_bytes());
+            } else if i >= 0 && pick == 3 {
+                out.push(0xcf);
+                out.extend_from_slice(&(i as u64).to_be_bytes());
+            } else if (i8::MIN as i64..=i8::MAX as i64).contains(&i) && pick == 1 {
+                out.extend_from_slice(&[0xd0, i as u8]);
+            } else if (i32::MIN as i64..=i32::MAX as i64).contains(&i) && pick != 4 {
+                out.push(0xd2);
+                out.extend_from_slice(&(i as i32).to_be_bytes());
+            } else {
+                out.push(0xd3);
+                out.extend_from_slice(&i.to_be_bytes());
+            }
+        }
+        Value::Float(f) => {
+            if (*f as f32) as f64 == *f && ch.next(2) == 0 {
+                out.push(0xca);
+                out.extend_from_slice(&(*f as f32).to_be_bytes());
+            } else {
+                out.push(0xcb);
+                out.extend_from_slice(&f.to_be_bytes());
+            }
+        }
+        Value::Str(s) => {
+            len_header(
+                out,
+                s.len(),
+                Some((0xa0, 31)),
+                [0xd9, 0xda, 0xdb],
+                ch.next(4),
+            );
+            out.extend_from_slice(s.as_bytes());
+        }
+        Value::Bytes(b) => {
+            len_header(out, b.len(), None, [0xc4, 0xc5, 0xc6], ch.next(4));
+            out.extend_from_slice(b);
+        }
+        Value::Tuple(items) | Value::List(items) => {
+            len_header(
+                out,
+                items.len(),
+                Some((0x90, 15)),
+                [0, 0xdc, 0xdd],
+                ch.next(4),
+            );
+            for i in items {
+                msgpack_any_format(i, ch, out);
+            }
+        }
+        Value::Dict(items) => {
+            len_header(
+                out,
+                items.len(),
+                Some((0x80, 15)),
+                [0, 0xde, 0xdf],
+                ch.next(4),
+            );
+            for (k, v) in items {
+                msgpack_any_format(k, ch, out);
+                msgpack_any_format(v, ch, out);
+            }
+        }
+        other => msgpack::encode(other, out),
+    }
+}
+
+/// Runs `check` on `cases(1000)` inputs of `strategy`; `check` says whether its input
+/// decoded. Returns the share that did.
+fn share_decoded<S: Strategy>(
+    strategy: S,
+    check: impl Fn(S::Value) -> Result<bool, TestCaseError>,
+) -> f64 {
+    let config = cases(1000);
+    let total = config.cases;
+    let decoded = Cell::new(0u32);
+    let runs = Cell::new(0u32);
+    TestRunner::new(config)
+        .run(&strategy, |input| {
+            runs.set(runs.get() + 1);
+            if check(input)? {
+                decoded.set(decoded.get() + 1);
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(runs.get() >= total);
+    f64::from(decoded.get()) / f64::from(runs.get())
+}
+
+/// Pickle programs: every opcode the decoder knows, the stack always valid.
+#[test]
+fn pickle_programs_with_every_opcode() {
+    let share = share_decoded(prop::collection::vec(any::<u32>(), 0..160), |choices| {
+        let program = pickle_program_from(&choices);
+        check_decoded(&program, pickle::decode, pickle::to_vec)?;
+        Ok(pickle::decode(&program, &Limits::default().for_message(program.len())).is_ok())
+    });
+    eprintln!("pickle programs: {:.1} % decode", share * 100.0);
+    assert!(
+        share >= 0.9,
+        "only {:.1} % of the programs decode",
+        share * 100.0
+    );
+}
+
+/// msgpack documents in every format family, a quarter of them damaged.
+#[test]
+fn msgpack_documents_in_every_format() {
+    let strategy = (
+        value(false),
+        prop::collection::vec(any::<u32>(), 64),
+        prop::option::weighted(
+            0.25,
+            prop::collection::vec((any::<u16>(), any::<u8>(), any::<u8>()), 1..4),
+        ),
+    );
+    let share = share_decoded(strategy, |(v, choices, edits)| {
+        let mut ch = Choices { c: &choices, at: 0 };
+        let mut doc = Vec::new();
+        msgpack_any_format(&v, &mut ch, &mut doc);
+        let doc = match edits {
+            Some(e) => mutate(doc, &e),
+            None => {
+                // Undamaged, it decodes to the value, whatever the formats.
+                let back = msgpack::decode(&doc, &Limits::default().for_message(doc.len()));
+                prop_assert_eq!(back, Ok(v));
+                doc
+            }
+        };
+        check_decoded(&doc, msgpack::decode, msgpack::to_vec)?;
+        Ok(msgpack::decode(&doc, &Limits::default().for_message(doc.len())).is_ok())
+    });
+    eprintln!("msgpack documents: {:.1} % decode", share * 100.0);
+    assert!(
+        share >= 0.6,
+        "only {:.1} % of the documents decode",
+        share * 100.0
+    );
+}
+
+/// Whole request messages (id, flag, method, arguments) in both marshallings, a quarter
+/// of them damaged: whatever decodes is parsed as a request.
+#[test]
+fn request_messages_in_both_marshallings() {
+    let parsed = Cell::new(0u32);
+    let strategy = (
+        any::<i64>(),
+        0u8..4,
+        prop::sample::select(METHODS.to_vec()),
+        prop::collection::vec(value(true), 0..6),
+        any::<bool>(),
+        prop::option::weighted(
+            0.25,
+            prop::collection::vec((any::<u16>(), any::<u8>(), any::<u8>()), 1..4),
+        ),
+    );
+    let share = share_decoded(strategy, |(msgid, flag, name, args, msgpack, edits)| {
+        let flag = match flag {
+            0 => Value::Bool(false),
+            1 => Value::Bool(true),
+            2 => Value::Int(0),
+            _ => Value::None,
+        };
+        let args = if msgpack {
+            // msgpack carries tuples, not lists or sets or objects: keep what it can.
+            Value::Tuple(
+                args.into_iter()
+                    .filter(|a| {
+                        msgpack::decode(&msgpack::to_vec(a), &Limits::default()).as_ref() == Ok(a)
+                    })
+                    .collect(),
+            )
+        } else {
+            Value::Tuple(args)
+        };
+        let msg = Value::Tuple(vec![Value::Int(msgid), flag, Value::str(name), args]);
+        let enc = if msgpack {
+            Encoding::Msgpack
+        } else {
+            Encoding::Pickle
+        };
+        let bytes = enc.encode(&msg);
+        let damaged = edits.is_some();
+        let bytes = match edits {
+            Some(e) => mutate(bytes, &e),
+            None => bytes,
+        };
+        let decoded = Message::decode(enc, &bytes, &Limits::default().for_message(bytes.len()));
+        if !damaged {
+            let m = decoded.as_ref().expect("an undamaged message decodes");
+            prop_assert_eq!(m.name.as_str(), name);
+        }
+        match decoded {
+            Ok(m) => {
+                if Request::parse(&m.name, &m.args).is_ok() {
+                    parsed.set(parsed.get() + 1);
+                }
+                Ok(true)
+            }
+            Err(_) => Ok(false),
+        }
+    });
+    let parsed = f64::from(parsed.get()) / f64::from(cases(1000).cases);
+    eprintln!(
+        "request messages: {:.1} % decode, {:.1} % parse as requests",
+        share * 100.0,
+        parsed * 100.0
+    );
+    assert!(
+        share >= 0.6,
+        "only {:.1} % of the messages decode",
+        share * 100.0
+    );
+    assert!(
+        parsed >= 0.1,
+        "only {:.1} % parse as requests",
+        parsed * 100.0
+    );
 }

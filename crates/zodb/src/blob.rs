@@ -24,15 +24,22 @@
 //! may not read, commit it with `storeBlobShared`, and have the server make the target
 //! read-only and serve its contents to anyone. (The root itself may be a link: it comes
 //! from the configuration.)
+//!
+//! The file-system steps go through [`fsio::Fs`] (the host's by default), so that a
+//! storage's blob handling can be crash-tested on a simulated disk. On the host's file
+//! system the walks above use `openat` and `O_NOFOLLOW`; on another [`Fs`] (a simulated
+//! disk, which has no symbolic links) the same steps go through its operations.
 
 use crate::{Oid, Tid};
-use std::fs::{self, File};
+use fsio::{Fs, Mode};
+use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Suffix of committed blob files.
 pub const BLOB_SUFFIX: &str = ".blob";
@@ -133,10 +140,12 @@ pub fn is_blob_record(data: &[u8]) -> bool {
 }
 
 /// A blob directory: its root and layout.
+/// A blob directory: its root, its layout and the file system it is on.
 #[derive(Debug, Clone)]
 pub struct BlobDir {
     root: PathBuf,
     layout: Layout,
+    fs: Arc<dyn Fs>,
 }
 
 impl BlobDir {
@@ -145,17 +154,22 @@ impl BlobDir {
     /// holds non-hidden entries and `bushy` otherwise. With `create`, missing directories
     /// (`root`, `root/tmp`) and the marker are created.
     pub fn open(root: &Path, create: bool) -> io::Result<BlobDir> {
+        Self::open_on(fsio::real(), root, create)
+    }
+
+    /// [`BlobDir::open`] on the file system `fs`.
+    pub fn open_on(fs: Arc<dyn Fs>, root: &Path, create: bool) -> io::Result<BlobDir> {
         let root = std::path::absolute(root)?;
-        let layout = match read_marker(&root)? {
+        let layout = match read_marker(&*fs, &root)? {
             Some(l) => l,
-            None if has_visible_entries(&root)? => {
+            None if has_visible_entries(&*fs, &root)? => {
                 tracing::warn!(dir = %root.display(),
                     "blob directory without a .layout marker holds files: using the deprecated lawn layout");
                 Layout::Lawn
             }
             None => Layout::Bushy,
         };
-        let dir = BlobDir { root, layout };
+        let dir = BlobDir { root, layout, fs };
         if create {
             dir.create()?;
         }
@@ -164,8 +178,9 @@ impl BlobDir {
 
     /// Opens or creates a blob directory that must have `layout`.
     pub fn open_with_layout(root: &Path, layout: Layout, create: bool) -> io::Result<BlobDir> {
+        let fs = fsio::real();
         let root = std::path::absolute(root)?;
-        if let Some(found) = read_marker(&root)? {
+        if let Some(found) = read_marker(&*fs, &root)? {
             if found != layout {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
@@ -178,7 +193,7 @@ impl BlobDir {
                 ));
             }
         }
-        let dir = BlobDir { root, layout };
+        let dir = BlobDir { root, layout, fs };
         if create {
             dir.create()?;
         }
@@ -188,16 +203,29 @@ impl BlobDir {
     /// Creates the directory, then the marker, then `tmp`: a crash in between never
     /// leaves a directory whose layout a later open would guess differently.
     fn create(&self) -> io::Result<()> {
-        create_dir_all_synced(&self.root)?;
+        let fs = &*self.fs;
+        fsio::create_dir_all_synced(fs, &self.root)?;
         let marker = self.root.join(LAYOUT_MARKER);
-        if !marker.exists() {
+        if !fsio::exists(fs, &marker) {
             let tmp = self.root.join(format!("{LAYOUT_MARKER}.{TEMP_PREFIX}tmp"));
-            fs::write(&tmp, self.layout.name())?;
-            File::open(&tmp)?.sync_all()?;
-            fs::rename(&tmp, &marker)?;
-            sync_dir(&self.root)?;
+            let f = fs.open(&tmp, Mode::Truncate)?;
+            f.write_all_at(self.layout.name().as_bytes(), 0)?;
+            f.sync_data()?;
+            fs.rename(&tmp, &marker)?;
+            fs.sync_dir(&self.root)?;
         }
-        create_dir_all_synced(&self.temp_dir())
+        fsio::create_dir_all_synced(fs, &self.temp_dir())
+    }
+
+    /// The file system the directory is on.
+    pub fn fs(&self) -> &Arc<dyn Fs> {
+        &self.fs
+    }
+
+    /// Whether the directory is on the host's file system (where the walks that follow
+    /// no symbolic link apply).
+    fn on_host(&self) -> bool {
+        self.fs.host_path(&self.root).is_some()
     }
 
     pub fn root(&self) -> &Path {
@@ -231,6 +259,12 @@ impl BlobDir {
     /// Opens the committed file of revision `tid` of `oid` for reading, following no
     /// symbolic link below the root; anything but a regular file is refused.
     pub fn open_blob_file(&self, oid: Oid, tid: Tid) -> io::Result<File> {
+        if !self.on_host() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a blob file of a simulated disk is not a host file (read it through the Fs)",
+            ));
+        }
         let (_, file) = open_beneath(&self.root, &self.layout.blob_path(oid, tid))?;
         Ok(file)
     }
@@ -242,7 +276,7 @@ impl BlobDir {
     /// a swap of `source` in between is caught), or a copy of it where linking is not
     /// possible.
     pub fn stage(&self, source: &Path, what: &str) -> io::Result<PathBuf> {
-        let rel = source.strip_prefix(&self.root).map_err(|_| {
+        let _rel = source.strip_prefix(&self.root).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -252,6 +286,10 @@ impl BlobDir {
                 ),
             )
         })?;
+        if !self.on_host() {
+            return self.stage_on_fs(source, what);
+        }
+        let rel = _rel;
         let (src_dir, file) = open_beneath(&self.root, rel)?;
         let src_name = last_component(rel)?;
         let tmp = open_dir_beneath(&self.root, Path::new(TEMP_DIR))?;
@@ -300,6 +338,9 @@ impl BlobDir {
     /// directories as needed; no symbolic link below the root is followed. Does not
     /// fsync the oid directory: the caller syncs each directory once.
     pub fn place(&self, staged: &Path, oid: Oid, tid: Tid) -> io::Result<PathBuf> {
+        if !self.on_host() {
+            return self.place_on_fs(staged, oid, tid);
+        }
         let staged_name = staged
             .strip_prefix(self.temp_dir())
             .ok()
@@ -311,7 +352,7 @@ impl BlobDir {
                 )
             })?;
         let oid_rel = self.layout.oid_path(oid);
-        create_dir_all_synced(&self.root.join(&oid_rel))?;
+        fsio::create_dir_all_synced(&fsio::Real, &self.root.join(&oid_rel))?;
         let oid_dir = open_dir_beneath(&self.root, &oid_rel)?;
         let tmp = open_dir_beneath(&self.root, Path::new(TEMP_DIR))?;
         let target = self.layout.blob_path(oid, tid);
@@ -345,16 +386,14 @@ impl BlobDir {
     /// keep their uncommitted blobs there. Returns how many were removed.
     pub fn clean_temp(&self) -> io::Result<usize> {
         let mut n = 0;
-        let entries = match fs::read_dir(self.temp_dir()) {
+        let entries = match self.fs.read_dir(&self.temp_dir()) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
             Err(e) => return Err(e),
         };
         for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
-            if name.to_string_lossy().starts_with(TEMP_PREFIX) && entry.file_type()?.is_file() {
-                match fs::remove_file(entry.path()) {
+            if entry.name.to_string_lossy().starts_with(TEMP_PREFIX) && entry.is_file {
+                match self.fs.remove_file(&self.temp_dir().join(&entry.name)) {
                     Ok(()) => n += 1,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e),
@@ -365,9 +404,44 @@ impl BlobDir {
     }
 }
 
-fn read_marker(root: &Path) -> io::Result<Option<Layout>> {
-    match fs::read_to_string(root.join(LAYOUT_MARKER)) {
-        Ok(text) => {
+impl BlobDir {
+    /// [`BlobDir::stage`] on a file system other than the host's: a hard link (or a copy)
+    /// of `source` in `tmp`, synced.
+    fn stage_on_fs(&self, source: &Path, what: &str) -> io::Result<PathBuf> {
+        let fs = &*self.fs;
+        if fs.metadata(source)?.is_dir {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", source.display()),
+            ));
+        }
+        let tmp = self.temp_dir().join(unique_name(what, ".tmp"));
+        fsio::link_or_copy(fs, source, &tmp)?;
+        if let Err(e) = fs.open(&tmp, Mode::Read).and_then(|f| f.sync_data()) {
+            let _ = fs.remove_file(&tmp);
+            return Err(e);
+        }
+        Ok(tmp)
+    }
+
+    /// [`BlobDir::place`] on a file system other than the host's.
+    fn place_on_fs(&self, staged: &Path, oid: Oid, tid: Tid) -> io::Result<PathBuf> {
+        let fs = &*self.fs;
+        fsio::create_dir_all_synced(fs, &self.oid_dir(oid))?;
+        let target = self.blob_path(oid, tid);
+        fs.rename(staged, &target)?;
+        if let Err(e) = fs.set_not_writable(&target) {
+            let _ = fs.remove_file(&target);
+            return Err(e);
+        }
+        Ok(target)
+    }
+}
+
+fn read_marker(fs: &dyn Fs, root: &Path) -> io::Result<Option<Layout>> {
+    match fsio::read(fs, &root.join(LAYOUT_MARKER)) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
             let name = text.trim();
             Layout::from_name(name).map(Some).ok_or_else(|| {
                 io::Error::new(
@@ -384,16 +458,11 @@ fn read_marker(root: &Path) -> io::Result<Option<Layout>> {
     }
 }
 
-fn has_visible_entries(root: &Path) -> io::Result<bool> {
-    match fs::read_dir(root) {
-        Ok(entries) => {
-            for e in entries {
-                if !e?.file_name().to_string_lossy().starts_with('.') {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
-        }
+fn has_visible_entries(fs: &dyn Fs, root: &Path) -> io::Result<bool> {
+    match fs.read_dir(root) {
+        Ok(entries) => Ok(entries
+            .iter()
+            .any(|e| !e.name.to_string_lossy().starts_with('.'))),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }
@@ -413,88 +482,29 @@ pub fn unique_name(what: &str, suffix: &str) -> String {
     )
 }
 
-/// fsyncs a directory, so that entries created, renamed or removed in it survive a crash.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
-/// Creates `dir` and its missing parents, fsyncing the parent of each directory created
-/// so that the new entries survive a crash.
-pub fn create_dir_all_synced(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = dir.parent() {
-        if !parent.as_os_str().is_empty() {
-            create_dir_all_synced(parent)?;
-        }
-    }
-    match fs::create_dir(dir) {
-        Ok(()) => {}
-        // Lost a race with another creator: fine.
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
-        _ => sync_dir(Path::new(".")),
-    }
-}
-
 /// Makes a committed blob file read-only, as `ZODB.blob.set_not_writable` does: no write
 /// bits, and the read bits of its directory. A symbolic link is refused, never followed
-/// (the mode of its target is not ours to change).
+/// (the mode of its target is not ours to change). See [`fsio::Real`].
 pub fn set_not_writable(path: &Path) -> io::Result<()> {
-    let file = open_regular_nofollow(path)?;
-    let dir_read = path
-        .parent()
-        .and_then(|d| fs::symlink_metadata(d).ok())
-        .map(|m| m.permissions().mode() & 0o444)
-        .unwrap_or(0);
-    chmod_not_writable(&file, dir_read)
+    fsio::Real.set_not_writable(path)
 }
 
 fn chmod_not_writable(file: &File, dir_read: u32) -> io::Result<()> {
-    let mode = file.metadata()?.permissions().mode() & 0o7777;
-    // fchmod: the file we opened, whatever its name points to by now.
-    file.set_permissions(fs::Permissions::from_mode((mode & !0o222) | dir_read))
+    fsio::chmod_not_writable(file, dir_read)
 }
 
-/// A second name for `src` at `dst`: a hard link (blob files never change once written,
-/// so sharing the data is safe), or a copy where links are not possible. A symbolic link
-/// at `src` is linked as the link itself (Linux's `link` does not follow it), and never
-/// copied through.
+/// A second name for `src` at `dst` on the host's file system: a hard link (blob files
+/// never change once written, so sharing the data is safe), or a copy where links are not
+/// possible. A symbolic link at `src` is linked as the link itself (Linux's `link` does
+/// not follow it), and never copied through ([`fsio::link_or_copy`]).
 pub fn link_or_copy(src: &Path, dst: &Path) -> io::Result<()> {
-    match fs::hard_link(src, dst) {
-        Ok(()) => Ok(()),
-        Err(e)
-            if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::AlreadyExists =>
-        {
-            Err(e)
-        }
-        Err(e) => {
-            tracing::debug!(src = %src.display(), dst = %dst.display(), error = %e, "cannot hard-link a blob file; copying it");
-            let from = open_regular_nofollow(src)?;
-            let mut to = fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(dst)?;
-            io::copy(&mut &from, &mut to).map(|_| ())
-        }
-    }
+    fsio::link_or_copy(&fsio::Real, src, dst)
 }
 
 /// Opens `path` for reading if it is a regular file; a symbolic link (as the last
 /// component), a FIFO, a device or a directory is refused with an error naming it.
 pub fn open_regular_nofollow(path: &Path) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| not_followed(e, path))?;
-    check_regular(&file, path)?;
-    Ok(file)
+    fsio::open_regular_nofollow(path)
 }
 
 /// Opens `rel` below `root` for reading, one component at a time without following
@@ -609,28 +619,11 @@ fn stat_at(dir: &OwnedFd, name: &std::ffi::CStr) -> io::Result<libc::stat> {
 }
 
 fn check_regular(file: &File, path: &Path) -> io::Result<()> {
-    if file.metadata()?.file_type().is_file() {
-        Ok(())
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{} is not a regular file", path.display()),
-        ))
-    }
+    fsio::check_regular(file, path)
 }
 
-/// `O_NOFOLLOW` met a symbolic link: say so instead of "too many levels of links".
 fn not_followed(e: io::Error, path: &Path) -> io::Error {
-    match e.raw_os_error() {
-        Some(libc::ELOOP) | Some(libc::ENOTDIR) => io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "{} is a symbolic link (or below one), which blob files never are",
-                path.display()
-            ),
-        ),
-        _ => e,
-    }
+    fsio::not_followed(e, path)
 }
 
 fn last_component(rel: &Path) -> io::Result<std::ffi::CString> {
@@ -648,17 +641,16 @@ fn cstring(p: &Path) -> io::Result<std::ffi::CString> {
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a path with a NUL byte"))
 }
 
-/// Removes a file; a file that is already gone is fine.
+/// Removes a file of the host's file system; a file that is already gone is fine.
 pub fn remove_if_exists(path: &Path) -> io::Result<()> {
-    match fs::remove_file(path) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-        _ => Ok(()),
-    }
+    fsio::remove_if_exists(&fsio::Real, path)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn reprs_are_pythons() {
@@ -739,7 +731,7 @@ mod tests {
         fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).unwrap();
         let oid = Oid(7);
         let oid_dir = d.oid_dir(oid);
-        create_dir_all_synced(&oid_dir).unwrap();
+        fsio::create_dir_all_synced(&fsio::Real, &oid_dir).unwrap();
 
         // A client's "file" that is a link to a private one is refused.
         let planted = oid_dir.join("x.tmp");

@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::scan;
-use crate::sim::{Fate, SimOp};
+use fsio::sim::{Fate, SimOp};
 
 const OIDS: &[u64] = &[0, 1, 2, 3, 4, 5];
 

@@ -435,14 +435,12 @@ fn record_iternext_walks_the_index() {
 fn undo_is_disabled_while_packing() {
     let (_, core) = sim_storage(writable());
     let t1 = commit(&core, &txn(1, vec![store(1, Tid::ZERO, &obj(&[], "a"))]));
-    core.packing
-        .store(true, std::sync::atomic::Ordering::Release);
+    let packing = core.start_packing().expect("no pack runs");
     let disabled = |e: StorageError| matches!(e, StorageError::Undo { ref reason, .. } if reason.contains("disabled for database maintenance"));
     assert!(disabled(core.undo_log(0, 10, None).unwrap_err()));
     assert!(disabled(core.vote(&txn(2, vec![undo(t1)])).unwrap_err()));
     // Other commits go on.
     commit(&core, &txn(3, vec![store(2, Tid::ZERO, &obj(&[], "b"))]));
-    core.packing
-        .store(false, std::sync::atomic::Ordering::Release);
+    drop(packing);
     commit_changed(&core, &txn(4, vec![undo(t1)]));
 }

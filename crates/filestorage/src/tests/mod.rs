@@ -2,15 +2,16 @@
 
 mod blobs;
 mod crash;
+mod crash_files;
 mod fuzz;
 mod history;
 mod pack;
 mod recovery;
 mod storage;
 
-use crate::sim::SimFile;
 use crate::{FileStorageCore, Options};
 use bytes::Bytes;
+use fsio::sim::SimFile;
 use std::sync::Arc;
 use zodb::{Oid, Tid, Transaction, TransactionMeta, TxnOp, Vote};
 

@@ -3,8 +3,8 @@
 use super::history::{commit_changed, obj, undo};
 use super::*;
 use crate::pack::{PackOptions, PackOutcome};
+use crate::paths::sibling;
 use crate::scan;
-use crate::storage::sibling;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use zodb::StorageError;
@@ -92,7 +92,7 @@ fn pack_now_keeps_only_reachable_current_revisions() {
     // Data.fs.old is the file as it was; the new one is valid and its index was saved.
     assert_eq!(std::fs::read(sibling(&path, ".old")).unwrap(), before);
     let v = verify(&path);
-    assert_eq!(v.index, core.live.read().index);
+    core.with_index(|i| assert_eq!(&v.index, i));
     assert!(!sibling(&path, ".pack").exists());
     // Commits go on, new oids do not reuse collected ones while open.
     let t = commit(
@@ -314,7 +314,7 @@ fn commits_and_loads_continue_during_pack() {
         );
     }
     let v = verify(&path);
-    assert_eq!(v.index, core.live.read().index);
+    core.with_index(|i| assert_eq!(&v.index, i));
     assert_eq!(v.last_tid, core.last_transaction());
 }
 

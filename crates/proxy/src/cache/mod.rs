@@ -94,14 +94,14 @@
 
 mod index;
 mod recent;
+mod redb_file;
 mod segment;
 #[cfg(test)]
 mod tests;
 
+use fsio::{FileIo, Fs, Mode};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -235,7 +235,7 @@ struct Counters {
 /// The segment being appended to.
 struct Active {
     seg: u64,
-    file: Arc<File>,
+    file: Arc<dyn FileIo>,
     len: u64,
 }
 
@@ -267,6 +267,8 @@ enum Changes {
 
 /// The persistent cache. See the module documentation.
 pub struct Cache {
+    /// The file system of the cache directory (a simulated disk in the crash tests).
+    fs: Arc<dyn Fs>,
     segments_dir: PathBuf,
     max_bytes: u64,
     segment_size: u64,
@@ -274,7 +276,7 @@ pub struct Cache {
     log_size: usize,
     db: Database,
     writer: Mutex<Writer>,
-    files: RwLock<HashMap<u64, Arc<File>>>,
+    files: RwLock<HashMap<u64, Arc<dyn FileIo>>>,
     epochs: RwLock<Epochs>,
     accessed: Mutex<Accessed>,
     last_tid: AtomicU64,
@@ -346,19 +348,25 @@ impl Cache {
     /// aside as `index.redb.bad` with a warning, and the cache starts empty. Blocks on
     /// `fsync`; bounded work (no scan of data or index).
     pub fn open(config: CacheConfig) -> Result<Cache, CacheError> {
+        Self::open_on(fsio::real(), config)
+    }
+
+    /// [`Cache::open`] with the cache directory on the file system `fs` (a simulated disk
+    /// in the crash tests).
+    pub fn open_on(fs: Arc<dyn Fs>, config: CacheConfig) -> Result<Cache, CacheError> {
         let started = std::time::Instant::now();
-        let cache = match Self::try_open(&config) {
+        let cache = match Self::try_open(&fs, &config) {
             Ok(cache) => cache,
             Err(OpenError::Fatal(e)) => return Err(e),
             Err(OpenError::Unusable(why)) => {
                 warn!(dir = %config.dir.display(), %why,
                       "the proxy cache index is unusable; setting it aside and starting empty");
                 let index = config.dir.join(INDEX_FILE);
-                match fs::rename(&index, config.dir.join(BAD_INDEX_FILE)) {
+                match fs.rename(&index, &config.dir.join(BAD_INDEX_FILE)) {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
                     _ => {}
                 }
-                match Self::try_open(&config) {
+                match Self::try_open(&fs, &config) {
                     Ok(cache) => cache,
                     Err(OpenError::Fatal(e)) => return Err(e),
                     Err(OpenError::Unusable(why)) => return Err(CacheError::Corrupt(why)),
@@ -373,10 +381,10 @@ impl Cache {
         Ok(cache)
     }
 
-    fn try_open(config: &CacheConfig) -> Result<Cache, OpenError> {
+    fn try_open(fs: &Arc<dyn Fs>, config: &CacheConfig) -> Result<Cache, OpenError> {
         // redb may panic rather than fail on some damaged files (debug builds do so on
         // purpose): a panic here means an unusable index, not a crashed proxy.
-        match catch_unwind(AssertUnwindSafe(|| Self::try_open_inner(config))) {
+        match catch_unwind(AssertUnwindSafe(|| Self::try_open_inner(fs, config))) {
             Ok(result) => result,
             Err(panic) => {
                 let what = panic
@@ -391,19 +399,15 @@ impl Cache {
         }
     }
 
-    fn try_open_inner(config: &CacheConfig) -> Result<Cache, OpenError> {
+    fn try_open_inner(fs: &Arc<dyn Fs>, config: &CacheConfig) -> Result<Cache, OpenError> {
         let segments_dir = config.dir.join(SEGMENTS_DIR);
-        fs::create_dir_all(&segments_dir).map_err(io_err)?;
+        fsio::create_dir_all(&**fs, &segments_dir).map_err(io_err)?;
         let index_path = config.dir.join(INDEX_FILE);
-        let created = !index_path.exists();
+        let created = !fsio::exists(&**fs, &index_path);
         let index_memory = config.effective_index_memory();
-        let db = Database::builder()
-            .set_cache_size(usize::try_from(index_memory).unwrap_or(16 << 20))
-            .create(&index_path)?;
+        let db = redb_file::open(fs, &index_path, index_memory)?;
         if created {
-            File::open(&config.dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io_err)?;
+            fs.sync_dir(&config.dir).map_err(io_err)?;
         }
         let persisted = Self::read_persisted(&db)?;
         let Persisted {
@@ -439,14 +443,9 @@ impl Cache {
         // Segment files: keep those the index mentions, delete the rest (written after the
         // last durable commit, or already evicted). Purge entries whose segment is gone.
         let mut on_disk = BTreeMap::new();
-        for dirent in fs::read_dir(&segments_dir).map_err(io_err)? {
-            let dirent = dirent.map_err(io_err)?;
-            if let Some(seg) = dirent
-                .file_name()
-                .to_str()
-                .and_then(segment::parse_segment_name)
-            {
-                on_disk.insert(seg, dirent.path());
+        for dirent in fs.read_dir(&segments_dir).map_err(io_err)? {
+            if let Some(seg) = dirent.name.to_str().and_then(segment::parse_segment_name) {
+                on_disk.insert(seg, segments_dir.join(&dirent.name));
             }
         }
         let next_seg = on_disk
@@ -458,7 +457,7 @@ impl Cache {
         for (seg, path) in &on_disk {
             if !referenced.contains(seg) {
                 debug!(seg, "deleting an unreferenced cache segment");
-                fs::remove_file(path).map_err(io_err)?;
+                fs.remove_file(path).map_err(io_err)?;
             }
         }
         let mut files = HashMap::new();
@@ -471,18 +470,18 @@ impl Cache {
                 continue;
             };
             let reuse = clean.filter(|&(s, _)| s == seg).map(|(_, len)| len);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(reuse.is_some())
-                .open(path)
-                .map_err(io_err)?;
-            if !segment::check_segment_header(&file, seg).map_err(io_err)? {
+            let mode = if reuse.is_some() {
+                Mode::Write
+            } else {
+                Mode::Read
+            };
+            let file = fs.open(path, mode).map_err(io_err)?;
+            if !segment::check_segment_header(&*file, seg).map_err(io_err)? {
                 warn!(seg, "cache segment has a bad header; dropping its entries");
                 missing.push(seg);
                 continue;
             }
-            let mut size = file.metadata().map_err(io_err)?.len();
-            let file = Arc::new(file);
+            let mut size = file.size().map_err(io_err)?;
             if let Some(len) = reuse {
                 // After a clean close the last segment continues; cut anything past the
                 // length the close recorded (there should be nothing).
@@ -505,6 +504,7 @@ impl Cache {
         let max_bytes = config.max_bytes;
         let segment_size = segment_size(max_bytes);
         let cache = Cache {
+            fs: fs.clone(),
             segments_dir,
             max_bytes,
             segment_size,
@@ -708,7 +708,7 @@ impl Cache {
     fn read_entry(&self, oid: Oid, start: Tid, loc: Loc) -> Option<Bytes> {
         let file = self.files.read().get(&loc.seg).cloned();
         let result = match file {
-            Some(file) => segment::read_record(&file, loc, oid, start),
+            Some(file) => segment::read_record(&*file, loc, oid, start),
             None => Err(RecordError::MissingSegment(loc.seg)),
         };
         match result {
@@ -1125,7 +1125,7 @@ impl Cache {
         }
         w.unsynced.clear();
         if w.dir_unsynced {
-            File::open(&self.segments_dir)?.sync_all()?;
+            self.fs.sync_dir(&self.segments_dir)?;
             w.dir_unsynced = false;
         }
         txn.set_durability(Durability::Immediate)?;
@@ -1134,7 +1134,7 @@ impl Cache {
         Ok(())
     }
 
-    fn unsynced_files(&self, w: &Writer) -> Vec<Arc<File>> {
+    fn unsynced_files(&self, w: &Writer) -> Vec<Arc<dyn FileIo>> {
         let files = self.files.read();
         w.unsynced
             .iter()
@@ -1186,7 +1186,7 @@ impl Cache {
     fn roll(&self, w: &mut Writer) -> Result<(), CacheError> {
         let seg = w.next_seg;
         w.next_seg += 1;
-        let file = Arc::new(segment::create_segment(&self.segments_dir, seg)?);
+        let file = segment::create_segment(&*self.fs, &self.segments_dir, seg)?;
         self.files.write().insert(seg, file.clone());
         w.sizes.insert(seg, SEGMENT_HEADER_LEN);
         w.total_bytes += SEGMENT_HEADER_LEN;
@@ -1250,7 +1250,7 @@ impl Cache {
             w.total_bytes -= size;
         }
         let path = segment::segment_path(&self.segments_dir, seg);
-        if let Err(e) = fs::remove_file(&path) {
+        if let Err(e) = self.fs.remove_file(&path) {
             if e.kind() != io::ErrorKind::NotFound {
                 warn!(error = %e, path = %path.display(), "deleting an evicted cache segment failed");
             }
@@ -1297,7 +1297,7 @@ impl Cache {
                     if second_chance && hot.contains(&off) {
                         let data = file
                             .as_ref()
-                            .and_then(|f| segment::read_record(f, loc, oid, start).ok());
+                            .and_then(|f| segment::read_record(&**f, loc, oid, start).ok());
                         if let Some(data) = data {
                             let to = self.append(w, oid, start, &data)?;
                             t.relocate(oid, start, loc, to)?;

@@ -15,10 +15,10 @@
 //! never modified after the fact, only appended to and, when evicted, deleted whole.
 
 use bytes::Bytes;
-use std::fs::{File, OpenOptions};
+use fsio::{FileIo, Fs, Mode};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use zodb::{Oid, Tid};
 
 /// First bytes of every segment file.
@@ -70,12 +70,8 @@ pub(super) fn parse_segment_name(name: &str) -> Option<u64> {
 }
 
 /// Creates segment `seg` (it must not exist) with its header written (not synced).
-pub(super) fn create_segment(dir: &Path, seg: u64) -> io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(segment_path(dir, seg))?;
+pub(super) fn create_segment(fs: &dyn Fs, dir: &Path, seg: u64) -> io::Result<Arc<dyn FileIo>> {
+    let file = fs.open(&segment_path(dir, seg), Mode::CreateNew)?;
     let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
     header[..8].copy_from_slice(&SEGMENT_MAGIC);
     header[8..].copy_from_slice(&seg.to_be_bytes());
@@ -84,7 +80,7 @@ pub(super) fn create_segment(dir: &Path, seg: u64) -> io::Result<File> {
 }
 
 /// Whether `file` starts with the header of segment `seg`.
-pub(super) fn check_segment_header(file: &File, seg: u64) -> io::Result<bool> {
+pub(super) fn check_segment_header(file: &dyn FileIo, seg: u64) -> io::Result<bool> {
     let mut header = [0u8; SEGMENT_HEADER_LEN as usize];
     match file.read_exact_at(&mut header, 0) {
         Ok(()) => Ok(header[..8] == SEGMENT_MAGIC && header[8..] == seg.to_be_bytes()),
@@ -145,7 +141,7 @@ pub(super) fn decode_record(
 
 /// Reads and checks the record at `loc` with one positioned read.
 pub(super) fn read_record(
-    file: &File,
+    file: &dyn FileIo,
     loc: Loc,
     oid: Oid,
     start: Tid,

@@ -4,6 +4,7 @@ mod bench;
 mod crash;
 
 use super::*;
+use std::fs;
 use std::path::Path;
 use std::time::{Duration, Instant};
 

@@ -8,7 +8,7 @@
 //! back in any order). Tests enumerate these images, reopen each one and check what
 //! survived — the approach of redb's crash tests.
 
-use crate::io::FileIo;
+use crate::FileIo;
 use parking_lot::Mutex;
 use std::io;
 

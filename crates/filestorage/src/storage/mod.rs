@@ -1,5 +1,10 @@
-//! The synchronous storage core: opening (index, scan, recovery), reads, and the commit
-//! steps. [`crate::FileStorage`] wraps it for the async [`zodb::Storage`] trait.
+//! The synchronous storage core: reads and the commit steps, with opening (index, scan,
+//! recovery) in [`open`](self::open), the blob files of a commit in [`blobs`](self::blobs)
+//! and the narrow API pack works through in [`for_pack`](self::for_pack).
+//! [`crate::FileStorage`] wraps it for the async [`zodb::Storage`] trait.
+//!
+//! Every file and directory operation goes through the storage's [`fsio::Fs`] (the host's,
+//! or a simulated disk in the crash tests).
 //!
 //! ## Concurrency
 //! - The file handle, the index and the committed end live together in one `Live` under
@@ -14,22 +19,25 @@
 //!   data it returns was invalidated for: fsync → `data_end` → sink → index and snapshot
 //!   (end + tid, used by walks, iteration and `info`) → `last_tid`.
 
-use crate::commit::{self, BlobSource, CommittedState, Policy, Prepare};
+mod blobs;
+pub(crate) mod for_pack;
+mod open;
+
+use crate::commit::{self, CommittedState, Policy, Prepare};
 use crate::error::Error;
-use crate::format::{self, status, Magic, FIRST_TXN_POS, MAGIC_FS30};
+use crate::format::{self, status, Magic, FIRST_TXN_POS};
 use crate::index::Index;
-use crate::io::FileIo;
 use crate::iter::TxnIter;
-use crate::lock::LockFile;
-use crate::scan::{self, Tail, TornTail};
+use crate::paths;
+use crate::scan::TornTail;
 use crate::undo::UndoResolution;
 use crate::view::{FileView, TxnAt};
+use blobs::remove_files;
 use bytes::Bytes;
+use fsio::{FileIo, Fs};
 use parking_lot::{Condvar, Mutex, RwLock};
 use std::collections::HashSet;
-use std::ffi::OsString;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -85,15 +93,15 @@ pub struct Options {
 }
 
 /// The file and what describes it, replaced as a whole by pack.
-pub(crate) struct Live {
-    pub(crate) io: Arc<dyn FileIo>,
-    pub(crate) index: Index,
+struct Live {
+    io: Arc<dyn FileIo>,
+    index: Index,
     /// Bound for record reads: the end of durable, committed data (runs ahead of
     /// `snap_end` during a finish).
-    pub(crate) data_end: u64,
+    data_end: u64,
     /// The last published transaction and the end of the file after it.
-    pub(crate) snap_end: u64,
-    pub(crate) snap_tid: Tid,
+    snap_end: u64,
+    snap_tid: Tid,
 }
 
 /// A voted transaction waiting for finish or abort.
@@ -112,26 +120,21 @@ struct Staged {
 }
 
 #[derive(Debug)]
-pub(crate) struct CommitState {
+struct CommitState {
     /// Where the next transaction goes (= the committed end).
-    pub(crate) append_pos: u64,
+    append_pos: u64,
     /// New tids are later than this; raised at every vote, so aborted tids are not reused.
     last_tid_used: Tid,
     staged: Option<Staged>,
     /// Pack is about to swap files: new votes wait until it is done (a few milliseconds).
-    pub(crate) swap_pending: bool,
-}
-
-impl CommitState {
-    /// Whether a voted transaction waits for finish or abort.
-    pub(crate) fn has_staged(&self) -> bool {
-        self.staged.is_some()
-    }
+    swap_pending: bool,
 }
 
 /// A FileStorage with a synchronous API. All methods may block on disk I/O.
 pub struct FileStorageCore {
     name: String,
+    /// The file system of the `Data.fs`, its neighbours and the blob directory.
+    fs: Arc<dyn Fs>,
     /// The `Data.fs` path; `None` for storages over a bare [`FileIo`] (tests), which have
     /// no lock, `.index` or `.trN` files.
     path: Option<PathBuf>,
@@ -142,24 +145,24 @@ pub struct FileStorageCore {
     used_index: bool,
     /// A torn tail that a read-only open did not remove.
     ignored_tail: Option<TornTail>,
-    pub(crate) undo_resolution: UndoResolution,
-    pub(crate) pack_discard_old: bool,
-    pub(crate) pack_without_gc: bool,
+    undo_resolution: UndoResolution,
+    pack_discard_old: bool,
+    pack_without_gc: bool,
     /// The blob directory, when the storage has blobs.
-    pub(crate) blobs: Option<BlobDir>,
+    blobs: Option<BlobDir>,
     /// `storeBlobShared` is accepted (see [`Options::shared_blob_dir`]).
-    pub(crate) shared_blob_dir: bool,
-    pub(crate) live: RwLock<Live>,
+    shared_blob_dir: bool,
+    live: RwLock<Live>,
     last_tid: AtomicU64,
     max_oid: Mutex<u64>,
-    pub(crate) commit: Mutex<CommitState>,
+    commit: Mutex<CommitState>,
     /// Signalled when a staged transaction is finished or aborted and when a pack swap
     /// ends.
-    pub(crate) commit_cv: Condvar,
+    commit_cv: Condvar,
     /// Set while a pack runs: one at a time.
-    pub(crate) packing: AtomicBool,
+    packing: AtomicBool,
     sink: RwLock<Option<Arc<dyn InvalidationSink>>>,
-    lock: Mutex<Option<LockFile>>,
+    lock: Mutex<Option<fsio::Lock>>,
     closed: AtomicBool,
 }
 
@@ -173,228 +176,7 @@ impl std::fmt::Debug for FileStorageCore {
     }
 }
 
-pub(crate) fn sibling(path: &Path, suffix: &str) -> PathBuf {
-    let mut s: OsString = path.as_os_str().to_owned();
-    s.push(suffix);
-    PathBuf::from(s)
-}
-
-/// An I/O error on `path`: std's error text never names the file, and "Permission
-/// denied" alone does not tell an operator which of Data.fs, its `.lock`, `.index` or
-/// `.trN` files to look at. The kind is kept.
-pub(crate) fn io_at(path: &Path, e: io::Error) -> StorageError {
-    StorageError::Io(io::Error::new(e.kind(), format!("{}: {e}", path.display())))
-}
-
-/// Names `path` in an I/O error that does not name it yet (other errors already do).
-fn naming(path: &Path, e: StorageError) -> StorageError {
-    match e {
-        StorageError::Io(e) if !e.to_string().contains(&*path.to_string_lossy()) => io_at(path, e),
-        e => e,
-    }
-}
-
-pub(crate) fn corrupted(name: &str, e: Error) -> StorageError {
-    match e {
-        Error::Io(e) => StorageError::Io(e),
-        e @ (Error::Corrupted { .. } | Error::Format(_)) => {
-            StorageError::Corrupted(format!("{name}: {e}"))
-        }
-        other => other.into(),
-    }
-}
-
-/// fsyncs a directory so that a newly created or renamed entry survives a crash.
-pub(crate) fn sync_dir(path: &Path) -> io::Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    File::open(dir)?.sync_all()
-}
-
 impl FileStorageCore {
-    /// Opens (or creates, see [`Options::create`]) the FileStorage at `path`.
-    pub fn open(path: impl AsRef<Path>, options: Options) -> Result<FileStorageCore> {
-        let path = path.as_ref();
-        if options.read_only && options.create {
-            return Err(StorageError::Value(
-                "can't create a read-only FileStorage".into(),
-            ));
-        }
-        let lock = if options.read_only {
-            None
-        } else {
-            let lock_path = sibling(path, ".lock");
-            Some(LockFile::acquire(&lock_path).map_err(|e| naming(&lock_path, e.into()))?)
-        };
-        let file = if options.read_only {
-            File::open(path).map_err(|e| io_at(path, e))?
-        } else {
-            match OpenOptions::new().read(true).write(true).open(path) {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && options.create => {
-                    Self::create(path).map_err(|e| io_at(path, e))?
-                }
-                Err(e) => return Err(io_at(path, e)),
-            }
-        };
-        let io = Arc::new(crate::io::MappedFile::new(file).map_err(|e| io_at(path, e))?);
-        let mut core = Self::open_inner(
-            io.clone(),
-            path.display().to_string(),
-            Some(path.to_owned()),
-            options,
-        )
-        .map_err(|e| naming(path, e))?;
-        io.release_pages();
-        *core.lock.get_mut() = lock;
-        Ok(core)
-    }
-
-    /// Creates a new, empty storage file at `path`.
-    fn create(path: &Path) -> io::Result<File> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)?;
-        // The magic at once, so a crash right after creation leaves a valid, empty
-        // storage; then the directory entry.
-        std::os::unix::fs::FileExt::write_all_at(&f, &MAGIC_FS30, 0)?;
-        f.sync_data()?;
-        sync_dir(path)?;
-        tracing::info!(path = %path.display(), "created a new FileStorage");
-        Ok(f)
-    }
-
-    /// The damaged tail this read-only storage left in place (a writable open moves it to
-    /// `.trN` instead): `zeors info` tells it.
-    pub fn ignored_tail(&self) -> Option<&TornTail> {
-        self.ignored_tail.as_ref()
-    }
-
-    /// Opens a storage over any [`FileIo`] (e.g. a [`crate::sim::SimFile`]). There is no
-    /// lock file and no `.index`; bytes cut off a torn tail are logged, not kept.
-    pub fn open_io(io: Arc<dyn FileIo>, name: &str, options: Options) -> Result<FileStorageCore> {
-        Self::open_inner(io, name.to_owned(), None, options)
-    }
-
-    fn open_inner(
-        io: Arc<dyn FileIo>,
-        name: String,
-        path: Option<PathBuf>,
-        options: Options,
-    ) -> Result<FileStorageCore> {
-        let (magic, size) = read_magic(&*io, &name, options.read_only)?;
-        if magic == Magic::Fs21 && !options.read_only {
-            return Err(StorageError::Value(format!(
-                "{name} is an FS21 (Python 2) file: open it read-only, or convert it with \
-                 zodbupdate --convert-py3 first"
-            )));
-        }
-        let saved = path
-            .as_deref()
-            .and_then(|p| load_saved_index(&*io, p, size));
-        let used_index = saved.is_some();
-        let (mut index, start, ltid) = saved.unwrap_or((Index::new(), FIRST_TXN_POS, Tid::ZERO));
-
-        let outcome = if size <= FIRST_TXN_POS {
-            scan::ScanOutcome {
-                end: FIRST_TXN_POS,
-                last_tid: ltid,
-                transactions: 0,
-                tail: None,
-            }
-        } else {
-            scan::scan(&*io, &name, size, start, ltid, &mut index)
-                .map_err(|e| corrupted(&name, e))?
-        };
-        if !used_index {
-            index.shrink_to_fit();
-        }
-        let mut ignored_tail = None;
-        if let Some(tail) = outcome.tail {
-            let torn = TornTail {
-                tail,
-                file_size: size,
-            };
-            if options.read_only {
-                tracing::warn!("{name}: {torn}; left in place (opened read-only)");
-                ignored_tail = Some(torn);
-            } else {
-                recover_tail(&*io, &name, path.as_deref(), &torn)?;
-            }
-        }
-        let end = outcome.end;
-        let last_tid = outcome.last_tid;
-        tracing::debug!(
-            name,
-            end,
-            transactions = outcome.transactions,
-            used_index,
-            "opened"
-        );
-
-        let now = zodb::timestamp::tid_from_unix(zodb::timestamp::now_unix());
-        if last_tid > now {
-            let secs = zodb::timestamp::tid_to_unix(last_tid) - zodb::timestamp::tid_to_unix(now);
-            if secs > 30.0 * 60.0 {
-                tracing::error!(name, seconds = secs, "database records in the future");
-            } else {
-                tracing::warn!(name, seconds = secs, "database records in the future");
-            }
-        }
-
-        let blobs = match &options.blob_dir {
-            Some(dir) => Some(open_blob_dir(dir, options.read_only)?),
-            None => None,
-        };
-        let max_oid = index.max_oid().map_or(0, |o| o.0);
-        let core = FileStorageCore {
-            name,
-            path,
-            read_only: options.read_only,
-            magic,
-            quota: options.quota,
-            sync_on_vote: options.sync_on_vote,
-            used_index,
-            ignored_tail,
-            undo_resolution: options.undo_resolution,
-            pack_discard_old: options.pack_discard_old,
-            pack_without_gc: options.pack_without_gc,
-            blobs,
-            shared_blob_dir: options.shared_blob_dir,
-            live: RwLock::new(Live {
-                io,
-                index,
-                data_end: end,
-                snap_end: end,
-                snap_tid: last_tid,
-            }),
-            last_tid: AtomicU64::new(last_tid.0),
-            max_oid: Mutex::new(max_oid),
-            commit: Mutex::new(CommitState {
-                append_pos: end,
-                last_tid_used: last_tid,
-                staged: None,
-                swap_pending: false,
-            }),
-            commit_cv: Condvar::new(),
-            packing: AtomicBool::new(false),
-            sink: RwLock::new(None),
-            lock: Mutex::new(None),
-            closed: AtomicBool::new(false),
-        };
-        if !used_index && !core.read_only {
-            // Python saves after a rebuild too; the next open (ours or Python's) is fast.
-            if let Err(e) = core.save_index() {
-                tracing::warn!(name = core.name, error = %e, "could not save the index");
-            }
-        }
-        Ok(core)
-    }
-
     fn corrupt(&self, pos: u64, what: impl std::fmt::Display) -> StorageError {
         StorageError::Corrupted(format!(
             "{}: damaged Data.fs at offset {pos}: {what}",
@@ -403,7 +185,28 @@ impl FileStorageCore {
     }
 
     pub(crate) fn err(&self, e: Error) -> StorageError {
-        corrupted(&self.name, e)
+        e.in_storage(&self.name)
+    }
+
+    /// The file system the storage's files are on.
+    pub(crate) fn fs(&self) -> &Arc<dyn Fs> {
+        &self.fs
+    }
+
+    /// Whether packs through [`zodb::Storage::pack`] collect garbage (Python's `pack_gc`).
+    pub fn pack_gc(&self) -> bool {
+        !self.pack_without_gc
+    }
+
+    /// The oids in the index, in order (the objects of the storage, deleted ones included).
+    pub fn oids(&self) -> Vec<Oid> {
+        self.live.read().index.iter().map(|(o, _)| o).collect()
+    }
+
+    /// Runs `f` on the index (tests compare it with a rebuilt one).
+    #[cfg(test)]
+    pub(crate) fn with_index<T>(&self, f: impl FnOnce(&Index) -> T) -> T {
+        f(&self.live.read().index)
     }
 
     /// The storage's name (its path).
@@ -848,7 +651,7 @@ impl FileStorageCore {
         if let Err(e) = written {
             tracing::error!(name = self.name, error = %e, "writing the transaction failed; truncating");
             self.truncate_to(&*io, pos);
-            remove_files(blobs.iter().map(|(_, f)| f.as_path()));
+            remove_files(&*self.fs, blobs.iter().map(|(_, f)| f.as_path()));
             return Err(e.into());
         }
         c.staged = Some(Staged {
@@ -899,8 +702,8 @@ impl FileStorageCore {
                 tracing::error!(name = self.name, error = %e, "fsync after truncation failed too");
             }
             // Nothing refers to these files any more.
-            remove_files(s.blobs.iter().map(|(_, f)| f.as_path()));
-            remove_files(placed.iter().map(PathBuf::as_path));
+            remove_files(&*self.fs, s.blobs.iter().map(|(_, f)| f.as_path()));
+            remove_files(&*self.fs, placed.iter().map(PathBuf::as_path));
             self.commit_cv.notify_all();
             return Err(e.into());
         }
@@ -935,132 +738,8 @@ impl FileStorageCore {
         if let Some(s) = c.staged.take_if(|s| s.key == key) {
             let io = self.live.read().io.clone();
             self.truncate_to(&*io, s.pos);
-            remove_files(s.blobs.iter().map(|(_, f)| f.as_path()));
+            remove_files(&*self.fs, s.blobs.iter().map(|(_, f)| f.as_path()));
             self.commit_cv.notify_all();
-        }
-    }
-
-    /// Gives each blob file of a transaction about to be written a name of the storage's
-    /// own in the blob directory's `tmp` (a hard link to the client's file, or to the
-    /// committed file an undo copies), fsynced. Nothing is visible yet; finish moves them
-    /// into place, abort removes them.
-    fn stage_blobs(&self, blobs: &[(Oid, BlobSource)]) -> Result<Vec<(Oid, PathBuf)>> {
-        if blobs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let dir = self
-            .blobs
-            .as_ref()
-            .ok_or(StorageError::Unsupported("blobs"))?;
-        let mut staged = Vec::with_capacity(blobs.len());
-        for (oid, src) in blobs {
-            let source = match src {
-                BlobSource::File(p) => p.clone(),
-                BlobSource::Revision(t) => dir.blob_path(*oid, *t),
-            };
-            // Never through a symbolic link, and only a regular file (see zodb::blob).
-            let tmp = match dir.stage(&source, "staged") {
-                Ok(tmp) => tmp,
-                Err(e) => {
-                    remove_files(staged.iter().map(|(_, f): &(Oid, PathBuf)| f.as_path()));
-                    return Err(match (src, e.kind()) {
-                        // Python's undo: "No blob file" (POSKeyError).
-                        (BlobSource::Revision(_), io::ErrorKind::NotFound) => {
-                            StorageError::PosKey(*oid)
-                        }
-                        (BlobSource::File(p), io::ErrorKind::NotFound) => StorageError::Value(
-                            format!("the blob file {} for oid {oid} does not exist", p.display()),
-                        ),
-                        (BlobSource::File(p), io::ErrorKind::InvalidInput) => {
-                            tracing::warn!(file = %p.display(), %oid, error = %e, "refusing a blob file");
-                            StorageError::Value(format!(
-                                "the blob file for oid {oid} was refused: {e}"
-                            ))
-                        }
-                        _ => e.into(),
-                    });
-                }
-            };
-            staged.push((*oid, tmp));
-        }
-        Ok(staged)
-    }
-
-    /// Moves the staged blob files of transaction `tid` to their final names, read-only,
-    /// and fsyncs their directories. Each file placed is added to `placed`, so that a
-    /// failure can take them back.
-    fn place_blobs(
-        &self,
-        tid: Tid,
-        staged: &[(Oid, PathBuf)],
-        placed: &mut Vec<PathBuf>,
-    ) -> io::Result<()> {
-        let Some(dir) = &self.blobs else {
-            return Ok(());
-        };
-        let mut dirs: Vec<PathBuf> = Vec::new();
-        for (oid, tmp) in staged {
-            let oid_dir = dir.oid_dir(*oid);
-            let target = dir.place(tmp, *oid, tid)?;
-            placed.push(target);
-            if !dirs.contains(&oid_dir) {
-                dirs.push(oid_dir);
-            }
-        }
-        for d in &dirs {
-            zodb::blob::sync_dir(d)?;
-        }
-        Ok(())
-    }
-
-    /// The blob directory, when the storage has blobs.
-    pub fn blob_dir(&self) -> Option<&BlobDir> {
-        self.blobs.as_ref()
-    }
-
-    /// The blob directory if clients share it (`storeBlobShared` is accepted).
-    pub fn shared_blob_dir(&self) -> Option<&BlobDir> {
-        self.blobs.as_ref().filter(|_| self.shared_blob_dir)
-    }
-
-    /// Opens the blob file of revision `serial` of `oid` (`loadBlob`). Only revisions the
-    /// storage has committed are served: a file left behind by a crash between placing
-    /// blobs and committing is never visible. Errors: `PosKey` when there is no such
-    /// revision or no file.
-    pub fn open_blob(&self, oid: Oid, serial: Tid) -> Result<File> {
-        let dir = self
-            .blobs
-            .as_ref()
-            .ok_or(StorageError::Unsupported("blobs"))?;
-        if !self.has_revision(oid, serial)? {
-            return Err(StorageError::PosKey(oid));
-        }
-        match dir.open_blob_file(oid, serial) {
-            Ok(f) => Ok(f),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Err(StorageError::PosKey(oid)),
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// Whether `oid` has a committed record written by transaction `serial`.
-    pub fn has_revision(&self, oid: Oid, serial: Tid) -> Result<bool> {
-        let (v, mut pos) = match self.lookup(oid) {
-            Ok(found) => found,
-            Err(StorageError::PosKey(_)) => return Ok(false),
-            Err(e) => return Err(e),
-        };
-        loop {
-            let h = v.record(oid, pos).map_err(|e| self.err(e))?;
-            if h.tid == serial {
-                return Ok(true);
-            }
-            if h.tid < serial {
-                return Ok(false);
-            }
-            pos = v.prev_of(pos, &h).map_err(|e| self.err(e))?;
-            if pos == 0 {
-                return Ok(false);
-            }
         }
     }
 
@@ -1077,10 +756,11 @@ impl FileStorageCore {
         let end = guard.append_pos;
         let live = self.live.read();
         crate::index_file::save(
+            &*self.fs,
             &live.index,
             end,
-            &sibling(path, ".index"),
-            &sibling(path, ".index.index_tmp"),
+            &paths::index(path),
+            &paths::index_tmp(path),
         )
     }
 
@@ -1099,7 +779,7 @@ impl FileStorageCore {
             );
             let io = self.live.read().io.clone();
             self.truncate_to(&*io, s.pos);
-            remove_files(s.blobs.iter().map(|(_, f)| f.as_path()));
+            remove_files(&*self.fs, s.blobs.iter().map(|(_, f)| f.as_path()));
         }
         drop(c);
         self.commit_cv.notify_all();
@@ -1130,123 +810,4 @@ impl CommittedState for FileStorageCore {
     fn name(&self) -> &str {
         &self.name
     }
-}
-
-/// Opens the blob directory; a writable storage creates it and removes the temporary
-/// files an earlier run left behind.
-fn open_blob_dir(dir: &Path, read_only: bool) -> Result<BlobDir> {
-    let context = |e: io::Error| {
-        StorageError::Io(io::Error::new(
-            e.kind(),
-            format!("blob directory {}: {e}", dir.display()),
-        ))
-    };
-    let blobs = BlobDir::open(dir, !read_only).map_err(context)?;
-    if !read_only {
-        let n = blobs.clean_temp().map_err(context)?;
-        if n > 0 {
-            tracing::info!(dir = %blobs.temp_dir().display(), files = n, "removed temporary blob files left by an earlier run");
-        }
-    }
-    tracing::info!(dir = %blobs.root().display(), layout = blobs.layout().name(), "blob directory");
-    Ok(blobs)
-}
-
-/// Removes files that nothing refers to any more; failures are logged.
-pub(crate) fn remove_files<'a>(paths: impl IntoIterator<Item = &'a Path>) {
-    for p in paths {
-        if let Err(e) = zodb::blob::remove_if_exists(p) {
-            tracing::warn!(file = %p.display(), error = %e, "could not remove a blob file");
-        }
-    }
-}
-
-/// Reads the magic, initialising an empty file (writable). Returns it with the file size.
-fn read_magic(io: &dyn FileIo, name: &str, read_only: bool) -> Result<(Magic, u64)> {
-    let size = io.size()?;
-    if size == 0 {
-        if read_only {
-            return Ok((Magic::Fs30, 0));
-        }
-        io.write_all_at(&MAGIC_FS30, 0)?;
-        io.sync_data()?;
-        return Ok((Magic::Fs30, 4));
-    }
-    if size < 4 {
-        return Err(Error::Format(format!("{name} is {size} bytes, too short for a magic")).into());
-    }
-    let mut m = [0u8; 4];
-    io.read_exact_at(&mut m, 0)?;
-    let magic = Magic::parse(m)
-        .ok_or_else(|| Error::Format(format!("{name} starts with {m:02x?}, not FS30 or FS21")))?;
-    Ok((magic, size))
-}
-
-/// `<path>.index` when it parses and passes the sanity check: `(index, pos, tid at pos)`.
-/// Any problem just means "no index" (the file is scanned instead).
-fn load_saved_index(io: &dyn FileIo, path: &Path, size: u64) -> Option<(Index, u64, Tid)> {
-    let ipath = sibling(path, ".index");
-    if !ipath.exists() {
-        return None;
-    }
-    match crate::index_file::load(&ipath) {
-        Ok((pos, index)) => match scan::check_index_sanity(io, size, &index, pos) {
-            Some(tid) => Some((index, pos, tid)),
-            None => {
-                tracing::warn!(index = %ipath.display(), "ignoring index: it does not match the data file");
-                None
-            }
-        },
-        Err(e) => {
-            tracing::warn!(index = %ipath.display(), error = %e, "ignoring index");
-            None
-        }
-    }
-}
-
-/// Removes a damaged tail at open (writable): the cut bytes go to the first free
-/// `<path>.trN` (not for a fragment shorter than a header, as in Python).
-fn recover_tail(io: &dyn FileIo, name: &str, path: Option<&Path>, torn: &TornTail) -> Result<()> {
-    let pos = torn.tail.pos();
-    let size = torn.file_size;
-    match (&torn.tail, path) {
-        // Python truncates a fragment without keeping a copy.
-        (Tail::Short { .. }, _) => tracing::warn!("{name}: {torn}; truncating it"),
-        (Tail::Torn { .. }, Some(path)) => {
-            let kept = save_cut_bytes(io, path, pos, size)?;
-            tracing::warn!(
-                "{name}: {torn}; moved to {} and cut off (the transactions before it are intact)",
-                kept.display()
-            );
-        }
-        (Tail::Torn { .. }, None) => tracing::warn!("{name}: {torn}; discarding it"),
-    }
-    io.set_len(pos)?;
-    io.sync_data()?;
-    Ok(())
-}
-
-/// Copies `[pos, size)` into the first `<path>.trN` that does not exist yet.
-fn save_cut_bytes(io: &dyn FileIo, path: &Path, pos: u64, size: u64) -> Result<PathBuf> {
-    for i in 0u32.. {
-        let tr = sibling(path, &format!(".tr{i}"));
-        let mut f = match OpenOptions::new().write(true).create_new(true).open(&tr) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(io_at(&tr, e)),
-        };
-        let mut buf = vec![0u8; 1 << 20];
-        let mut p = pos;
-        while p < size {
-            let n = ((size - p) as usize).min(buf.len());
-            io.read_exact_at(&mut buf[..n], p)?;
-            f.write_all(&buf[..n]).map_err(|e| io_at(&tr, e))?;
-            p += n as u64;
-        }
-        f.sync_all().map_err(|e| io_at(&tr, e))?;
-        // The copy must survive a crash before the truncation does.
-        sync_dir(&tr).map_err(|e| io_at(&tr, e))?;
-        return Ok(tr);
-    }
-    Err(Error::Value(format!("no free .trN name for {}", path.display())).into())
 }

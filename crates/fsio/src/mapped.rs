@@ -1,59 +1,13 @@
-//! The file operations the storage needs, behind a trait so that tests can substitute a
-//! file that simulates power loss (see [`crate::sim`]).
-//!
-//! Everything is positioned I/O: readers never share a file cursor, so any number of
-//! loads can run at once, and concurrently with the single committer appending at the end.
+//! [`MappedFile`]: a file read through a shared memory mapping and written through its
+//! descriptor, for a file read often and at random (the Data.fs).
 
+use crate::FileIo;
 use parking_lot::RwLock;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-
-/// A random-access file.
-pub trait FileIo: Send + Sync {
-    /// Fills `buf` from `offset`; a read past the end is an `UnexpectedEof` error.
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
-
-    /// Writes all of `buf` at `offset`, extending the file if needed.
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
-
-    /// Truncates or extends the file.
-    fn set_len(&self, len: u64) -> io::Result<()>;
-
-    /// Makes every completed write (and the file length) durable.
-    fn sync_data(&self) -> io::Result<()>;
-
-    /// The current length of the file in bytes.
-    fn size(&self) -> io::Result<u64>;
-
-    /// Lets go of cached pages after reading much of the file once (see
-    /// [`MappedFile::release_pages`]); nothing to do for plain files.
-    fn release_pages(&self) {}
-}
-
-impl FileIo for File {
-    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
-        FileExt::read_exact_at(self, buf, offset)
-    }
-
-    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
-        FileExt::write_all_at(self, buf, offset)
-    }
-
-    fn set_len(&self, len: u64) -> io::Result<()> {
-        File::set_len(self, len)
-    }
-
-    fn sync_data(&self) -> io::Result<()> {
-        File::sync_data(self)
-    }
-
-    fn size(&self) -> io::Result<u64> {
-        Ok(self.metadata()?.len())
-    }
-}
 
 /// Address space mapped beyond the file's end, so that a growing file is remapped once per
 /// this many bytes of growth rather than at every commit.
