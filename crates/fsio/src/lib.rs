@@ -27,6 +27,7 @@
 //!    entries, nor entries for file data: a renamed file whose data was not synced may
 //!    come back with its new name and no content.
 
+pub mod forgetful;
 pub mod mapped;
 mod real;
 pub mod sim;

@@ -17,7 +17,8 @@
 //!   the disk the next round starts from.
 
 use super::*;
-use fsio::simfs::{Forgetful, SimFs, Torn};
+use fsio::forgetful::Forgetful;
+use fsio::simfs::{SimFs, Torn};
 use fsio::Fs;
 use std::process::{Command, Stdio};
 
