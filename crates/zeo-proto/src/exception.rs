@@ -75,7 +75,7 @@ pub fn exception_for(err: &StorageError) -> (String, Value) {
         StorageError::Remote {
             class_path,
             message,
-        } => (class_path.clone(), args(message.clone())),
+        } => (class_path.clone(), remote_payload(class_path, message)),
         StorageError::Corrupted(_) | StorageError::Io(_) => (
             "ZODB.POSException.StorageSystemError".into(),
             args(err.to_string()),
@@ -120,6 +120,32 @@ pub fn exception_for_protocol(err: &ProtocolError) -> (String, Value) {
     )
 }
 
+/// The payload of an upstream exception passed on by a proxy, from its class and message.
+/// The client builds a few classes from a dict and never answers the call if the keys are
+/// missing (`ClientStorage`'s exception factories): those get a dict with every key it
+/// reads; all others the usual argument tuple.
+fn remote_payload(class_path: &str, message: &str) -> Value {
+    match class_path {
+        "ZODB.POSException.ConflictError" | "ZODB.POSException.ReadConflictError" => Value::dict([
+            ("message", Value::str(message)),
+            ("oid", Value::None),
+            ("class_name", Value::None),
+            ("serials", Value::None),
+        ]),
+        "ZODB.POSException.BTreesConflictError" => Value::dict([
+            ("p1", Value::Int(-1)),
+            ("p2", Value::Int(-1)),
+            ("p3", Value::Int(-1)),
+            ("reason", Value::Int(-1)),
+        ]),
+        "ZODB.POSException.MultipleUndoErrors" => Value::dict([(
+            "_errs",
+            Value::List(vec![Value::Tuple(vec![Value::None, Value::str(message)])]),
+        )]),
+        _ => Value::Tuple(vec![Value::Str(message.to_string())]),
+    }
+}
+
 fn conflict_dict(message: &str, oid: zodb::Oid, committed: zodb::Tid, read: zodb::Tid) -> Value {
     Value::dict([
         ("message", Value::str(message)),
@@ -133,6 +159,12 @@ fn conflict_dict(message: &str, oid: zodb::Oid, committed: zodb::Tid, read: zodb
 /// back from an upstream server (proxy mode). Unknown classes become
 /// [`StorageError::Remote`] so they can be passed on unchanged.
 pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
+    let text = |v: Option<&Value>| match v {
+        Some(Value::Str(s)) => s.clone(),
+        Some(Value::Bytes(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    };
     let first_arg = || -> Option<&Value> { payload.as_seq().and_then(|s| s.first()) };
     let oid_of = |v: Option<&Value>| {
         v.and_then(|v| v.as_bytes())
@@ -182,6 +214,25 @@ pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
         }
         "ZODB.POSException.ReadOnlyError" => StorageError::ReadOnly,
         "ZODB.POSException.StorageTransactionError" => StorageError::Transaction(message()),
+        "ZODB.POSException.UndoError" if payload.get("_reason").is_some() => StorageError::Undo {
+            reason: text(payload.get("_reason")),
+            oid: oid_of(payload.get("_oid")),
+        },
+        "ZODB.POSException.MultipleUndoErrors" if payload.get("_errs").is_some() => {
+            let errs = payload
+                .get("_errs")
+                .and_then(Value::as_seq)
+                .map(|errs| {
+                    errs.iter()
+                        .filter_map(|e| {
+                            let pair = e.as_seq()?;
+                            Some((oid_of(pair.first())?, text(pair.get(1))))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            StorageError::MultipleUndo(errs)
+        }
         _ => StorageError::Remote {
             class_path: class_path.into(),
             message: message(),
@@ -193,6 +244,28 @@ pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
 mod tests {
     use super::*;
     use zodb::{Oid, Tid};
+
+    #[test]
+    fn passed_on_exceptions_the_client_builds_from_a_dict_get_one() {
+        for class in [
+            "ZODB.POSException.ConflictError",
+            "ZODB.POSException.ReadConflictError",
+            "ZODB.POSException.BTreesConflictError",
+            "ZODB.POSException.MultipleUndoErrors",
+        ] {
+            let (c, payload) = exception_for(&StorageError::Remote {
+                class_path: class.into(),
+                message: "from upstream".into(),
+            });
+            assert_eq!(c, class);
+            assert!(matches!(payload, Value::Dict(_)), "{class}: {payload:?}");
+        }
+        let (_, payload) = exception_for(&StorageError::Remote {
+            class_path: "builtins.ValueError".into(),
+            message: "m".into(),
+        });
+        assert_eq!(payload, Value::Tuple(vec![Value::Str("m".into())]));
+    }
 
     #[test]
     fn conflict_payload_has_what_the_client_factory_reads() {
@@ -229,6 +302,11 @@ mod tests {
                 read: Tid(2),
             },
             StorageError::ReadOnly,
+            StorageError::Undo {
+                reason: "Some data were modified by a later transaction".into(),
+                oid: Some(Oid(4)),
+            },
+            StorageError::MultipleUndo(vec![(Oid(1), "no".into()), (Oid(2), "never".into())]),
         ] {
             let (class, payload) = exception_for(&err);
             let back = error_from_exception(&class, &payload);

@@ -762,7 +762,7 @@ async fn async_trait_round_trip() {
     );
     assert!(info
         .interfaces
-        .contains(&("ZODB.interfaces", "IExternalGC")));
+        .contains(&("ZODB.interfaces".into(), "IExternalGC".into())));
     s.close().await.unwrap();
     assert!(p.with_extension("fs.index").exists());
 }

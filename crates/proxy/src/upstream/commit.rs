@@ -18,6 +18,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::debug;
 use zeo_client::Connection;
@@ -86,6 +87,18 @@ fn committed_revisions(stored: Vec<(Oid, Option<Bytes>)>, changed: &[Oid]) -> Ve
     out
 }
 
+/// The oids a committed transaction changed, each once: those it stored, and those whose
+/// data upstream changed for it (undone objects, which it did not store).
+fn invalidated_oids(stored: &[(Oid, Option<Bytes>)], changed: &[Oid]) -> Vec<Oid> {
+    let mut seen = HashSet::new();
+    stored
+        .iter()
+        .map(|(o, _)| *o)
+        .chain(changed.iter().copied())
+        .filter(|o| seen.insert(*o))
+        .collect()
+}
+
 impl Commits {
     /// The forwarded transaction `key`, if it is the one open upstream and its connection
     /// is still up. Anything else in the slot is stale and dropped.
@@ -112,8 +125,16 @@ impl Inner {
             let _ = fwd.conn.call(&Request::TpcAbort { txn: id }).await;
             return Err(e);
         }
-        // An error means upstream has dropped its side of the transaction already.
-        let reply: VoteResult = fwd.conn.request(&Request::Vote { txn: id }).await?;
+        let reply: VoteResult = match fwd.conn.request(&Request::Vote { txn: id.clone() }).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                // The stock server drops its side of a transaction whose vote failed; a
+                // zeors upstream keeps it until aborted. Either way none is left open on
+                // the connection the next forwarded transaction uses.
+                let _ = fwd.conn.call(&Request::TpcAbort { txn: id }).await;
+                return Err(e.into());
+            }
+        };
         fwd.changed.extend(reply.resolved());
         let vote = outcome(&reply, &fwd.changed);
         // Kept across conflict rounds too: the server holds its commit lock until this
@@ -192,10 +213,11 @@ impl Inner {
                 "finish without a voted transaction".into(),
             ));
         };
-        let oids: Vec<Oid> = fwd.stored.iter().map(|(o, _)| *o).collect();
+        let oids = invalidated_oids(&fwd.stored, &fwd.changed);
         let blob_files = std::mem::take(&mut fwd.blobs);
         let blobs_changed = fwd.changed.clone();
         let weak = Arc::downgrade(self);
+        let epoch = self.packs.epoch();
         let stored = std::mem::take(&mut fwd.stored);
         let changed = std::mem::take(&mut fwd.changed);
         // Applied in the reader, in order with upstream's callbacks: upstream does not
@@ -214,11 +236,16 @@ impl Inner {
             let keep = committed_revisions(stored, &changed);
             let bytes = keep.iter().map(|(_, d)| d.len()).sum();
             inner.stores.submit(bytes, move |cache| {
+                if !epoch.still_valid() {
+                    return; // a pack completed meanwhile (see `pack`)
+                }
                 for (oid, data) in keep {
                     cache.store(oid, tid, None, data, tid);
                 }
             });
         });
+        // Upstream's `info` callback just before the reply belongs to this commit.
+        self.packs.finishing.fetch_add(1, Ordering::AcqRel);
         let v = fwd
             .conn
             .call_with_hook(
@@ -227,7 +254,9 @@ impl Inner {
                 },
                 hook,
             )
-            .await?;
+            .await;
+        self.packs.finishing.fetch_sub(1, Ordering::AcqRel);
+        let v = v?;
         let tid = Tid::from_value(&v).map_err(|e| {
             StorageError::Disconnected(format!("unexpected tpc_finish reply from upstream: {e}"))
         })?;
@@ -297,6 +326,20 @@ mod tests {
             keep,
             vec![(Oid(1), b("resolved by the client")), (Oid(2), b("two"))]
         );
+    }
+
+    #[test]
+    fn undone_oids_are_invalidated_with_the_stored_ones() {
+        let stored = vec![
+            (Oid(1), Some(b("a"))),
+            (Oid(2), None),
+            (Oid(1), Some(b("again"))),
+        ];
+        assert_eq!(
+            invalidated_oids(&stored, &[Oid(7), Oid(2), Oid(9)]),
+            vec![Oid(1), Oid(2), Oid(7), Oid(9)]
+        );
+        assert_eq!(invalidated_oids(&[], &[Oid(3)]), vec![Oid(3)]);
     }
 
     #[test]

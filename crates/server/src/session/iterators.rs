@@ -97,7 +97,7 @@ impl Session {
         self.pending.push(Box::pin(async move {
             let slot = slot.lock().await;
             let reply = match slot.last {
-                Some(last) if last == tid => slot.it.records().map(|records| {
+                Some(last) if last == tid => slot.it.records().await.map(|records| {
                     iterators.lock().slots.insert(
                         riid,
                         IterSlot::Records(Arc::new(tokio::sync::Mutex::new(records))),
