@@ -159,12 +159,20 @@ fn conflict_dict(message: &str, oid: zodb::Oid, committed: zodb::Tid, read: zodb
 /// back from an upstream server (proxy mode). Unknown classes become
 /// [`StorageError::Remote`] so they can be passed on unchanged.
 pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
-    let text = |v: Option<&Value>| match v {
-        Some(Value::Str(s)) => s.clone(),
-        Some(Value::Bytes(b)) => String::from_utf8_lossy(b).into_owned(),
-        Some(other) => format!("{other:?}"),
-        None => String::new(),
-    };
+    // A reason is text, or (nested in `MultipleUndoErrors`) the `UndoError` itself: an
+    // object in the pickle marshalling, `(class, state)` in msgpack.
+    fn text(v: Option<&Value>) -> String {
+        match v {
+            Some(Value::Str(s)) => s.clone(),
+            Some(Value::Bytes(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::Object { state, .. }) => text(state.get("_reason")),
+            Some(Value::Tuple(t)) if t.len() == 2 && t[1].get("_reason").is_some() => {
+                text(t[1].get("_reason"))
+            }
+            Some(other) => format!("{other:?}"),
+            None => String::new(),
+        }
+    }
     let first_arg = || -> Option<&Value> { payload.as_seq().and_then(|s| s.first()) };
     let oid_of = |v: Option<&Value>| {
         v.and_then(|v| v.as_bytes())
@@ -244,6 +252,30 @@ pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
 mod tests {
     use super::*;
     use zodb::{Oid, Tid};
+
+    #[test]
+    fn a_stock_servers_undo_errors_keep_their_reasons() {
+        let undo_error = Value::Object {
+            module: "ZODB.POSException".into(),
+            name: "UndoError".into(),
+            state: Box::new(Value::dict([
+                ("_reason", Value::str("modified later")),
+                ("_oid", Value::from(Oid(1))),
+            ])),
+        };
+        let payload = Value::dict([(
+            "_errs",
+            Value::List(vec![Value::Tuple(vec![Value::from(Oid(1)), undo_error])]),
+        )]);
+        let e = error_from_exception("ZODB.POSException.MultipleUndoErrors", &payload);
+        assert_eq!(
+            format!("{e:?}"),
+            format!(
+                "{:?}",
+                StorageError::MultipleUndo(vec![(Oid(1), "modified later".into())])
+            )
+        );
+    }
 
     #[test]
     fn passed_on_exceptions_the_client_builds_from_a_dict_get_one() {

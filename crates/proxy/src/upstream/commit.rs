@@ -39,7 +39,8 @@ pub(super) struct Forwarded {
     conn: Connection,
     /// Operations already sent upstream (a re-vote after conflicts sends only the new ones).
     sent: usize,
-    /// Oids stored, in order, with their data (for the invalidation and the cache).
+    /// Oids stored, deleted or restored, in order, with the data stored (for the
+    /// invalidation and the cache).
     stored: Vec<(Oid, Option<Bytes>)>,
     /// Oids whose committed data differs from what was sent (resolved upstream, undone),
     /// over every vote round.
@@ -194,8 +195,15 @@ impl Inner {
                     fwd.blobs.push((*oid, file.clone()));
                 }
                 other => {
-                    if let TxnOp::Store { oid, data, .. } = other {
-                        fwd.stored.push((*oid, Some(data.clone())));
+                    match other {
+                        TxnOp::Store { oid, data, .. } => {
+                            fwd.stored.push((*oid, Some(data.clone())))
+                        }
+                        // They change the object too: invalidated, not cached.
+                        TxnOp::Delete { oid, .. } | TxnOp::Restore { oid, .. } => {
+                            fwd.stored.push((*oid, None))
+                        }
+                        _ => {}
                     }
                     if let Some(request) = Request::for_op(other, id) {
                         fwd.conn.send(&request)?;
