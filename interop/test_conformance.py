@@ -1,8 +1,11 @@
-"""ZODB's and ZEO's own storage conformance tests, run through ClientStorage against zeors.
+"""ZODB's and ZEO's own storage conformance tests, run through ClientStorage against zeors
+in the msgpack marshalling.
 
 These are the test mixins the ZEO project runs against its own server with a FileStorage
 (`ZEO.tests.testZEO.FileStorageTests`: `GenericTests` plus the history, iteration, undo and
-pack mixins); only the server is swapped for zeors.
+pack mixins, and ZODB's extended iterator tests); only the server is swapped for zeors. In
+the pickle marshalling ZEO's own `FileStorageTests` runs them, in every role (direct and
+through proxies): see test_zeo_suites.py.
 """
 import os
 import tempfile
@@ -111,7 +114,12 @@ class ZeorsConformance(
         underlying(self)
 
 
+    # Run in the msgpack subclass only (the pickle marshalling: test_zeo_suites.py).
+    __test__ = False
+
+
 class ZeorsMsgpackConformance(ZeorsConformance):
+    __test__ = True
     server_args = ("--msgpack",)
 
 

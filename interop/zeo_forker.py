@@ -429,13 +429,17 @@ def _drop_caches(h, storages, keep):
             shutil.rmtree(str(cache) + "-blobs", ignore_errors=True)
 
 
-def _start_upstream(h, storages, storage_conf, keep):
-    """The upstream server of a proxy role, zeors or stock, serving `storages`."""
+def _start_upstream(h, storages, storage_conf, zeo, keep):
+    """The upstream server of a proxy role, zeors or stock, serving `storages`. Of the
+    test's <zeo> settings, client-conflict-resolution is upstream's too: conflicts are
+    detected there (zeors always leaves resolution to the clients)."""
     port = free_port()
     if h.role in ("proxy-stock", "stock-proxy-stock"):
         from ZEO._forker import ZEOConfig
-        addr, stop = _original["start"](storage_conf, ZEOConfig(("127.0.0.1", port)),
-                                        None, keep)
+        conf = ZEOConfig(("127.0.0.1", port))
+        if truthy(zeo.get("client-conflict-resolution", "false")):
+            conf.client_conflict_resolution = "true"
+        addr, stop = _original["start"](storage_conf, conf, None, keep)
         return tuple(addr), stop
     zeo = Section("zeo")
     zeo.set("address", f"127.0.0.1:{port}")
@@ -452,7 +456,7 @@ def _start_upstream(h, storages, storage_conf, keep):
 
 
 def _start_zeors_proxy(h, storages, storage_conf, zeo, others, keep):
-    up_addr, up_stop = _start_upstream(h, storages, storage_conf, keep)
+    up_addr, up_stop = _start_upstream(h, storages, storage_conf, zeo, keep)
     addr, spelled = address_of(zeo)
     zeo.set("address", spelled)
     secs = [_proxy_section(h, s, up_addr, _cache_dir(h, s)) for s in storages]
@@ -477,7 +481,8 @@ def _start_stock_proxy(h, sections, imports, storage_conf, zeo_text, keep):
     if all(s.kind in ("zeoclient", "clientstorage") for s in sections):
         return _original["start"](storage_conf, zeo_text, None, keep)
     storages = [Storage(s, imports) for s in sections]
-    up_addr, up_stop = _start_upstream(h, storages, storage_conf, keep)
+    zeo, _ = split_zeo_conf(zeo_text)
+    up_addr, up_stop = _start_upstream(h, storages, storage_conf, zeo, keep)
     secs = []
     for s in storages:
         cache = _cache_dir(h, s)

@@ -19,10 +19,18 @@ pub fn exception_for(err: &StorageError) -> (String, Value) {
             oid,
             committed,
             read,
-        } => (
-            "ZODB.POSException.ConflictError".into(),
-            conflict_dict("database conflict error", *oid, *committed, *read),
-        ),
+            class_name,
+        } => {
+            let mut d = conflict_dict("database conflict error", *oid, *committed, *read);
+            if let (Some(c), Value::Dict(items)) = (class_name, &mut d) {
+                for (k, v) in items.iter_mut() {
+                    if *k == Value::str("class_name") {
+                        *v = Value::str(c);
+                    }
+                }
+            }
+            ("ZODB.POSException.ConflictError".into(), d)
+        }
         StorageError::ReadConflict {
             oid,
             committed,
@@ -213,6 +221,11 @@ pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
                     oid,
                     committed,
                     read,
+                    class_name: match payload.get("class_name") {
+                        Some(Value::Str(c)) => Some(c.clone()),
+                        Some(Value::Bytes(c)) => Some(String::from_utf8_lossy(c).into_owned()),
+                        _ => None,
+                    },
                 },
                 _ => StorageError::Remote {
                     class_path: class_path.into(),
@@ -305,6 +318,7 @@ mod tests {
             oid: Oid(1),
             committed: Tid(10),
             read: Tid(5),
+            class_name: None,
         });
         assert_eq!(class, "ZODB.POSException.ConflictError");
         for key in ["message", "oid", "serials", "class_name"] {
@@ -327,6 +341,13 @@ mod tests {
                 oid: Oid(1),
                 committed: Tid(3),
                 read: Tid(2),
+                class_name: None,
+            },
+            StorageError::Conflict {
+                oid: Oid(1),
+                committed: Tid(3),
+                read: Tid(2),
+                class_name: Some("ZODB.tests.ConflictResolution.PCounter2".into()),
             },
             StorageError::ReadConflict {
                 oid: Oid(1),

@@ -18,7 +18,6 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use std::collections::{HashSet, VecDeque};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::debug;
 use zeo_client::Connection;
@@ -231,7 +230,12 @@ impl Inner {
         // Applied in the reader, in order with upstream's callbacks: upstream does not
         // send us an invalidation for our own commit, this reply is its place in the order.
         let hook: zeo_client::ReplyHook = Box::new(move |result| {
-            let (Some(inner), Ok(v)) = (weak.upgrade(), result) else {
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let Ok(v) = result else {
+                // No `info` callback comes for a failed finish (see `pack`).
+                inner.packs.no_info_coming();
                 return;
             };
             let Ok(tid) = Tid::from_value(v) else {
@@ -253,7 +257,7 @@ impl Inner {
             });
         });
         // Upstream's `info` callback just before the reply belongs to this commit.
-        self.packs.finishing.fetch_add(1, Ordering::AcqRel);
+        self.packs.expect_info();
         let v = fwd
             .conn
             .call_with_hook(
@@ -262,9 +266,7 @@ impl Inner {
                 },
                 hook,
             )
-            .await;
-        self.packs.finishing.fetch_sub(1, Ordering::AcqRel);
-        let v = v?;
+            .await?;
         let tid = Tid::from_value(&v).map_err(|e| {
             StorageError::Disconnected(format!("unexpected tpc_finish reply from upstream: {e}"))
         })?;

@@ -192,6 +192,8 @@ impl Inner {
         gate: &Arc<Mutex<Gate>>,
     ) -> Result<(), ClientError> {
         self.link.state.send_replace(LinkState::CatchingUp);
+        // Nothing of ours is waiting for an `info` callback on a new connection.
+        self.packs.reset_infos();
         self.catch_up(conn, gate).await
     }
 

@@ -23,9 +23,12 @@
 //!
 //! A pack run on upstream by someone else (a `zeopack` aimed at upstream) is seen the same
 //! way: upstream tells every connected client the storage's new size after a pack (the
-//! `info` callback, which after a commit goes only to the committer, just before its
-//! `tpc_finish` reply). An `info` callback that is not part of a commit of ours means a
-//! pack whose time we do not know: the floor is then everything the proxy has applied.
+//! `info` callback), and otherwise sends `info` only to a committer, just before its
+//! `tpc_finish` reply (the stock server and zeors alike). The proxy counts the `info`
+//! callbacks its own finishes and packs will bring (a call that fails brings none; the
+//! count restarts with each connection); one more than that is a pack whose time it does
+//! not know: the floor is then everything the proxy has applied. Callbacks and reply
+//! hooks run in the order upstream sent them, so the count is exact.
 //!
 //! Ordering: an answer to a load sent before the pack finished may describe an object the
 //! pack then removed. Stores into the cache carry the pack epoch of the moment their
@@ -50,15 +53,33 @@ pub(super) struct PackState {
     /// Packs completed since start: a store whose request went out under another epoch
     /// may describe a state a pack has since removed, and is not cached.
     epoch: Arc<AtomicU64>,
-    /// Forwarded packs waiting for upstream's reply: an `info` callback meanwhile is
-    /// theirs.
-    forwarded: AtomicUsize,
-    /// `tpc_finish` calls of ours waiting for upstream's reply: an `info` callback
-    /// meanwhile belongs to the commit.
-    pub finishing: AtomicUsize,
+    /// `info` callbacks that calls of ours (`tpc_finish`, `pack`) will bring.
+    awaiting_info: AtomicUsize,
 }
 
 impl PackState {
+    /// A call whose success brings an `info` callback is about to be sent.
+    pub fn expect_info(&self) {
+        self.awaiting_info.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// That call failed: its `info` callback will not come.
+    pub fn no_info_coming(&self) {
+        self.take_info();
+    }
+
+    /// A new connection: nothing is awaited on it.
+    pub fn reset_infos(&self) {
+        self.awaiting_info.store(0, Ordering::Release);
+    }
+
+    /// Counts an `info` callback against those awaited; false if none was.
+    fn take_info(&self) -> bool {
+        self.awaiting_info
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .is_ok()
+    }
+
     /// The epoch to tag a store with, read before its request is sent.
     pub fn epoch(&self) -> StoreEpoch {
         StoreEpoch {
@@ -92,15 +113,22 @@ impl Inner {
     /// `pack(t)` through the proxy: upstream packs, then the cache learns what may be gone.
     pub(super) async fn pack(self: &Arc<Self>, pack_time: f64) -> zodb::Result<()> {
         let conn = self.link().await?;
-        self.packs.forwarded.fetch_add(1, Ordering::AcqRel);
-        let result = conn
-            .call(&Request::Pack {
+        let weak = Arc::downgrade(self);
+        let hook: zeo_client::ReplyHook = Box::new(move |result| {
+            if let (Some(inner), Err(_)) = (weak.upgrade(), result) {
+                inner.packs.no_info_coming();
+            }
+        });
+        // Upstream tells every client the new size just before this reply.
+        self.packs.expect_info();
+        conn.call_with_hook(
+            &Request::Pack {
                 time: pack_time,
                 wait: true,
-            })
-            .await;
-        self.packs.forwarded.fetch_sub(1, Ordering::AcqRel);
-        result?;
+            },
+            hook,
+        )
+        .await?;
         self.packed(pack_floor(pack_time, self.last_tid())).await;
         Ok(())
     }
@@ -117,9 +145,7 @@ impl Inner {
 
     /// An `info` callback from upstream (see the module docs).
     pub(super) fn size_info_received(self: &Arc<Self>) {
-        if self.packs.finishing.load(Ordering::Acquire) > 0
-            || self.packs.forwarded.load(Ordering::Acquire) > 0
-        {
+        if self.packs.take_info() {
             return;
         }
         let inner = self.clone();
@@ -183,6 +209,21 @@ mod tests {
         assert!(floor > at);
         assert!(floor <= zodb::timestamp::tid_from_unix(t + 2.0));
         assert_eq!(pack_floor(t, Tid(5)), Tid(5));
+    }
+
+    #[test]
+    fn info_callbacks_beyond_those_awaited_are_packs() {
+        let state = PackState::default();
+        assert!(!state.take_info());
+        state.expect_info();
+        state.expect_info();
+        state.no_info_coming();
+        assert!(state.take_info());
+        assert!(!state.take_info());
+        state.no_info_coming(); // never below zero
+        state.expect_info();
+        state.reset_infos();
+        assert!(!state.take_info());
     }
 
     #[test]
