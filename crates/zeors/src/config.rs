@@ -676,6 +676,8 @@ fn relstorage_section(s: &Section, name: &str, warnings: &mut Vec<String>) -> Re
         o.commit_lock_timeout = std::time::Duration::from_secs_f64(t);
     }
     Ok(StorageKind::Postgres(o))
+}
+
 /// A `server` address as ZConfig reads a client's `socket-connection-address`: a bare
 /// port (`8100`) or a port with an empty host (`:8100`) is on this machine.
 fn client_address(v: &str) -> String {

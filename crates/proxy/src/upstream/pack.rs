@@ -10,6 +10,7 @@
 //!   object would be served as if the object existed, and no invalidation ever says
 //!   otherwise (a pack commits no transaction);
 //! - the blob files of all those revisions.
+//!
 //! Revisions written after the pack time are never removed.
 //!
 //! So after a pack at time `t` the cache is told the floor `t` ([`Cache::packed`]):
