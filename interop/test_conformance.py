@@ -1,10 +1,13 @@
-"""ZODB's and ZEO's own storage conformance tests, run through ClientStorage against zeors.
+"""ZODB's and ZEO's own storage conformance tests, run through ClientStorage against zeors
+in the msgpack marshalling.
 
 These are the test mixins the ZEO project runs against its own server with a FileStorage
 (`ZEO.tests.testZEO.FileStorageTests`: `GenericTests` plus the history, iteration, undo and
-pack mixins, and `FileStorageRecoveryTests`: ZODB's `RecoveryStorage`, copying a storage
-into another through `restore`, since zeors advertises `IStorageRestoreable`); only the
-server is swapped for zeors.
+pack mixins, ZODB's extended iterator tests, and `FileStorageRecoveryTests`: ZODB's
+`RecoveryStorage`, copying a storage into another through `restore`, since zeors
+advertises `IStorageRestoreable`); only the server is swapped for zeors. In the pickle
+marshalling ZEO's own `FileStorageTests` runs them, in every role (direct and through
+proxies): see test_zeo_suites.py.
 """
 import os
 import tempfile
@@ -114,7 +117,12 @@ class ZeorsConformance(
         underlying(self)
 
 
+    # Run in the msgpack subclass only (the pickle marshalling: test_zeo_suites.py).
+    __test__ = False
+
+
 class ZeorsMsgpackConformance(ZeorsConformance):
+    __test__ = True
     server_args = ("--msgpack",)
 
 

@@ -295,6 +295,7 @@ pub(crate) fn prepare(
                         oid: *oid,
                         committed,
                         read: *serial,
+                        class_name: None,
                     });
                 }
                 plan.set(Planned {
@@ -674,7 +675,8 @@ mod tests {
             Err(StorageError::Conflict {
                 oid: Oid(1),
                 committed: Tid(20),
-                read: Tid(1)
+                read: Tid(1),
+                class_name: None,
             })
         ));
         let Prepare::Ready(p) = run(&txn(vec![TxnOp::Delete {

@@ -140,7 +140,7 @@ impl TransactionIterator for FsTxnIterator {
         Ok(next.map(|(_, info)| info))
     }
 
-    fn records(&self) -> Result<Box<dyn RecordIterator>> {
+    async fn records(&self) -> Result<Box<dyn RecordIterator>> {
         let txn = self.last.ok_or_else(|| {
             StorageError::Value("no current transaction for a record iterator".into())
         })?;

@@ -84,4 +84,3 @@ impl Fs for Forgetful {
         None
     }
 }
-

@@ -96,6 +96,25 @@ impl StoreQueue {
         let _ = done_rx.await;
     }
 
+    /// Runs `run` on the store thread after the jobs queued before it, and returns once it
+    /// has run. Never skipped: when the queue is full it waits for room (for the jobs
+    /// that must happen, in order with the stores, such as marking what a pack removed).
+    pub async fn run_in_order(&self, run: impl FnOnce(&Cache) + Send + 'static) {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+        let job = Job {
+            bytes: 0,
+            run: Box::new(move |cache| {
+                run(cache);
+                let _ = done_tx.send(());
+            }),
+        };
+        let tx = self.tx.clone();
+        // A send error means the store thread is gone: the job is dropped and so is
+        // `done_tx`, which ends the wait.
+        let _ = tokio::task::spawn_blocking(move || tx.send(job)).await;
+        let _ = done_rx.await;
+    }
+
     /// Stores skipped because the queue was full.
     pub fn skipped(&self) -> u64 {
         self.skipped.load(Ordering::Relaxed)

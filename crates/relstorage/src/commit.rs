@@ -324,6 +324,7 @@ async fn prepare(inner: &Inner, conn: &Object, txn: &Transaction) -> Result<Prep
                         oid: *oid,
                         committed: *c,
                         read: *serial,
+                        class_name: None,
                     });
                 }
             }

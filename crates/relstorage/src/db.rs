@@ -134,6 +134,7 @@ pub fn storage_error(e: tokio_postgres::Error) -> StorageError {
                     oid: Oid(0),
                     committed: Tid::ZERO,
                     read: Tid::ZERO,
+                    class_name: None,
                 }
             };
         }

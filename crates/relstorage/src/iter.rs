@@ -98,7 +98,7 @@ impl TransactionIterator for TxnIter {
         Ok(t)
     }
 
-    fn records(&self) -> Result<Box<dyn RecordIterator>> {
+    async fn records(&self) -> Result<Box<dyn RecordIterator>> {
         let tid = self
             .current
             .ok_or_else(|| StorageError::Value("no current transaction".into()))?;

@@ -244,7 +244,10 @@ impl zodb::Storage for PgStorage {
             },
             supports_undo: hp,
             supports_record_iternext: true,
-            interfaces,
+            interfaces: interfaces
+                .into_iter()
+                .map(|(m, n)| (m.to_string(), n.to_string()))
+                .collect(),
         }
     }
 

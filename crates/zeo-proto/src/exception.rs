@@ -19,10 +19,18 @@ pub fn exception_for(err: &StorageError) -> (String, Value) {
             oid,
             committed,
             read,
-        } => (
-            "ZODB.POSException.ConflictError".into(),
-            conflict_dict("database conflict error", *oid, *committed, *read),
-        ),
+            class_name,
+        } => {
+            let mut d = conflict_dict("database conflict error", *oid, *committed, *read);
+            if let (Some(c), Value::Dict(items)) = (class_name, &mut d) {
+                for (k, v) in items.iter_mut() {
+                    if *k == Value::str("class_name") {
+                        *v = Value::str(c);
+                    }
+                }
+            }
+            ("ZODB.POSException.ConflictError".into(), d)
+        }
         StorageError::ReadConflict {
             oid,
             committed,
@@ -76,7 +84,7 @@ pub fn exception_for(err: &StorageError) -> (String, Value) {
         StorageError::Remote {
             class_path,
             message,
-        } => (class_path.clone(), args(message.clone())),
+        } => (class_path.clone(), remote_payload(class_path, message)),
         StorageError::Corrupted(_) | StorageError::Io(_) => (
             "ZODB.POSException.StorageSystemError".into(),
             args(err.to_string()),
@@ -121,6 +129,32 @@ pub fn exception_for_protocol(err: &ProtocolError) -> (String, Value) {
     )
 }
 
+/// The payload of an upstream exception passed on by a proxy, from its class and message.
+/// The client builds a few classes from a dict and never answers the call if the keys are
+/// missing (`ClientStorage`'s exception factories): those get a dict with every key it
+/// reads; all others the usual argument tuple.
+fn remote_payload(class_path: &str, message: &str) -> Value {
+    match class_path {
+        "ZODB.POSException.ConflictError" | "ZODB.POSException.ReadConflictError" => Value::dict([
+            ("message", Value::str(message)),
+            ("oid", Value::None),
+            ("class_name", Value::None),
+            ("serials", Value::None),
+        ]),
+        "ZODB.POSException.BTreesConflictError" => Value::dict([
+            ("p1", Value::Int(-1)),
+            ("p2", Value::Int(-1)),
+            ("p3", Value::Int(-1)),
+            ("reason", Value::Int(-1)),
+        ]),
+        "ZODB.POSException.MultipleUndoErrors" => Value::dict([(
+            "_errs",
+            Value::List(vec![Value::Tuple(vec![Value::None, Value::str(message)])]),
+        )]),
+        _ => Value::Tuple(vec![Value::Str(message.to_string())]),
+    }
+}
+
 fn conflict_dict(message: &str, oid: zodb::Oid, committed: zodb::Tid, read: zodb::Tid) -> Value {
     Value::dict([
         ("message", Value::str(message)),
@@ -134,6 +168,20 @@ fn conflict_dict(message: &str, oid: zodb::Oid, committed: zodb::Tid, read: zodb
 /// back from an upstream server (proxy mode). Unknown classes become
 /// [`StorageError::Remote`] so they can be passed on unchanged.
 pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
+    // A reason is text, or (nested in `MultipleUndoErrors`) the `UndoError` itself: an
+    // object in the pickle marshalling, `(class, state)` in msgpack.
+    fn text(v: Option<&Value>) -> String {
+        match v {
+            Some(Value::Str(s)) => s.clone(),
+            Some(Value::Bytes(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::Object { state, .. }) => text(state.get("_reason")),
+            Some(Value::Tuple(t)) if t.len() == 2 && t[1].get("_reason").is_some() => {
+                text(t[1].get("_reason"))
+            }
+            Some(other) => format!("{other:?}"),
+            None => String::new(),
+        }
+    }
     let first_arg = || -> Option<&Value> { payload.as_seq().and_then(|s| s.first()) };
     let oid_of = |v: Option<&Value>| {
         v.and_then(|v| v.as_bytes())
@@ -174,6 +222,11 @@ pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
                     oid,
                     committed,
                     read,
+                    class_name: match payload.get("class_name") {
+                        Some(Value::Str(c)) => Some(c.clone()),
+                        Some(Value::Bytes(c)) => Some(String::from_utf8_lossy(c).into_owned()),
+                        _ => None,
+                    },
                 },
                 _ => StorageError::Remote {
                     class_path: class_path.into(),
@@ -183,6 +236,25 @@ pub fn error_from_exception(class_path: &str, payload: &Value) -> StorageError {
         }
         "ZODB.POSException.ReadOnlyError" => StorageError::ReadOnly,
         "ZODB.POSException.StorageTransactionError" => StorageError::Transaction(message()),
+        "ZODB.POSException.UndoError" if payload.get("_reason").is_some() => StorageError::Undo {
+            reason: text(payload.get("_reason")),
+            oid: oid_of(payload.get("_oid")),
+        },
+        "ZODB.POSException.MultipleUndoErrors" if payload.get("_errs").is_some() => {
+            let errs = payload
+                .get("_errs")
+                .and_then(Value::as_seq)
+                .map(|errs| {
+                    errs.iter()
+                        .filter_map(|e| {
+                            let pair = e.as_seq()?;
+                            Some((oid_of(pair.first())?, text(pair.get(1))))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            StorageError::MultipleUndo(errs)
+        }
         _ => StorageError::Remote {
             class_path: class_path.into(),
             message: message(),
@@ -196,11 +268,58 @@ mod tests {
     use zodb::{Oid, Tid};
 
     #[test]
+    fn a_stock_servers_undo_errors_keep_their_reasons() {
+        let undo_error = Value::Object {
+            module: "ZODB.POSException".into(),
+            name: "UndoError".into(),
+            state: Box::new(Value::dict([
+                ("_reason", Value::str("modified later")),
+                ("_oid", Value::from(Oid(1))),
+            ])),
+        };
+        let payload = Value::dict([(
+            "_errs",
+            Value::List(vec![Value::Tuple(vec![Value::from(Oid(1)), undo_error])]),
+        )]);
+        let e = error_from_exception("ZODB.POSException.MultipleUndoErrors", &payload);
+        assert_eq!(
+            format!("{e:?}"),
+            format!(
+                "{:?}",
+                StorageError::MultipleUndo(vec![(Oid(1), "modified later".into())])
+            )
+        );
+    }
+
+    #[test]
+    fn passed_on_exceptions_the_client_builds_from_a_dict_get_one() {
+        for class in [
+            "ZODB.POSException.ConflictError",
+            "ZODB.POSException.ReadConflictError",
+            "ZODB.POSException.BTreesConflictError",
+            "ZODB.POSException.MultipleUndoErrors",
+        ] {
+            let (c, payload) = exception_for(&StorageError::Remote {
+                class_path: class.into(),
+                message: "from upstream".into(),
+            });
+            assert_eq!(c, class);
+            assert!(matches!(payload, Value::Dict(_)), "{class}: {payload:?}");
+        }
+        let (_, payload) = exception_for(&StorageError::Remote {
+            class_path: "builtins.ValueError".into(),
+            message: "m".into(),
+        });
+        assert_eq!(payload, Value::Tuple(vec![Value::Str("m".into())]));
+    }
+
+    #[test]
     fn conflict_payload_has_what_the_client_factory_reads() {
         let (class, payload) = exception_for(&StorageError::Conflict {
             oid: Oid(1),
             committed: Tid(10),
             read: Tid(5),
+            class_name: None,
         });
         assert_eq!(class, "ZODB.POSException.ConflictError");
         for key in ["message", "oid", "serials", "class_name"] {
@@ -223,6 +342,13 @@ mod tests {
                 oid: Oid(1),
                 committed: Tid(3),
                 read: Tid(2),
+                class_name: None,
+            },
+            StorageError::Conflict {
+                oid: Oid(1),
+                committed: Tid(3),
+                read: Tid(2),
+                class_name: Some("ZODB.tests.ConflictResolution.PCounter2".into()),
             },
             StorageError::ReadConflict {
                 oid: Oid(1),
@@ -230,6 +356,11 @@ mod tests {
                 read: Tid(2),
             },
             StorageError::ReadOnly,
+            StorageError::Undo {
+                reason: "Some data were modified by a later transaction".into(),
+                oid: Some(Oid(4)),
+            },
+            StorageError::MultipleUndo(vec![(Oid(1), "no".into()), (Oid(2), "never".into())]),
         ] {
             let (class, payload) = exception_for(&err);
             let back = error_from_exception(&class, &payload);

@@ -7,8 +7,9 @@
 //!
 //! **Decoding** runs a data-only pickle machine. It never imports or calls anything: the
 //! few globals a ZEO message may legitimately contain (`set`, `frozenset`, the Python 2
-//! bytes helpers and `ZopeUndo.Prefix.Prefix`) are recognised by name from an allow-list
-//! and turned into [`Value`]s; any other global is an error. It accepts every protocol
+//! bytes helpers, `ZopeUndo.Prefix.Prefix`, and the exceptions of `ZODB.POSException`
+//! rebuilt by its `_recon`, which a stock server's error replies nest) are recognised by
+//! name from an allow-list and turned into [`Value`]s; any other global is an error. It accepts every protocol
 //! from 0 to 5, the memo opcodes of non-fast picklers and the Python 2 string opcodes
 //! that old clients send (the ZEO 5.0 heartbeat has no PROTO and a `SHORT_BINSTRING`).
 //!
@@ -141,7 +142,36 @@ enum Global {
     CodecsEncode,
     /// `ZopeUndo.Prefix.Prefix`, the undo screen's path filter; built with NEWOBJ.
     Prefix,
+    /// `ZODB.POSException._recon(class, state)`: how a ZODB exception pickles itself
+    /// (`POSError.__reduce__`). A stock server's `MultipleUndoErrors` reply holds the
+    /// `UndoError`s it collected, pickled so; the result is an object value.
+    Recon,
+    /// A class of `ZODB.POSException` (only as `_recon`'s first argument).
+    PosException(&'static str),
 }
+
+/// The `ZODB.POSException` classes `_recon` may rebuild.
+const POS_EXCEPTIONS: &[&str] = &[
+    "POSError",
+    "POSKeyError",
+    "ConflictError",
+    "ReadConflictError",
+    "BTreesConflictError",
+    "DanglingReferenceError",
+    "VersionError",
+    "TransactionError",
+    "TransactionFailedError",
+    "StorageError",
+    "StorageTransactionError",
+    "StorageSystemError",
+    "UndoError",
+    "MultipleUndoErrors",
+    "ReadOnlyError",
+    "ExportError",
+    "Unsupported",
+    "InvalidObjectReference",
+    "ConnectionStateError",
+];
 
 impl Global {
     /// The canonical (Python 3) module and name.
@@ -154,6 +184,8 @@ impl Global {
             Global::Binary => ("zodbpickle", "binary"),
             Global::CodecsEncode => ("_codecs", "encode"),
             Global::Prefix => ("ZopeUndo.Prefix", "Prefix"),
+            Global::Recon => ("ZODB.POSException", "_recon"),
+            Global::PosException(name) => ("ZODB.POSException", name),
         }
     }
 
@@ -167,6 +199,13 @@ impl Global {
             ("zodbpickle", "binary") => Global::Binary,
             ("_codecs", "encode") => Global::CodecsEncode,
             ("ZopeUndo.Prefix", "Prefix") => Global::Prefix,
+            ("ZODB.POSException", "_recon") => Global::Recon,
+            ("ZODB.POSException", name) if POS_EXCEPTIONS.contains(&name) => Global::PosException(
+                POS_EXCEPTIONS
+                    .iter()
+                    .find(|n| **n == name)
+                    .expect("checked above"),
+            ),
             _ => {
                 return Err(DecodeError::DisallowedGlobal(
                     module.to_owned(),
@@ -733,6 +772,7 @@ impl Machine<'_> {
     /// REDUCE: calls an allow-listed global, by interpreting what the call would return.
     fn reduce(&mut self) -> Result<(), DecodeError> {
         let args = self.pop()?;
+        let args_id = args;
         let func = self.pop()?;
         let Node::Global(global) = self.nodes[func] else {
             return malformed("REDUCE of a value that is not an allowed function");
@@ -791,6 +831,17 @@ impl Machine<'_> {
                 self.leaf(Value::Bytes(b))
             }
             (Global::Prefix, _) => malformed("REDUCE of a class (only NEWOBJ is supported)"),
+            (Global::Recon, [Node::Global(Global::PosException(name)), _]) => {
+                let class = Global::PosException(name);
+                let Node::Tuple(args) = &self.nodes[args_id] else {
+                    unreachable!("matched as a tuple above")
+                };
+                let state = args[1];
+                self.node(Node::Object {
+                    class,
+                    state: Some(state),
+                })
+            }
             _ => malformed("unexpected REDUCE arguments"),
         }
     }
@@ -1280,6 +1331,44 @@ mod tests {
 
     /// The captures of zeo-wire.md §2.5, as (frame, value): encoding the value gives
     /// the payload exactly, and decoding the payload gives the value.
+    /// A stock server's error reply to an undo it refused (ZEO 6.2's encoder, captured
+    /// with `reduce_exception(MultipleUndoErrors([(oid, UndoError(...))]))`): the nested
+    /// exceptions are pickled with `ZODB.POSException._recon` and decode as objects.
+    #[test]
+    fn a_stock_undo_error_reply_decodes() {
+        let hex = "8003284b074b0258060000002e7265706c7958240000005a4f44422e504f53457863657074696f6e2e4d756c7469706c65556e646f4572726f72737d2858070000005f726561736f6e4308000000000000000158040000005f6f6964635a4f44422e504f53457863657074696f6e0a5f7265636f6e0a635a4f44422e504f53457863657074696f6e0a556e646f4572726f720a7d2858070000005f726561736f6e582e000000536f6d6520646174612077657265206d6f6469666965642062792061206c61746572207472616e73616374696f6e58040000005f6f696443080000000000000001580400000061726773582e000000536f6d6520646174612077657265206d6f6469666965642062792061206c61746572207472616e73616374696f6e430800000000000000018675865258050000005f657272735d43080000000000000001635a4f44422e504f53457863657074696f6e0a5f7265636f6e0a635a4f44422e504f53457863657074696f6e0a556e646f4572726f720a7d2858070000005f726561736f6e582e000000536f6d6520646174612077657265206d6f6469666965642062792061206c61746572207472616e73616374696f6e58040000005f6f696443080000000000000001580400000061726773582e000000536f6d6520646174612077657265206d6f6469666965642062792061206c61746572207472616e73616374696f6e430800000000000000018675865286617586742e";
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        let v = dec(&bytes).unwrap();
+        let args = v.as_seq().unwrap()[3].as_seq().unwrap();
+        assert_eq!(args[0], Value::str("ZODB.POSException.MultipleUndoErrors"));
+        let errs = args[1].get("_errs").unwrap().as_seq().unwrap();
+        let pair = errs[0].as_seq().unwrap();
+        let Value::Object {
+            module,
+            name,
+            state,
+        } = &pair[1]
+        else {
+            panic!("not an object: {:?}", pair[1]);
+        };
+        assert_eq!(
+            (module.as_str(), name.as_str()),
+            ("ZODB.POSException", "UndoError")
+        );
+        assert_eq!(
+            state.get("_reason"),
+            Some(&Value::str(
+                "Some data were modified by a later transaction"
+            ))
+        );
+        // Nothing else becomes callable: _recon of a class outside ZODB.POSException.
+        let evil = b"\x80\x03cZODB.POSException\n_recon\ncos\nsystem\n}\x86R.";
+        assert!(dec(evil).is_err());
+    }
+
     #[test]
     fn wire_captures() {
         let z64 = || b(&[0; 8]);

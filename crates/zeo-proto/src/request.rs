@@ -42,9 +42,12 @@ pub enum Request {
     GetTid {
         oid: Oid,
     },
+    /// `history(oid, size)`. Python's server hands both to the storage as they come:
+    /// `None` for the oid is a lookup that fails (`POSKeyError`), `None` for the size a
+    /// comparison that fails (`TypeError`) once the object is found.
     History {
-        oid: Oid,
-        size: usize,
+        oid: Option<Oid>,
+        size: Option<usize>,
     },
     TpcBegin {
         txn: ClientTxnId,
@@ -407,10 +410,14 @@ impl Request {
             },
             "getTid" => Request::GetTid { oid: a.oid(0)? },
             "history" => {
-                let size = a.opt_int(1, 1)?;
+                let size = match a.items.get(1) {
+                    None => Some(1),
+                    Some(Value::None) => None,
+                    Some(_) => Some(a.int(1)?.clamp(1, 1 << 20) as usize),
+                };
                 Request::History {
-                    oid: a.oid(0)?,
-                    size: size.clamp(1, 1 << 20) as usize,
+                    oid: a.opt(0).map(|_| a.oid(0)).transpose()?,
+                    size,
                 }
             }
             "tpc_begin" => {
@@ -591,7 +598,13 @@ impl Request {
             Request::LoadBefore { oid, before } => ("loadBefore", vec![id(oid), t(before)]),
             Request::LoadSerial { oid, serial } => ("loadSerial", vec![id(oid), t(serial)]),
             Request::GetTid { oid } => ("getTid", vec![id(oid)]),
-            Request::History { oid, size } => ("history", vec![id(oid), Value::Int(*size as i64)]),
+            Request::History { oid, size } => (
+                "history",
+                vec![
+                    oid.map(|o| id(&o)).unwrap_or(Value::None),
+                    size.map(|s| Value::Int(s as i64)).unwrap_or(Value::None),
+                ],
+            ),
             Request::TpcBegin {
                 txn,
                 user,

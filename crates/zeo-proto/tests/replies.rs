@@ -256,7 +256,11 @@ fn request() -> impl Strategy<Value = Request> {
         (oid(), tid()).prop_map(|(oid, before)| Request::LoadBefore { oid, before }),
         (oid(), tid()).prop_map(|(oid, serial)| Request::LoadSerial { oid, serial }),
         oid().prop_map(|oid| Request::GetTid { oid }),
-        (oid(), 1usize..1000).prop_map(|(oid, size)| Request::History { oid, size }),
+        (
+            proptest::option::of(oid()),
+            proptest::option::of(1usize..1000)
+        )
+            .prop_map(|(oid, size)| Request::History { oid, size }),
         (
             txn_id(),
             bytes(20),

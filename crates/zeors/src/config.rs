@@ -562,7 +562,10 @@ fn upstream_section(s: &Section, name: &str, warnings: &mut Vec<String>) -> Resu
         }
         tls = Some(client_ssl_section(sub, warnings)?);
     }
-    let servers: Vec<String> = s.values("server").map(|(_, v, _)| v.clone()).collect();
+    let servers: Vec<String> = s
+        .values("server")
+        .map(|(_, v, _)| client_address(v))
+        .collect();
     if servers.is_empty() {
         bail!(
             "{}:{}: <{}> needs at least one `server`",
@@ -768,6 +771,17 @@ fn relstorage_section(s: &Section, name: &str, warnings: &mut Vec<String>) -> Re
     Ok(StorageKind::Postgres(o))
 }
 
+/// A `server` address as ZConfig reads a client's `socket-connection-address`: a bare
+/// port (`8100`) or a port with an empty host (`:8100`) is on this machine.
+fn client_address(v: &str) -> String {
+    let port = v.strip_prefix(':').unwrap_or(v);
+    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+        format!("127.0.0.1:{port}")
+    } else {
+        v.to_string()
+    }
+}
+
 fn eventlog_section(s: &Section, warnings: &mut Vec<String>) -> Result<LogConf> {
     let c = Checker {
         section: s,
@@ -866,6 +880,17 @@ mod tests {
             Some(PathBuf::from("/srv/zeo/var/log/zeoserver.log"))
         );
         assert!(c.warnings.iter().any(|w| w.contains("runner")));
+    }
+
+    #[test]
+    fn a_bare_port_is_an_upstream_on_this_machine() {
+        assert_eq!(client_address("8100"), "127.0.0.1:8100");
+        assert_eq!(client_address(":8100"), "127.0.0.1:8100");
+        assert_eq!(
+            client_address("zeo.example.net:8100"),
+            "zeo.example.net:8100"
+        );
+        assert_eq!(client_address("/run/zeo.sock"), "/run/zeo.sock");
     }
 
     #[test]

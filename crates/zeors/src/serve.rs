@@ -658,7 +658,11 @@ async fn open_storage(
             if *shared_blob_dir && blob_dir.is_none() {
                 bail!("storage {:?}: shared-blob-dir needs a blob-dir", conf.name);
             }
-            let read_only = *read_only || server_read_only;
+            // Only the storage's own `read-only` opens the file read-only (and then a
+            // missing file is an error). A read-only *server* (`--read-only`, `<zeo>
+            // read-only`) opens its storage as usual, creating a missing file as runzeo
+            // does, and refuses writes at registration.
+            let read_only = *read_only;
             let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
             if let Some(dir) = dir {
                 if !read_only && Some(dir) == default_dir {

@@ -10,13 +10,17 @@ pub enum StorageError {
     PosKey(Oid),
 
     /// A write conflict that the client could not (or may not) resolve.
-    #[error("database conflict error (oid {oid}, serial this txn started with {read}, serial currently committed {committed})")]
+    #[error("database conflict error (oid {oid}{}, serial this txn started with {read}, serial currently committed {committed})",
+            class_name.as_deref().map(|c| format!(", class {c}")).unwrap_or_default())]
     Conflict {
         oid: Oid,
         /// The serial currently committed.
         committed: Tid,
         /// The serial the transaction read (sent with its store).
         read: Tid,
+        /// The object's class (`module.Name`), when known: a server that failed to
+        /// resolve the conflict names it, as Python's `ConflictError` does.
+        class_name: Option<String>,
     },
 
     /// `checkCurrentSerialInTransaction` found the object changed.

@@ -28,8 +28,10 @@ pub struct StorageInfo {
     pub name: String,
     pub supports_undo: bool,
     pub supports_record_iternext: bool,
-    /// `(module, name)` of each `ZODB.interfaces` interface implemented.
-    pub interfaces: Vec<(&'static str, &'static str)>,
+    /// `(module, name)` of each interface implemented (`ZODB.interfaces`, ...), without
+    /// `zope.interface.Interface`, which the server adds. Owned: a proxy reports what
+    /// its upstream storage offers.
+    pub interfaces: Vec<(String, String)>,
 }
 
 /// One revision of an object.
@@ -252,7 +254,7 @@ pub trait TransactionIterator: Send + Sync {
     /// A new iterator over the data records of the transaction last returned by
     /// [`next_transaction`](Self::next_transaction); it stays valid when this iterator
     /// moves on, and may be made several times.
-    fn records(&self) -> Result<Box<dyn RecordIterator>>;
+    async fn records(&self) -> Result<Box<dyn RecordIterator>>;
 }
 
 /// An iterator over the data records of one transaction.

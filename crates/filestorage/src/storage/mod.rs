@@ -276,6 +276,7 @@ impl FileStorageCore {
                 ("ZODB.interfaces", "IExternalGC"),
                 ("ZODB.interfaces", "IStorage"),
             ])
+            .map(|(m, n)| (m.to_string(), n.to_string()))
             .collect(),
         }
     }

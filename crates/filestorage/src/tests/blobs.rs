@@ -94,7 +94,7 @@ fn a_committed_blob_is_in_place_read_only_and_served() {
         "bushy"
     );
     let interfaces = core.info().interfaces;
-    assert!(interfaces.contains(&("ZODB.interfaces", "IBlobStorage")));
+    assert!(interfaces.contains(&("ZODB.interfaces".into(), "IBlobStorage".into())));
 
     let f = upload(&core, b"hello blob");
     let t = txn(
@@ -202,7 +202,7 @@ fn no_blob_directory_refuses_blobs() {
     assert!(!core
         .info()
         .interfaces
-        .contains(&("ZODB.interfaces", "IBlobStorage")));
+        .contains(&("ZODB.interfaces".into(), "IBlobStorage".into())));
     let t = txn(1, vec![store_blob(1, Tid::ZERO, &dir.path().join("x"))]);
     assert!(matches!(core.vote(&t), Err(StorageError::Unsupported(_))));
 }

@@ -224,7 +224,7 @@ fn read_conflicts_and_deletes() {
     ));
     assert!(matches!(
         core.vote(&txn(5, vec![TxnOp::Delete { oid: Oid(0), serial: t1 }])),
-        Err(StorageError::Conflict { oid: Oid(0), committed, read }) if committed == t2 && read == t1
+        Err(StorageError::Conflict { oid: Oid(0), committed, read, .. }) if committed == t2 && read == t1
     ));
     let t3 = commit(
         &core,
@@ -762,7 +762,7 @@ async fn async_trait_round_trip() {
     );
     assert!(info
         .interfaces
-        .contains(&("ZODB.interfaces", "IExternalGC")));
+        .contains(&("ZODB.interfaces".into(), "IExternalGC".into())));
     s.close().await.unwrap();
     assert!(p.with_extension("fs.index").exists());
 }

@@ -8,12 +8,13 @@
 //! | `locations`    | (seg, off)            | (oid, start) — reverse of the above    |
 //! | `meta`         | name                  | u64 (format, last tid, generation, …)  |
 //! | `epochs`       | generation            | end bound of that generation's entries |
+//! | `pack_floors`  | generation            | pack floor of that generation's entries|
 //! | `invalidations`| tid                   | packed 8-byte oids                     |
 //!
 //! `locations` lets eviction find every entry in a segment with a range scan instead of
 //! reading the segment file, and it is exact: an index entry exists iff its location row
 //! does. Entries keep no "seen" tid; the generation of a current entry says which
-//! `drop_current` era it belongs to (see `Epochs`).
+//! `drop_current` or `packed` era it belongs to (see `Epochs`).
 
 use redb::{ReadableTable, ReadableTableMetadata, Table, TableDefinition, WriteTransaction};
 use zodb::{Oid, Tid};
@@ -32,6 +33,8 @@ pub(super) const LOCATIONS: TableDefinition<(u64, u32), (u64, u64)> =
     TableDefinition::new("locations");
 pub(super) const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub(super) const EPOCHS: TableDefinition<u32, u64> = TableDefinition::new("epochs");
+/// Added after format 1 was released: a cache without it has had no pack (see `Epochs`).
+pub(super) const PACK_FLOORS: TableDefinition<u32, u64> = TableDefinition::new("pack_floors");
 pub(super) const INVALIDATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("invalidations");
 
 /// Version of this layout (and of the segment format); anything else is started afresh.
@@ -43,6 +46,9 @@ pub(super) const META_GENERATION: &str = "generation";
 /// keep appending to it rather than start a new one.
 pub(super) const META_CLEAN_SEG: &str = "clean_seg";
 pub(super) const META_CLEAN_LEN: &str = "clean_len";
+/// Set by `packed` while it deletes the non-current entries a pack may have removed
+/// upstream (those starting at or before this tid); until they are gone, reads skip them.
+pub(super) const META_PURGE_FLOOR: &str = "purge_floor";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct CurrentEntry {
@@ -123,27 +129,70 @@ pub(super) fn noncurrent_before(
     }
 }
 
-/// The end bound of each generation of current entries that `drop_current` retired.
+/// The end bound of each generation of current entries that `drop_current` retired, and
+/// the pack floor of each generation that a pack made suspect.
 ///
 /// `drop_current` does not touch the (possibly millions of) current entries: it starts a new
 /// generation and records, for the old one, the bound `last_tid + 1` that every entry of
 /// it is known valid up to. A current entry of an old generation is read as non-current
 /// `[start, end)` and is rewritten as such whenever a writer touches it.
+///
+/// `packed(floor)` does the same for a pack: upstream may have removed any revision that
+/// started at or before `floor` (an object garbage-collected at the pack time loses every
+/// revision up to it; one still referenced keeps the revision current then). It starts a
+/// new generation and gives every older one that floor: an entry of an old generation
+/// with `start <= floor` is *suspect* — never served as is; a current one is offered for
+/// verification with upstream (and moved to the current generation if upstream still
+/// has it), a retired one is dead. Entries with `start > floor` are what they were.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Epochs {
     pub current: u32,
     pub ends: std::collections::HashMap<u32, Tid>,
+    pub floors: std::collections::HashMap<u32, Tid>,
+}
+
+/// What an entry of the `current` table stands for (see [`Epochs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Standing {
+    /// Current as of the cache's `last_tid`.
+    Current,
+    /// Current unless a pack removed it: upstream must be asked before it is served.
+    Suspect,
+    /// The revision was valid for `[start, end)` (empty: not usable at all).
+    Ended(Tid),
 }
 
 impl Epochs {
     /// `None` if entries of `generation` are current; else the end they are valid up to.
-    /// An unknown old generation (cannot happen) gets an empty interval.
+    /// An unknown old generation (cannot happen) gets an empty interval. Suspect entries
+    /// get an empty interval too: writers drop them when they touch them.
     pub fn end_of(&self, generation: u32, start: Tid) -> Option<Tid> {
-        if generation == self.current {
-            None
-        } else {
-            Some(self.ends.get(&generation).copied().unwrap_or(start))
+        match self.standing(generation, start) {
+            Standing::Current => None,
+            Standing::Suspect => Some(start),
+            Standing::Ended(end) => Some(end),
         }
+    }
+
+    /// What a current-table entry of `generation` starting at `start` stands for.
+    pub fn standing(&self, generation: u32, start: Tid) -> Standing {
+        if generation == self.current {
+            return Standing::Current;
+        }
+        let packed_away = self.floors.get(&generation).is_some_and(|f| start <= *f);
+        match self.ends.get(&generation) {
+            Some(_) if packed_away => Standing::Ended(start),
+            Some(end) => Standing::Ended(*end),
+            None if packed_away => Standing::Suspect,
+            None if self.floors.contains_key(&generation) => Standing::Current,
+            None => Standing::Ended(start),
+        }
+    }
+
+    /// The greatest pack floor of any generation: non-current revisions that start at or
+    /// before it may be gone upstream.
+    pub fn max_floor(&self) -> Tid {
+        self.floors.values().copied().max().unwrap_or(Tid::ZERO)
     }
 }
 

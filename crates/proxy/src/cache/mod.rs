@@ -116,7 +116,7 @@ use redb::{
 use tracing::{debug, error, info, warn};
 use zodb::{Oid, Tid};
 
-use index::{CurrentEntry, EntryTables, Epochs};
+use index::{CurrentEntry, EntryTables, Epochs, Standing};
 use recent::{Accessed, RecentInvalidations};
 use segment::{Loc, RecordError, RECORD_HEADER_LEN, SEGMENT_HEADER_LEN};
 
@@ -278,6 +278,9 @@ pub struct Cache {
     writer: Mutex<Writer>,
     files: RwLock<HashMap<u64, Arc<dyn FileIo>>>,
     epochs: RwLock<Epochs>,
+    /// Non-current entries starting at or before this tid are not served: `packed` is
+    /// deleting them (zero when no purge is pending).
+    purge_floor: AtomicU64,
     accessed: Mutex<Accessed>,
     last_tid: AtomicU64,
     poisoned: AtomicBool,
@@ -322,6 +325,8 @@ impl<E: Into<redb::Error>> From<E> for OpenError {
 struct Persisted {
     last_tid: Tid,
     epochs: Epochs,
+    /// A purge of non-current entries that `packed` did not finish.
+    purge_floor: Tid,
     clean: Option<(u64, u64)>,
     referenced: Vec<u64>,
     entries: u64,
@@ -413,6 +418,7 @@ impl Cache {
         let Persisted {
             last_tid,
             epochs,
+            purge_floor,
             clean,
             referenced,
             entries,
@@ -432,6 +438,7 @@ impl Cache {
             drop(meta);
             EntryTables::open(&txn)?;
             txn.open_table(index::EPOCHS)?;
+            txn.open_table(index::PACK_FLOORS)?;
             let mut log = txn.open_table(index::INVALIDATIONS)?;
             while log.len()? > config.invalidation_log_size as u64 {
                 log.pop_first()?;
@@ -536,6 +543,7 @@ impl Cache {
             }),
             files: RwLock::new(files),
             epochs: RwLock::new(epochs),
+            purge_floor: AtomicU64::new(purge_floor.0),
             accessed: Mutex::new(Accessed::new(
                 usize::try_from(max_bytes / 2048)
                     .unwrap_or(usize::MAX)
@@ -558,6 +566,12 @@ impl Cache {
             }
             // The configured size may have shrunk.
             cache.make_room(&mut w, 0).map_err(OpenError::Fatal)?;
+            if purge_floor > Tid::ZERO {
+                info!(floor = %purge_floor, "finishing the purge of entries a pack removed");
+                cache
+                    .purge_noncurrent(&mut w, purge_floor)
+                    .map_err(OpenError::Fatal)?;
+            }
         }
         Ok(cache)
     }
@@ -571,6 +585,7 @@ impl Cache {
                 return Ok(Persisted {
                     last_tid: Tid::ZERO,
                     epochs: Epochs::default(),
+                    purge_floor: Tid::ZERO,
                     clean: None,
                     referenced: Vec::new(),
                     entries: 0,
@@ -591,17 +606,31 @@ impl Cache {
         let mut epochs = Epochs {
             current: generation,
             ends: HashMap::new(),
+            floors: HashMap::new(),
         };
         for item in txn.open_table(index::EPOCHS)?.iter()? {
             let (k, v) = item?;
             epochs.ends.insert(k.value(), Tid(v.value()));
         }
+        match txn.open_table(index::PACK_FLOORS) {
+            Ok(floors) => {
+                for item in floors.iter()? {
+                    let (k, v) = item?;
+                    epochs.floors.insert(k.value(), Tid(v.value()));
+                }
+            }
+            // A cache written before packs were forwarded.
+            Err(TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let purge_floor = Tid(get(index::META_PURGE_FLOOR)?.unwrap_or(0));
         let current = txn.open_table(index::CURRENT)?;
         let noncurrent = txn.open_table(index::NONCURRENT)?;
         let locations = txn.open_table(index::LOCATIONS)?;
         Ok(Persisted {
             last_tid,
             epochs,
+            purge_floor,
             clean,
             referenced: index::referenced_segments(&locations)?,
             entries: current.len()? + noncurrent.len()?,
@@ -631,7 +660,7 @@ impl Cache {
         let found = if self.is_poisoned() {
             None
         } else {
-            self.lookup_before(oid, before).unwrap_or_else(|e| {
+            self.lookup_before(oid, before, false).unwrap_or_else(|e| {
                 warn!(error = %e, %oid, "cache lookup failed");
                 None
             })
@@ -647,25 +676,56 @@ impl Cache {
     /// Whether the cache holds a current revision of `oid` (index only, no data read,
     /// not counted as a hit or miss): prefetching skips those.
     pub fn has_current(&self, oid: Oid) -> bool {
-        !self.is_poisoned() && matches!(self.lookup_before(oid, Tid::MAX), Ok(Some((_, None, _))))
+        !self.is_poisoned()
+            && matches!(
+                self.lookup_before(oid, Tid::MAX, false),
+                Ok(Some((_, None, _)))
+            )
     }
 
+    /// The revision `load_before` would return were it not suspect since a pack (see
+    /// [`Cache::packed`]): current, unless upstream removed it. Read only on a miss; the
+    /// caller asks upstream and then calls [`Cache::confirm`] or [`Cache::forget`].
+    /// Not counted as a hit or miss.
+    pub fn load_suspect(&self, oid: Oid, before: Tid) -> Option<CachedRevision> {
+        if self.is_poisoned() {
+            return None;
+        }
+        let (start, end, loc) = self.lookup_before(oid, before, true).ok()??;
+        let data = self.read_entry(oid, start, loc)?;
+        Some(CachedRevision { data, start, end })
+    }
+
+    /// With `suspect`, only a suspect current entry is returned (as current); without,
+    /// suspect entries are not returned.
     fn lookup_before(
         &self,
         oid: Oid,
         before: Tid,
+        suspect: bool,
     ) -> Result<Option<(Tid, Option<Tid>, Loc)>, CacheError> {
         let txn = self.db.begin_read()?;
         if let Some(c) = index::get_current(&txn.open_table(index::CURRENT)?, oid)? {
             // Read after the snapshot was taken (see `drop_current`).
-            let end = self.epochs.read().end_of(c.generation, c.start);
+            let standing = self.epochs.read().standing(c.generation, c.start);
+            let end = match (standing, suspect) {
+                (Standing::Suspect, true) => None,
+                (_, true) => return Ok(None),
+                (Standing::Current, false) => None,
+                (Standing::Suspect, false) => Some(c.start),
+                (Standing::Ended(e), false) => Some(e),
+            };
             if c.start < before && end.is_none_or(|e| before <= e) {
                 return Ok(Some((c.start, end, c.loc)));
             }
         }
+        if suspect {
+            return Ok(None);
+        }
+        let purge_floor = Tid(self.purge_floor.load(Ordering::Acquire));
         let noncurrent = txn.open_table(index::NONCURRENT)?;
         Ok(index::noncurrent_before(&noncurrent, oid, before)?
-            .filter(|(_, n)| before <= n.end)
+            .filter(|(start, n)| before <= n.end && *start > purge_floor)
             .map(|(start, n)| (start, Some(n.end), n.loc)))
     }
 
@@ -688,8 +748,18 @@ impl Cache {
         let txn = self.db.begin_read()?;
         if let Some(c) = index::get_current(&txn.open_table(index::CURRENT)?, oid)? {
             if c.start == serial {
-                return Ok(Some(c.loc));
+                // A revision's data never changes; whether upstream still has it does
+                // (a suspect or packed-away entry is not served).
+                let usable = match self.epochs.read().standing(c.generation, c.start) {
+                    Standing::Current => true,
+                    Standing::Suspect => false,
+                    Standing::Ended(e) => e > c.start,
+                };
+                return Ok(usable.then_some(c.loc));
             }
+        }
+        if serial <= Tid(self.purge_floor.load(Ordering::Acquire)) {
+            return Ok(None);
         }
         let noncurrent = txn.open_table(index::NONCURRENT)?;
         Ok(index::get_noncurrent(&noncurrent, oid, serial)?.map(|n| n.loc))
@@ -902,18 +972,18 @@ impl Cache {
             let mut t = EntryTables::open(txn)?;
             for &oid in oids {
                 let Some(c) = t.current(oid)? else { continue };
-                let end = if c.generation != epochs.current {
-                    epochs.end_of(c.generation, c.start)
-                } else if c.start >= tid {
-                    continue; // already reflects this change
-                } else {
-                    match changes {
+                let end = match epochs.standing(c.generation, c.start) {
+                    Standing::Current if c.start >= tid => continue, // reflects the change
+                    Standing::Current => match changes {
                         Changes::Transaction => Some(tid),
                         // Changed somewhere in (last, tid]. An entry with start <= last
                         // was current at `last`: valid up to last + 1. One with
                         // last < start < tid may be stale: the empty interval drops it.
                         Changes::Summary => Some(after(last)),
-                    }
+                    },
+                    // Perhaps packed away: not worth keeping as history.
+                    Standing::Suspect => None,
+                    Standing::Ended(end) => Some(end),
                 };
                 t.retire_current(oid, c, end)?;
             }
@@ -974,8 +1044,23 @@ impl Cache {
             return;
         };
         let end = after(last);
+        // Generations made suspect by a pack are current too, until now.
+        let suspect: Vec<u32> = {
+            let epochs = self.epochs.read();
+            epochs
+                .floors
+                .keys()
+                .copied()
+                .filter(|g| !epochs.ends.contains_key(g))
+                .collect()
+        };
         let result = self.write_txn(|txn| {
-            txn.open_table(index::EPOCHS)?.insert(old, end.0)?;
+            let mut ends = txn.open_table(index::EPOCHS)?;
+            ends.insert(old, end.0)?;
+            for &g in &suspect {
+                ends.insert(g, end.0)?;
+            }
+            drop(ends);
             let mut meta = txn.open_table(index::META)?;
             meta.insert(index::META_GENERATION, u64::from(new))?;
             meta.insert(index::META_LAST_TID, tid.0)?;
@@ -992,6 +1077,9 @@ impl Cache {
                 // the new generation for one of the old or the other way round.
                 let mut epochs = self.epochs.write();
                 epochs.ends.insert(old, end);
+                for g in suspect {
+                    epochs.ends.insert(g, end);
+                }
                 epochs.current = new;
                 drop(epochs);
                 w.recent.reset(tid);
@@ -999,6 +1087,156 @@ impl Cache {
                 self.last_tid.store(tid.0, Ordering::Release);
             }
             Err(e) => self.poison("drop current entries", &e),
+        }
+    }
+
+    /// Upstream was packed: any revision that started at or before `floor` may be gone
+    /// (see [`index::Epochs`]). Non-current entries starting by then are deleted (they
+    /// are unreadable at once, before the deletion finishes, and a purge cut short by a
+    /// crash is finished at the next open); current entries become suspect: loads miss
+    /// them, [`Cache::load_suspect`] offers them for verification. O(non-current entries);
+    /// current entries are not touched. No `fsync`.
+    pub fn packed(&self, floor: Tid) {
+        if self.is_poisoned() || floor == Tid::ZERO {
+            return;
+        }
+        let mut w = self.writer.lock();
+        let (old, floors) = {
+            let epochs = self.epochs.read();
+            let mut floors = epochs.floors.clone();
+            for g in epochs
+                .ends
+                .keys()
+                .copied()
+                .chain(std::iter::once(epochs.current))
+            {
+                let f = floors.entry(g).or_insert(floor);
+                *f = (*f).max(floor);
+            }
+            for f in floors.values_mut() {
+                *f = (*f).max(floor);
+            }
+            (epochs.current, floors)
+        };
+        let Some(new) = old.checked_add(1) else {
+            self.poison(
+                "mark entries a pack may have removed",
+                &CacheError::Corrupt("generations exhausted".into()),
+            );
+            return;
+        };
+        let purge = floor.max(Tid(self.purge_floor.load(Ordering::Acquire)));
+        let result = self.write_txn(|txn| {
+            let mut t = txn.open_table(index::PACK_FLOORS)?;
+            for (&g, &f) in &floors {
+                t.insert(g, f.0)?;
+            }
+            drop(t);
+            let mut meta = txn.open_table(index::META)?;
+            meta.insert(index::META_GENERATION, u64::from(new))?;
+            meta.insert(index::META_PURGE_FLOOR, purge.0)?;
+            Ok(())
+        });
+        match result {
+            Ok(()) => {
+                // As in `drop_current`: new-generation entries are written only after this.
+                self.purge_floor.store(purge.0, Ordering::Release);
+                let mut epochs = self.epochs.write();
+                epochs.floors = floors;
+                epochs.current = new;
+            }
+            Err(e) => return self.poison("mark entries a pack may have removed", &e),
+        }
+        if let Err(e) = self.purge_noncurrent(&mut w, purge) {
+            self.poison("drop entries a pack removed", &e);
+        }
+    }
+
+    /// Deletes the non-current entries starting at or before `floor`, a batch per write
+    /// transaction, then clears the pending purge.
+    fn purge_noncurrent(&self, _w: &mut Writer, floor: Tid) -> Result<(), CacheError> {
+        let mut from = (0u64, 0u64);
+        loop {
+            let (batch, entries) = self.write_txn(|txn| {
+                let mut t = EntryTables::open(txn)?;
+                let rows: Vec<(u64, u64, Loc)> = t
+                    .noncurrent
+                    .range(from..)?
+                    .filter_map(Result::ok)
+                    .map(|(k, v)| {
+                        let (oid, start) = k.value();
+                        let (_, seg, off, len) = v.value();
+                        (oid, start, Loc { seg, off, len })
+                    })
+                    .filter(|(_, start, _)| *start <= floor.0)
+                    .take(EVICT_BATCH)
+                    .collect();
+                for (oid, start, loc) in &rows {
+                    t.remove_at(Oid(*oid), Tid(*start), *loc)?;
+                }
+                Ok((rows, t.len()?))
+            })?;
+            self.counters.entries.store(entries, Ordering::Relaxed);
+            match batch.last() {
+                Some(&(oid, start, _)) if batch.len() == EVICT_BATCH => {
+                    from = (oid, start.saturating_add(1));
+                }
+                _ => break,
+            }
+        }
+        self.write_txn(|txn| {
+            txn.open_table(index::META)?
+                .insert(index::META_PURGE_FLOOR, 0)?;
+            Ok(())
+        })?;
+        self.purge_floor.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    /// The greatest pack floor the cache has been told of ([`Cache::packed`]).
+    pub fn pack_floor(&self) -> Tid {
+        self.epochs.read().max_floor()
+    }
+
+    /// Upstream confirmed that the suspect current revision `(oid, start)` still exists
+    /// and is current: it is served again.
+    pub fn confirm(&self, oid: Oid, start: Tid) {
+        self.settle_suspect(oid, start, true);
+    }
+
+    /// Upstream no longer has the suspect revision `(oid, start)` as current: dropped.
+    pub fn forget(&self, oid: Oid, start: Tid) {
+        self.settle_suspect(oid, start, false);
+    }
+
+    fn settle_suspect(&self, oid: Oid, start: Tid, keep: bool) {
+        if self.is_poisoned() {
+            return;
+        }
+        let _w = self.writer.lock();
+        let epochs = self.epochs.read().clone();
+        let result = self.write_txn(|txn| {
+            let mut t = EntryTables::open(txn)?;
+            if let Some(c) = t.current(oid)?.filter(|c| {
+                c.start == start && epochs.standing(c.generation, c.start) == Standing::Suspect
+            }) {
+                if keep {
+                    t.put_current(
+                        oid,
+                        CurrentEntry {
+                            generation: epochs.current,
+                            ..c
+                        },
+                    )?;
+                } else {
+                    t.retire_current(oid, c, None)?;
+                }
+            }
+            Ok(t.len()?)
+        });
+        match result {
+            Ok(entries) => self.counters.entries.store(entries, Ordering::Relaxed),
+            Err(e) => warn!(error = %e, %oid, "updating a cache entry after a pack failed"),
         }
     }
 

@@ -319,6 +319,89 @@ fn drop_current_retires_every_current_entry_and_survives_reopen() {
     );
 }
 
+/// After a pack with floor 20: history starting by then is gone, current revisions
+/// starting by then are suspect (not served until confirmed, dropped when forgotten),
+/// later ones are untouched; and all of it holds across a reopen.
+#[test]
+fn a_pack_drops_old_history_and_makes_old_current_revisions_suspect() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(config(dir.path(), 64 * MIB)).unwrap();
+    cache.invalidate_many(Tid(10), &[]);
+    // oid 1: current since 5 (kept by the pack, confirmed below).
+    cache.store(Oid(1), Tid(5), None, data(1, 5, 100), Tid(10));
+    // oid 2: current since 6 (garbage-collected by the pack, forgotten below).
+    cache.store(Oid(2), Tid(6), None, data(2, 6, 100), Tid(10));
+    // oid 3: history [7, 15) and [15, 25), current since 25.
+    cache.store(Oid(3), Tid(7), Some(Tid(15)), data(3, 7, 100), Tid(10));
+    cache.invalidate(Tid(30), &[]);
+    cache.store(Oid(3), Tid(15), Some(Tid(25)), data(3, 15, 100), Tid(30));
+    cache.store(Oid(3), Tid(25), None, data(3, 25, 100), Tid(30));
+    // oid 4: a retired generation's entry (drop_current), start 8, valid up to 31.
+    cache.store(Oid(4), Tid(8), None, data(4, 8, 100), Tid(30));
+    cache.drop_current(Tid(40));
+    cache.store(Oid(1), Tid(5), None, data(1, 5, 100), Tid(40));
+    cache.store(Oid(2), Tid(6), None, data(2, 6, 100), Tid(40));
+    cache.store(Oid(3), Tid(25), None, data(3, 25, 100), Tid(40));
+    assert_eq!(cache.load_before(Oid(4), Tid(9)), Some(rev(4, 8, Some(31))));
+
+    cache.packed(Tid(20));
+    let check = |cache: &Cache| {
+        assert_eq!(cache.pack_floor(), Tid(20));
+        // Suspect: neither served nor counted as current, but offered for verification.
+        for (oid, start) in [(1, 5), (2, 6)] {
+            assert_eq!(cache.load_before(Oid(oid), Tid::MAX), None);
+            assert!(!cache.has_current(Oid(oid)));
+            assert_eq!(cache.load_serial(Oid(oid), Tid(start)), None);
+            assert_eq!(
+                cache.load_suspect(Oid(oid), Tid::MAX),
+                Some(rev(oid, start, None))
+            );
+        }
+        // History starting by the floor is gone; the revision after it is not suspect.
+        assert_eq!(cache.load_before(Oid(3), Tid(10)), None);
+        assert_eq!(cache.load_before(Oid(3), Tid(20)), None);
+        assert_eq!(cache.load_serial(Oid(3), Tid(15)), None);
+        assert_eq!(cache.load_before(Oid(3), Tid::MAX), Some(rev(3, 25, None)));
+        assert_eq!(cache.load_suspect(Oid(3), Tid::MAX), None);
+        // The retired entry started by the floor: dead.
+        assert_eq!(cache.load_before(Oid(4), Tid(9)), None);
+        assert_eq!(cache.load_serial(Oid(4), Tid(8)), None);
+    };
+    check(&cache);
+    cache.close().unwrap();
+    let cache = Cache::open(config(dir.path(), 64 * MIB)).unwrap();
+    check(&cache);
+
+    cache.confirm(Oid(1), Tid(5));
+    cache.forget(Oid(2), Tid(6));
+    assert_eq!(cache.load_before(Oid(1), Tid::MAX), Some(rev(1, 5, None)));
+    assert_eq!(cache.load_suspect(Oid(1), Tid::MAX), None);
+    assert_eq!(cache.load_before(Oid(2), Tid::MAX), None);
+    assert_eq!(cache.load_suspect(Oid(2), Tid::MAX), None);
+    // A confirmed entry is current again: invalidations end it as usual.
+    cache.invalidate(Tid(41), &[Oid(1), Oid(3)]);
+    assert_eq!(
+        cache.load_before(Oid(1), Tid(41)),
+        Some(rev(1, 5, Some(41)))
+    );
+    assert_eq!(
+        cache.load_before(Oid(3), Tid(41)),
+        Some(rev(3, 25, Some(41)))
+    );
+    // History re-fetched after the pack is cached again.
+    cache.store(Oid(3), Tid(15), Some(Tid(25)), data(3, 15, 100), Tid(41));
+    assert_eq!(
+        cache.load_before(Oid(3), Tid(20)),
+        Some(rev(3, 15, Some(25)))
+    );
+    // A later drop_current retires the suspect generation too.
+    cache.store(Oid(5), Tid(9), None, data(5, 9, 100), Tid(41));
+    cache.packed(Tid(30));
+    cache.drop_current(Tid(50));
+    assert_eq!(cache.load_suspect(Oid(5), Tid::MAX), None);
+    assert_eq!(cache.load_before(Oid(5), Tid::MAX), None);
+}
+
 #[test]
 fn invalidation_log_is_bounded_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();

@@ -189,6 +189,7 @@ impl Inner {
                 }
             }
         }
+        let epoch = self.packs.epoch();
         let mut latest: HashMap<Oid, (Tid, Bytes)> = HashMap::new();
         let progress = &*self.config.progress;
         progress.start(
@@ -281,6 +282,9 @@ impl Inner {
         let seen = self.last_tid();
         let bytes = latest.values().map(|(_, d)| d.len()).sum();
         self.stores.submit(bytes, move |cache| {
+            if !epoch.still_valid() {
+                return; // a pack completed meanwhile (see `pack`)
+            }
             for (oid, (start, data)) in latest {
                 cache.store(oid, start, None, data, seen);
             }

@@ -38,7 +38,8 @@ pub(super) struct Forwarded {
     conn: Connection,
     /// Operations already sent upstream (a re-vote after conflicts sends only the new ones).
     sent: usize,
-    /// Oids stored, in order, with their data (for the invalidation and the cache).
+    /// Oids stored, deleted or restored, in order, with the data stored (for the
+    /// invalidation and the cache).
     stored: Vec<(Oid, Option<Bytes>)>,
     /// Oids whose committed data differs from what was sent (resolved upstream, undone),
     /// over every vote round.
@@ -86,6 +87,18 @@ fn committed_revisions(stored: Vec<(Oid, Option<Bytes>)>, changed: &[Oid]) -> Ve
     out
 }
 
+/// The oids a committed transaction changed, each once: those it stored, and those whose
+/// data upstream changed for it (undone objects, which it did not store).
+fn invalidated_oids(stored: &[(Oid, Option<Bytes>)], changed: &[Oid]) -> Vec<Oid> {
+    let mut seen = HashSet::new();
+    stored
+        .iter()
+        .map(|(o, _)| *o)
+        .chain(changed.iter().copied())
+        .filter(|o| seen.insert(*o))
+        .collect()
+}
+
 impl Commits {
     /// The forwarded transaction `key`, if it is the one open upstream and its connection
     /// is still up. Anything else in the slot is stale and dropped.
@@ -112,8 +125,16 @@ impl Inner {
             let _ = fwd.conn.call(&Request::TpcAbort { txn: id }).await;
             return Err(e);
         }
-        // An error means upstream has dropped its side of the transaction already.
-        let reply: VoteResult = fwd.conn.request(&Request::Vote { txn: id }).await?;
+        let reply: VoteResult = match fwd.conn.request(&Request::Vote { txn: id.clone() }).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                // The stock server drops its side of a transaction whose vote failed; a
+                // zeors upstream keeps it until aborted. Either way none is left open on
+                // the connection the next forwarded transaction uses.
+                let _ = fwd.conn.call(&Request::TpcAbort { txn: id }).await;
+                return Err(e.into());
+            }
+        };
         fwd.changed.extend(reply.resolved());
         let vote = outcome(&reply, &fwd.changed);
         // Kept across conflict rounds too: the server holds its commit lock until this
@@ -173,8 +194,15 @@ impl Inner {
                     fwd.blobs.push((*oid, file.clone()));
                 }
                 other => {
-                    if let TxnOp::Store { oid, data, .. } = other {
-                        fwd.stored.push((*oid, Some(data.clone())));
+                    match other {
+                        TxnOp::Store { oid, data, .. } => {
+                            fwd.stored.push((*oid, Some(data.clone())))
+                        }
+                        // They change the object too: invalidated, not cached.
+                        TxnOp::Delete { oid, .. } | TxnOp::Restore { oid, .. } => {
+                            fwd.stored.push((*oid, None))
+                        }
+                        _ => {}
                     }
                     if let Some(request) = Request::for_op(other, id) {
                         fwd.conn.send(&request)?;
@@ -192,16 +220,22 @@ impl Inner {
                 "finish without a voted transaction".into(),
             ));
         };
-        let oids: Vec<Oid> = fwd.stored.iter().map(|(o, _)| *o).collect();
+        let oids = invalidated_oids(&fwd.stored, &fwd.changed);
         let blob_files = std::mem::take(&mut fwd.blobs);
         let blobs_changed = fwd.changed.clone();
         let weak = Arc::downgrade(self);
+        let epoch = self.packs.epoch();
         let stored = std::mem::take(&mut fwd.stored);
         let changed = std::mem::take(&mut fwd.changed);
         // Applied in the reader, in order with upstream's callbacks: upstream does not
         // send us an invalidation for our own commit, this reply is its place in the order.
         let hook: zeo_client::ReplyHook = Box::new(move |result| {
-            let (Some(inner), Ok(v)) = (weak.upgrade(), result) else {
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let Ok(v) = result else {
+                // No `info` callback comes for a failed finish (see `pack`).
+                inner.packs.no_info_coming();
                 return;
             };
             let Ok(tid) = Tid::from_value(v) else {
@@ -214,11 +248,16 @@ impl Inner {
             let keep = committed_revisions(stored, &changed);
             let bytes = keep.iter().map(|(_, d)| d.len()).sum();
             inner.stores.submit(bytes, move |cache| {
+                if !epoch.still_valid() {
+                    return; // a pack completed meanwhile (see `pack`)
+                }
                 for (oid, data) in keep {
                     cache.store(oid, tid, None, data, tid);
                 }
             });
         });
+        // Upstream's `info` callback just before the reply belongs to this commit.
+        self.packs.expect_info();
         let v = fwd
             .conn
             .call_with_hook(
@@ -297,6 +336,20 @@ mod tests {
             keep,
             vec![(Oid(1), b("resolved by the client")), (Oid(2), b("two"))]
         );
+    }
+
+    #[test]
+    fn undone_oids_are_invalidated_with_the_stored_ones() {
+        let stored = vec![
+            (Oid(1), Some(b("a"))),
+            (Oid(2), None),
+            (Oid(1), Some(b("again"))),
+        ];
+        assert_eq!(
+            invalidated_oids(&stored, &[Oid(7), Oid(2), Oid(9)]),
+            vec![Oid(1), Oid(2), Oid(7), Oid(9)]
+        );
+        assert_eq!(invalidated_oids(&[], &[Oid(3)]), vec![Oid(3)]);
     }
 
     #[test]

@@ -86,7 +86,10 @@ impl Inner {
             }
             None => {
                 f.misses.fetch_add(1, Ordering::Relaxed);
-                self.await_prefetch(oid, before).await
+                match self.await_prefetch(oid, before).await {
+                    Some(rev) => Some(rev),
+                    None => self.verified_suspect(oid, before).await,
+                }
             }
         };
         if let Some(rev) = hit {
@@ -96,6 +99,7 @@ impl Inner {
                 snapshot,
             });
         }
+        let epoch = self.packs.epoch();
         let (answer, seen) = self.fetch(oid, before).await?;
         if let Some(rev) = &answer {
             if rev.end.is_none() {
@@ -103,7 +107,10 @@ impl Inner {
             }
             let stored = rev.clone();
             self.stores.submit(stored.data.len(), move |cache| {
-                cache.store(oid, stored.start, stored.end, stored.data, seen)
+                // Not if a pack completed since the request went out (see `pack`).
+                if epoch.still_valid() {
+                    cache.store(oid, stored.start, stored.end, stored.data, seen)
+                }
             });
         }
         Ok(LoadBefore {
@@ -219,6 +226,7 @@ impl Inner {
             let inner = self.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let epoch = inner.packs.epoch();
                 if let Ok((Some(rev), seen)) = inner.fetch(oid, Tid::MAX).await {
                     let f = &inner.fetching;
                     f.prefetched.fetch_add(1, Ordering::Relaxed);
@@ -233,7 +241,9 @@ impl Inner {
                     inner
                         .stores
                         .submit_and_wait(rev.data.len(), move |cache| {
-                            cache.store(oid, rev.start, rev.end, rev.data, seen)
+                            if epoch.still_valid() {
+                                cache.store(oid, rev.start, rev.end, rev.data, seen)
+                            }
                         })
                         .await;
                 }
@@ -260,6 +270,16 @@ impl Inner {
         };
         if claimed {
             self.prefetch_references(data);
+        }
+    }
+
+    /// A cached revision that a pack made suspect (see [`super::pack`]), if upstream
+    /// still has it as current; `None` (a miss) otherwise, or if upstream cannot say.
+    async fn verified_suspect(&self, oid: Oid, before: Tid) -> Option<Loaded> {
+        let rev = self.cache.load_suspect(oid, before)?;
+        match self.verify_suspect(oid, rev.start).await {
+            Ok(true) => Some(rev),
+            Ok(false) | Err(_) => None,
         }
     }
 

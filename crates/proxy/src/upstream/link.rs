@@ -37,6 +37,10 @@ pub(super) struct UpstreamInfo {
     pub name: String,
     /// Upstream's storage has blobs (`IBlobStorage` in its `get_info`).
     pub blobs: bool,
+    /// The interfaces upstream's `get_info` listed; `None` before it was reached.
+    pub interfaces: Option<Vec<(String, String)>>,
+    pub supports_undo: bool,
+    pub supports_record_iternext: bool,
 }
 
 /// The link's state.
@@ -105,6 +109,9 @@ impl Inner {
         ui.size = info.size;
         ui.name = info.name.clone();
         ui.blobs = crate::blobs::advertises_blobs(info);
+        ui.interfaces = Some(info.interfaces.clone());
+        ui.supports_undo = info.supports_undo;
+        ui.supports_record_iternext = info.supports_record_iternext;
         if self.blobs.is_some() && !ui.blobs {
             warn!("a blob directory is configured but the upstream storage has no blobs: blobs are refused");
         }
@@ -186,6 +193,8 @@ impl Inner {
         gate: &Arc<Mutex<Gate>>,
     ) -> Result<(), ClientError> {
         self.link.state.send_replace(LinkState::CatchingUp);
+        // Nothing of ours is waiting for an `info` callback on a new connection.
+        self.packs.reset_infos();
         self.catch_up(conn, gate).await
     }
 
@@ -230,6 +239,9 @@ impl Callbacks for LinkCallbacks {
     async fn info(&self, info: SizeInfo) {
         if let Some(inner) = self.inner.upgrade() {
             inner.update_size(info);
+            if self.gate.lock().open {
+                inner.size_info_received();
+            }
         }
     }
 

@@ -25,6 +25,12 @@
 //! connected throughout and receive ordinary invalidations. Invalidation callbacks that
 //! arrive during the catch-up are held and applied after it, in order.
 //!
+//! ## Iteration, undo and pack
+//! Upstream's iterators are walked for downstream ones, bounded by the proxy's last tid
+//! ([`iteration`]); the undo log is upstream's, with Zope's filters applied here
+//! ([`undo`]); a pack is forwarded and the cache then checks what it may have removed
+//! before serving it ([`pack`]). `get_info` reports the interfaces upstream offers.
+//!
 //! ## Commits
 //! A downstream transaction is forwarded at its vote, on the same connection ([`commit`]).
 //! The server holds its commit lock from the first vote to finish or abort, conflict
@@ -34,7 +40,10 @@
 mod catchup;
 mod commit;
 mod fetch;
+mod iteration;
 mod link;
+mod pack;
+mod undo;
 
 use crate::blobs::{BlobConfig, ProxyBlobs};
 use crate::cache::{Cache, CacheConfig};
@@ -51,14 +60,15 @@ use zeo_client::Address;
 use zeo_proto::reply::History;
 use zeo_proto::Request;
 use zodb::{
-    HistoryEntry, InvalidationSink, LoadBefore, Oid, Storage, StorageError, StorageInfo, Tid,
-    Transaction, TxnKey, Vote,
+    CurrentRecord, HistoryEntry, InvalidationSink, LoadBefore, Oid, Storage, StorageError,
+    StorageInfo, Tid, Transaction, TransactionIterator, TxnKey, UndoEntry, UndoFilter, Vote,
 };
 
 use commit::Commits;
 use fetch::Fetching;
-use link::Link;
 pub use link::LinkState;
+use link::{Link, UpstreamInfo};
+use pack::PackState;
 
 /// Settings of proxy mode.
 #[derive(Debug, Clone)]
@@ -125,6 +135,7 @@ struct Inner {
     link: Link,
     fetching: Fetching,
     commits: Commits,
+    packs: PackState,
 }
 
 impl UpstreamStorage {
@@ -168,6 +179,7 @@ impl UpstreamStorage {
                     slot: Mutex::new(None),
                     oids: tokio::sync::Mutex::new(VecDeque::new()),
                 },
+                packs: PackState::default(),
             }),
         })
     }
@@ -228,28 +240,48 @@ impl Inner {
     }
 }
 
+/// What the proxy advertises in `get_info`: the interfaces upstream's storage offers (as
+/// the stock proxy does, a `ClientStorage` mirroring its server), except blobs when the
+/// proxy has no blob directory; undo and record iteration as upstream has them. Before
+/// upstream has been reached, what a FileStorage upstream offers.
+fn advertised(ui: &UpstreamInfo, blobs_configured: bool) -> (Vec<(String, String)>, bool, bool) {
+    let Some(ifaces) = &ui.interfaces else {
+        let defaults = [
+            "IStorageRestoreable",
+            "IStorageIteration",
+            "IStorageUndoable",
+            "IStorageCurrentRecordIteration",
+            "IExternalGC",
+            "IStorage",
+        ];
+        let list = defaults
+            .iter()
+            .map(|n| ("ZODB.interfaces".to_string(), n.to_string()))
+            .collect();
+        return (list, true, true);
+    };
+    let list = ifaces
+        .iter()
+        .filter(|(m, n)| !(m == "zope.interface" && n == "Interface"))
+        .filter(|(_, n)| blobs_configured || !n.starts_with("IBlobStorage"))
+        .cloned()
+        .collect();
+    (list, ui.supports_undo, ui.supports_record_iternext)
+}
+
 #[async_trait]
 impl Storage for UpstreamStorage {
     fn info(&self) -> StorageInfo {
         let ui = self.inner.link.info.lock().clone();
+        let (interfaces, supports_undo, supports_record_iternext) =
+            advertised(&ui, self.inner.blobs.is_some());
         StorageInfo {
             length: ui.length,
             size: ui.size,
             name: format!("proxy of {} ({})", self.inner.config.upstreams[0], ui.name),
-            supports_undo: false,
-            supports_record_iternext: false,
-            interfaces: self
-                .inner
-                .blobs
-                .iter()
-                .filter(|_| ui.blobs)
-                .map(|_| ("ZODB.interfaces", "IBlobStorage"))
-                .chain([
-                    ("ZODB.interfaces", "IStorageRestoreable"),
-                    ("ZODB.interfaces", "IExternalGC"),
-                    ("ZODB.interfaces", "IStorage"),
-                ])
-                .collect(),
+            supports_undo,
+            supports_record_iternext,
+            interfaces,
         }
     }
 
@@ -284,7 +316,12 @@ impl Storage for UpstreamStorage {
 
     async fn history(&self, oid: Oid, size: usize) -> zodb::Result<Vec<HistoryEntry>> {
         let conn = self.inner.link().await?;
-        let h: History = conn.request(&Request::History { oid, size }).await?;
+        let h: History = conn
+            .request(&Request::History {
+                oid: Some(oid),
+                size: Some(size),
+            })
+            .await?;
         Ok(h.0)
     }
 
@@ -315,6 +352,31 @@ impl Storage for UpstreamStorage {
         Ok(self.inner.cache.invalidations_since(tid))
     }
 
+    async fn undo_log(
+        &self,
+        first: i64,
+        last: i64,
+        filter: Option<UndoFilter>,
+    ) -> zodb::Result<Vec<UndoEntry>> {
+        self.inner.undo_log(first, last, filter).await
+    }
+
+    async fn iterator(
+        &self,
+        start: Option<Tid>,
+        stop: Option<Tid>,
+    ) -> zodb::Result<Box<dyn TransactionIterator>> {
+        Ok(Box::new(self.inner.iterator(start, stop).await?))
+    }
+
+    async fn record_iternext(&self, next: Option<Oid>) -> zodb::Result<CurrentRecord> {
+        self.inner.record_iternext(next).await
+    }
+
+    async fn pack(&self, pack_time: f64) -> zodb::Result<()> {
+        self.inner.pack(pack_time).await
+    }
+
     fn blob_temp_dir(&self) -> Option<std::path::PathBuf> {
         self.inner.blobs.as_ref().map(ProxyBlobs::temp_dir)
     }
@@ -332,6 +394,10 @@ impl Storage for UpstreamStorage {
             .blobs
             .as_ref()
             .ok_or(StorageError::Unsupported("blobs"))?;
+        if blobs.cache().is_some() && !self.inner.revision_exists(oid, serial).await? {
+            // A blob file cached before a pack that removed its revision.
+            return Err(StorageError::PosKey(oid));
+        }
         blobs.open_blob(oid, serial, self.inner.link().await).await
     }
 
@@ -431,5 +497,45 @@ impl Storage for UpstreamStorage {
             .await
             .map_err(|e| StorageError::Io(std::io::Error::other(e)))?
             .map_err(|e| StorageError::Io(std::io::Error::other(e.to_string())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iface(n: &str) -> (String, String) {
+        ("ZODB.interfaces".into(), n.into())
+    }
+
+    #[test]
+    fn the_proxy_advertises_what_upstream_offers() {
+        let ui = UpstreamInfo {
+            interfaces: Some(vec![
+                iface("IBlobStorageRestoreable"),
+                iface("IBlobStorage"),
+                iface("IStorageUndoable"),
+                iface("IStorage"),
+                ("zope.interface".into(), "Interface".into()),
+            ]),
+            supports_undo: true,
+            supports_record_iternext: false,
+            ..Default::default()
+        };
+        let (with_blobs, undo, iternext) = advertised(&ui, true);
+        assert_eq!(
+            with_blobs,
+            vec![
+                iface("IBlobStorageRestoreable"),
+                iface("IBlobStorage"),
+                iface("IStorageUndoable"),
+                iface("IStorage")
+            ]
+        );
+        assert!(undo && !iternext);
+        let (without, _, _) = advertised(&ui, false);
+        assert_eq!(without, vec![iface("IStorageUndoable"), iface("IStorage")]);
+        let (unknown, undo, iternext) = advertised(&UpstreamInfo::default(), false);
+        assert!(unknown.contains(&iface("IStorageIteration")) && undo && iternext);
     }
 }

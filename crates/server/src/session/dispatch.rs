@@ -121,6 +121,21 @@ impl Session {
             Request::History { oid, size } => {
                 let storage = handle.storage.clone();
                 self.spawn_call(msgid, async move {
+                    // As Python's FileStorage: the object is looked up first.
+                    let Some(oid) = oid else {
+                        return Err(StorageError::Remote {
+                            class_path: "ZODB.POSException.POSKeyError".into(),
+                            message: "None".into(),
+                        });
+                    };
+                    let Some(size) = size else {
+                        storage.history(oid, 1).await?;
+                        return Err(StorageError::Remote {
+                            class_path: "builtins.TypeError".into(),
+                            message: "'>=' not supported between instances of 'int' and 'NoneType'"
+                                .into(),
+                        });
+                    };
                     Ok(History(storage.history(oid, size).await?).to_value())
                 });
             }
@@ -445,11 +460,7 @@ async fn load_before(
 /// `get_info`: the storage's figures and interfaces, and zeors' protocol extensions.
 fn info(handle: &StorageHandle) -> Info {
     let info = handle.storage.info();
-    let mut interfaces: Vec<(String, String)> = info
-        .interfaces
-        .iter()
-        .map(|(m, n)| (m.to_string(), n.to_string()))
-        .collect();
+    let mut interfaces = info.interfaces;
     interfaces.push(("zope.interface".into(), "Interface".into()));
     Info {
         length: info.length,

@@ -177,7 +177,7 @@ impl Session {
         self.push_request(async move {
             let slot = slot.lock().await;
             let reply = match slot.last {
-                Some(last) if last == tid => match slot.it.records() {
+                Some(last) if last == tid => match slot.it.records().await {
                     Ok(records) => {
                         iterators.lock().opened(
                             riid,

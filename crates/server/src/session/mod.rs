@@ -373,6 +373,11 @@ impl Session {
                 tracing::error!(session = self.id, peer = %self.peer, label = %self.label, %reason,
                                 "closing connection; aborting its transaction")
             }
+            // The stock server logs this as CRITICAL: a client held the commit lock too long.
+            Close::Timeout => {
+                tracing::warn!(session = self.id, peer = %self.peer, label = %self.label, %reason,
+                               "closing connection; aborting its transaction")
+            }
             _ => {
                 info!(session = self.id, peer = %self.peer, label = %self.label, %reason, "closing connection")
             }
