@@ -1,5 +1,9 @@
 //! The pickle marshalling (ZEO's `Z` encoding).
 //!
+//! (Over 1,000 lines on purpose: the encoder and the decoder of one marshalling are kept
+//! side by side because they must agree byte for byte, and the decoder's bounds — memo,
+//! depth, item budget — are one design that only reads right in one place.)
+//!
 //! **Encoding** produces exactly the bytes a Python ZEO 5/6 peer produces:
 //! zodbpickle's C `Pickler(f, 3)` with `fast = 1` (protocol 3, no memo opcodes). Stock
 //! servers and clients run zodbpickle, whose highest protocol is 3, so anything newer

@@ -1,5 +1,9 @@
 //! `zeors serve`: builds the storages and the server from flags or a `zeo.conf`, sets up
 //! logging, the pid file and signals, and runs until SIGTERM or SIGINT.
+//!
+//! (About 1,000 lines: the one place where every flag and `zeo.conf` section becomes a
+//! running storage — FileStorage, proxy, PostgreSQL, replicated — and where start-up
+//! ordering lives: addresses bound before storages open, signals before accepting.)
 
 use crate::config::{self, LogConf, StorageKind, ZeoConf};
 use crate::logfile::LogFile;
