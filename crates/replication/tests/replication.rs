@@ -75,7 +75,7 @@ fn store(oid: u64, serial: Tid, data: &str) -> TxnOp {
 }
 
 /// Some history: stores, a blob, an undo (back pointers), a deletion.
-async fn make_history(node: &Node, dir: &Path, c: &mut Committer, rounds: u64) {
+async fn make_history(node: &Node, c: &mut Committer, rounds: u64) {
     for i in 0..rounds {
         let s0 = serial(node, 0).await;
         let s1 = serial(node, 1).await;
@@ -89,7 +89,11 @@ async fn make_history(node: &Node, dir: &Path, c: &mut Committer, rounds: u64) {
         )
         .await;
     }
-    let blob_file = dir.join("upload.blob");
+    // Where the server puts a client's upload: the storage's own temporary blob directory
+    // (a blob file from anywhere else is refused).
+    let blob_file = zodb::Storage::blob_temp_dir(node)
+        .expect("the primary has blobs")
+        .join("upload.blob");
     std::fs::write(&blob_file, vec![7u8; 200_000]).unwrap();
     let s2 = serial(node, 2).await;
     c.commit(
@@ -209,7 +213,7 @@ async fn a_replica_copies_the_primary_byte_for_byte_and_resumes() {
     let d = dir.path();
     let (primary, address) = start_primary(open(d, "primary.fs")).await;
     let mut c = Committer { next_key: 0 };
-    make_history(&primary, d, &mut c, 20).await;
+    make_history(&primary, &mut c, 20).await;
 
     let replica = start_replica(open(d, "replica.fs"), &address, None);
     wait_caught_up(&replica, &primary).await;
@@ -235,7 +239,7 @@ async fn a_replica_copies_the_primary_byte_for_byte_and_resumes() {
     // The replica stops; the primary goes on; the replica resumes from its own end.
     replica.close().await.unwrap();
     drop(replica);
-    make_history(&primary, d, &mut c, 3).await;
+    make_history(&primary, &mut c, 3).await;
     let replica = start_replica(open(d, "replica.fs"), &address, None);
     wait_caught_up(&replica, &primary).await;
     assert_prefix(&d.join("replica.fs"), &d.join("primary.fs"));
@@ -260,14 +264,14 @@ async fn zc_zrs_dialect_and_chains() {
     let d = dir.path();
     let (primary, address) = start_primary(open(d, "primary.fs")).await;
     let mut c = Committer { next_key: 0 };
-    make_history(&primary, d, &mut c, 5).await;
+    make_history(&primary, &mut c, 5).await;
     // A middle node that follows in zc.zrs's plain dialect and feeds a third one.
     let middle = start_replica(open(d, "middle.fs"), &address, Some(Dialect::Stock));
     let listener = Listener::bind("127.0.0.1:0").await.unwrap();
     let middle_address = listener.local();
     replication::primary::spawn(middle.clone(), listener);
     let last = start_replica(open(d, "last.fs"), &middle_address, None);
-    make_history(&primary, d, &mut c, 5).await;
+    make_history(&primary, &mut c, 5).await;
     wait_caught_up(&middle, &primary).await;
     wait_caught_up(&last, &primary).await;
     // The plain dialect carries the extension as a dict, pickled again on arrival: the
@@ -290,7 +294,7 @@ async fn a_diverged_replica_is_refused_and_keeps_its_file() {
     let d = dir.path();
     let (primary, address) = start_primary(open(d, "primary.fs")).await;
     let mut c = Committer { next_key: 0 };
-    make_history(&primary, d, &mut c, 3).await;
+    make_history(&primary, &mut c, 3).await;
     let replica = start_replica(open(d, "replica.fs"), &address, None);
     wait_caught_up(&replica, &primary).await;
     replica.close().await.unwrap();
@@ -308,7 +312,7 @@ async fn a_diverged_replica_is_refused_and_keeps_its_file() {
         }
         fs.close().await.unwrap();
     }
-    make_history(&primary, d, &mut c, 2).await;
+    make_history(&primary, &mut c, 2).await;
     let before = std::fs::read(d.join("replica.fs")).unwrap();
     for dialect in [None, Some(Dialect::Stock)] {
         let replica = start_replica(open(d, "replica.fs"), &address, dialect);
@@ -353,16 +357,16 @@ async fn replication_goes_on_across_packs() {
     let d = dir.path();
     let (primary, address) = start_primary(open(d, "primary.fs")).await;
     let mut c = Committer { next_key: 0 };
-    make_history(&primary, d, &mut c, 5).await;
+    make_history(&primary, &mut c, 5).await;
     let replica = start_replica(open(d, "replica.fs"), &address, None);
     wait_caught_up(&replica, &primary).await;
     let replica_last = replica.last_transaction();
     replica.close().await.unwrap();
     drop(replica);
-    make_history(&primary, d, &mut c, 5).await;
+    make_history(&primary, &mut c, 5).await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     primary.pack(zodb::timestamp::now_unix()).await.unwrap();
-    make_history(&primary, d, &mut c, 2).await;
+    make_history(&primary, &mut c, 2).await;
     // The pack removed the replica's last transaction (all its records were superseded).
     assert!(primary
         .file_storage()
@@ -387,7 +391,7 @@ async fn replication_goes_on_across_packs() {
         assert_eq!(a, b, "oid {oid}");
     }
     replica.pack(zodb::timestamp::now_unix()).await.unwrap();
-    make_history(&primary, d, &mut c, 2).await;
+    make_history(&primary, &mut c, 2).await;
     wait_caught_up(&replica, &primary).await;
     for oid in [0, 1, 2] {
         let a = primary
