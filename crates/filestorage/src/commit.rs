@@ -91,8 +91,11 @@ pub(crate) struct Prepared {
     pub tid: Tid,
     /// The status `finish` writes over the `'c'`.
     pub status: u8,
-    /// The complete record, with status `'c'` and the trailer.
-    pub bytes: Vec<u8>,
+    /// The complete record, with status `'c'` and the trailer, in pieces to be written one
+    /// after the other: headers and small data copied together, large data referenced as
+    /// the client sent it (a large transaction is not built a second time in memory; its
+    /// data may be views of the server's spill file).
+    pub pieces: Vec<Bytes>,
     /// Absolute position of each written record, to merge into the index at finish.
     pub tindex: Vec<(Oid, u64)>,
     /// Oids of the `Store` and `Undo` operations in the order sent, duplicates kept
@@ -429,7 +432,9 @@ pub(crate) fn prepare(
         })?;
     let cap = usize::try_from(end - pos)
         .map_err(|_| StorageError::Value("transaction too large".into()))?;
-    let mut bytes = Vec::with_capacity(cap);
+    let mut pieces = Vec::new();
+    let mut bytes = Vec::with_capacity(cap.min(BY_REFERENCE * 2));
+    let mut written = 0u64;
     format::write_txn_header(
         &mut bytes,
         tid,
@@ -441,16 +446,26 @@ pub(crate) fn prepare(
     );
     let mut tindex = Vec::with_capacity(planned.len());
     for p in &planned {
-        let here = pos + bytes.len() as u64;
+        let here = pos + written + bytes.len() as u64;
         if policy.quota.is_some_and(|q| here > q) {
             return Err(StorageError::Quota);
         }
         let prev = state.position(p.oid).unwrap_or(0);
-        format::write_data_record(&mut bytes, p.oid, p.tid, prev, pos, payload(p));
+        match &p.data {
+            PlannedData::Data(d) if d.len() >= BY_REFERENCE => {
+                format::write_data_header(&mut bytes, p.oid, p.tid, prev, pos, d.len() as u64);
+                written += bytes.len() as u64 + d.len() as u64;
+                pieces.push(Bytes::from(std::mem::take(&mut bytes)));
+                pieces.push(d.clone());
+            }
+            _ => format::write_data_record(&mut bytes, p.oid, p.tid, prev, pos, payload(p)),
+        }
         tindex.push((p.oid, here));
     }
     bytes.extend_from_slice(&tlen.to_be_bytes());
-    debug_assert_eq!(bytes.len() as u64, end - pos);
+    written += bytes.len() as u64;
+    pieces.push(Bytes::from(bytes));
+    debug_assert_eq!(written, end - pos);
     let blobs = planned
         .into_iter()
         .filter_map(|p| p.blob.map(|b| (p.oid, b)))
@@ -458,7 +473,7 @@ pub(crate) fn prepare(
     Ok(Prepare::Ready(Prepared {
         tid,
         status: final_status,
-        bytes,
+        pieces,
         tindex,
         invalidated,
         changed,
@@ -520,6 +535,17 @@ fn undone_blob(
     Ok(Some(BlobSource::Revision(tid)))
 }
 
+/// Data at least this large is written from the client's buffer rather than copied into
+/// the transaction's record.
+const BY_REFERENCE: usize = 64 * 1024;
+
+impl Prepared {
+    /// Bytes of the record.
+    pub fn len(&self) -> u64 {
+        self.pieces.iter().map(|p| p.len() as u64).sum()
+    }
+}
+
 fn payload(p: &Planned) -> Payload<'_> {
     match &p.data {
         PlannedData::Data(d) => Payload::Data(d),
@@ -533,6 +559,10 @@ mod tests {
     use super::*;
     use crate::format::{DataHeader, TxnHeader};
     use zodb::TransactionMeta;
+
+    fn bytes_of(p: &Prepared) -> Vec<u8> {
+        p.pieces.concat()
+    }
 
     /// oid → (position, serial)
     struct Fake(HashMap<Oid, (u64, Tid)>);
@@ -612,12 +642,12 @@ mod tests {
         // One record per oid, the last data, in first-appearance order.
         assert_eq!(p.tindex.len(), 2);
         assert_eq!(p.tindex[0].0, Oid(0));
-        let first = DataHeader::parse_slice(&p.bytes[23..]).unwrap();
+        let first = DataHeader::parse_slice(&bytes_of(&p)[23..]).unwrap();
         assert_eq!(
             (first.oid, first.prev, first.tloc, first.plen),
             (Oid(0), 52, 200, 8)
         );
-        assert_eq!(&p.bytes[23 + 42..23 + 50], b"resolved");
+        assert_eq!(&bytes_of(&p)[23 + 42..23 + 50], b"resolved");
         assert_eq!(p.tindex[0].1, 200 + 23);
     }
 
@@ -686,7 +716,7 @@ mod tests {
         .unwrap() else {
             panic!()
         };
-        let d = DataHeader::parse_slice(&p.bytes[23..]).unwrap();
+        let d = DataHeader::parse_slice(&bytes_of(&p)[23..]).unwrap();
         assert_eq!((d.plen, d.back, d.prev, d.tid), (0, 0, 100, Tid(30)));
         assert!(p.invalidated.is_empty());
 
@@ -699,7 +729,7 @@ mod tests {
         .unwrap() else {
             panic!()
         };
-        let d = DataHeader::parse_slice(&p.bytes[23..]).unwrap();
+        let d = DataHeader::parse_slice(&bytes_of(&p)[23..]).unwrap();
         assert_eq!((d.tid, d.plen, d.prev), (Tid(25), 1, 0));
         assert!(matches!(
             run(&txn(vec![TxnOp::Undo {
@@ -728,13 +758,16 @@ mod tests {
             panic!()
         };
         assert_eq!(max, 3);
-        let h = TxnHeader::parse(p.bytes[..23].try_into().unwrap());
+        let h = TxnHeader::parse(bytes_of(&p)[..23].try_into().unwrap());
         assert_eq!(
             (h.tid, h.status, h.ulen, h.dlen, h.elen),
             (Tid(30), b'c', 2, 1, 3)
         );
-        assert_eq!(h.tlen as usize + 8, p.bytes.len());
-        assert_eq!(&p.bytes[p.bytes.len() - 8..], &h.tlen.to_be_bytes());
+        assert_eq!(h.tlen as usize + 8, bytes_of(&p).len());
+        assert_eq!(
+            &bytes_of(&p)[bytes_of(&p).len() - 8..],
+            &h.tlen.to_be_bytes()
+        );
         assert_eq!(p.status, b' ');
 
         t.meta.user = vec![b'u'; 65536];
@@ -766,5 +799,42 @@ mod tests {
             ),
             Err(StorageError::Quota)
         ));
+    }
+
+    #[test]
+    fn large_data_is_written_from_the_clients_buffer_in_the_same_layout() {
+        let big = Bytes::from(vec![7u8; BY_REFERENCE + 1]);
+        let ops = vec![
+            store(3, 0, b"small"),
+            TxnOp::Store {
+                oid: Oid(4),
+                serial: Tid::ZERO,
+                data: big.clone(),
+            },
+            store(5, 0, b"after"),
+        ];
+        let Prepare::Ready(p) = run(&txn(ops)).unwrap() else {
+            panic!()
+        };
+        assert!(
+            p.pieces.iter().any(|piece| piece.as_ptr() == big.as_ptr()),
+            "the large data was copied"
+        );
+        let all = bytes_of(&p);
+        assert_eq!(all.len() as u64, p.len());
+        let h = TxnHeader::parse(all[..23].try_into().unwrap());
+        assert_eq!(h.tlen as usize + 8, all.len());
+        // Records at the positions the index gets, each with its data right behind it.
+        let expected: [(u64, &[u8]); 3] = [(3, b"small"), (4, &big), (5, b"after")];
+        for ((oid, at), (want_oid, want)) in p.tindex.iter().zip(expected) {
+            let at = usize::try_from(at - 200).unwrap();
+            let d = DataHeader::parse_slice(&all[at..]).unwrap();
+            assert_eq!(
+                (oid.0, d.oid.0, d.plen),
+                (want_oid, want_oid, want.len() as u64)
+            );
+            assert_eq!(&all[at + 42..at + 42 + want.len()], want);
+        }
+        assert_eq!(&all[all.len() - 8..], &h.tlen.to_be_bytes());
     }
 }

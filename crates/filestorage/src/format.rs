@@ -199,6 +199,22 @@ impl Payload<'_> {
     }
 }
 
+/// Appends the header of a data record with `plen` bytes of data to `out`; the data
+/// follows it in the file.
+pub fn write_data_header(out: &mut Vec<u8>, oid: Oid, tid: Tid, prev: u64, tloc: u64, plen: u64) {
+    debug_assert!(plen > 0);
+    let h = DataHeader {
+        oid,
+        tid,
+        prev,
+        tloc,
+        vlen: 0,
+        plen,
+        back: 0,
+    };
+    out.extend_from_slice(&h.to_bytes());
+}
+
 /// Appends a complete data record to `out`.
 pub fn write_data_record(
     out: &mut Vec<u8>,

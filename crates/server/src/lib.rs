@@ -59,6 +59,11 @@ pub struct ServerConfig {
     /// A connection that sends nothing for this long (ZEO clients send a heartbeat every
     /// 60 s) while none of its requests is in progress is closed. `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// The most record data one transaction may carry; its vote fails beyond it.
+    pub max_transaction_size: u64,
+    /// Record data one transaction keeps in memory; the rest waits for the vote in a
+    /// temporary file (see `session::spill`).
+    pub spill_threshold: u64,
 }
 
 impl Default for ServerConfig {
@@ -75,6 +80,8 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             max_iterators: 100,
             idle_timeout: Some(Duration::from_secs(600)),
+            max_transaction_size: 2 << 30,
+            spill_threshold: 2 << 20,
         }
     }
 }

@@ -34,6 +34,8 @@ pub struct ZeoSection {
     pub max_queued_total: Option<u64>,
     pub max_connections: Option<usize>,
     pub max_iterators: Option<usize>,
+    pub max_transaction_size: Option<u64>,
+    pub spill_threshold: Option<u64>,
     pub idle_timeout: Option<f64>,
     pub socket_mode: Option<u32>,
 }
@@ -319,6 +321,8 @@ fn zeo_section(s: &Section, warnings: &mut Vec<String>) -> Result<ZeoSection> {
             "max-queued-total",
             "max-connections",
             "max-iterators",
+            "max-transaction-size",
+            "spill-threshold",
             "idle-timeout",
             "socket-mode",
         ],
@@ -396,6 +400,8 @@ fn zeo_section(s: &Section, warnings: &mut Vec<String>) -> Result<ZeoSection> {
         max_queued_total: c.size("max-queued-total")?,
         max_connections: c.count("max-connections")?,
         max_iterators: c.count("max-iterators")?,
+        max_transaction_size: c.size("max-transaction-size")?,
+        spill_threshold: c.size("spill-threshold")?,
         idle_timeout: c.float("idle-timeout")?,
         socket_mode: match c.str("socket-mode") {
             None => None,
@@ -1053,10 +1059,12 @@ mod tests {
 
     #[test]
     fn bounds_socket_mode_and_tls_to_upstream() {
-        let c = conf("<zeo>\n address 1\n max-queued-total 64MB\n max-connections 50\n max-iterators 7\n idle-timeout 30\n socket-mode 0660\n</zeo>\n<filestorage>\n path a\n blob-dir b\n shared-blob-dir true\n</filestorage>\n<zeoclient p>\n server up:8100\n <ssl>\n  certificate c.pem\n  key k.pem\n  authenticate s.pem\n  check-hostname false\n  server-hostname zodb.org\n </ssl>\n</zeoclient>\n").unwrap();
+        let c = conf("<zeo>\n address 1\n max-queued-total 64MB\n max-connections 50\n max-iterators 7\n max-transaction-size 1GB\n spill-threshold 1MB\n idle-timeout 30\n socket-mode 0660\n</zeo>\n<filestorage>\n path a\n blob-dir b\n shared-blob-dir true\n</filestorage>\n<zeoclient p>\n server up:8100\n <ssl>\n  certificate c.pem\n  key k.pem\n  authenticate s.pem\n  check-hostname false\n  server-hostname zodb.org\n </ssl>\n</zeoclient>\n").unwrap();
         assert_eq!(c.zeo.max_queued_total, Some(64 << 20));
         assert_eq!(c.zeo.max_connections, Some(50));
         assert_eq!(c.zeo.max_iterators, Some(7));
+        assert_eq!(c.zeo.max_transaction_size, Some(1 << 30));
+        assert_eq!(c.zeo.spill_threshold, Some(1 << 20));
         assert_eq!(c.zeo.idle_timeout, Some(30.0));
         assert_eq!(c.zeo.socket_mode, Some(0o660));
         assert!(matches!(

@@ -91,6 +91,16 @@ pub struct ServeArgs {
     #[arg(long, value_name = "N")]
     max_iterators: Option<usize>,
 
+    /// Record data one transaction may carry (its stores together); its vote fails with
+    /// an error beyond it and nothing is committed. Default: 2GB.
+    #[arg(long, value_parser = crate::parse_size, value_name = "SIZE")]
+    max_transaction_size: Option<u64>,
+
+    /// Record data one transaction keeps in memory before the rest waits for its vote in
+    /// a temporary file (in TMPDIR, as runzeo's). Default: 2MB.
+    #[arg(long, value_parser = crate::parse_size, value_name = "SIZE")]
+    spill_threshold: Option<u64>,
+
     /// Seconds a connection may stay silent (no request, no heartbeat: ZEO clients send
     /// one every 60 s) with nothing of its own in progress before it is closed; 0: never.
     /// Default: 600.
@@ -281,6 +291,10 @@ struct PgTuning {
 /// Where the default storage lives when neither -f, --upstream nor -C says otherwise.
 const DEFAULT_PATH: &str = "var/Data.fs";
 
+/// The largest `--max-transaction-size`: a spilling transaction maps a sparse file of
+/// that size, which must stay far within the address space and file size limits.
+const MAX_TRANSACTION_SIZE: u64 = 1 << 40;
+
 /// The `--upstream-tls*` flags, if any is given.
 fn upstream_tls(args: &ServeArgs) -> Option<zeo_tls::ClientTlsSettings> {
     let any = args.upstream_tls
@@ -443,6 +457,15 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
             .max_iterators
             .or(conf.zeo.max_iterators)
             .unwrap_or(defaults.max_iterators),
+        max_transaction_size: match args.max_transaction_size.or(conf.zeo.max_transaction_size) {
+            None => defaults.max_transaction_size,
+            Some(n) if (1..=MAX_TRANSACTION_SIZE).contains(&n) => n,
+            Some(n) => bail!("max transaction size must be between 1 byte and 1TB, not {n} bytes"),
+        },
+        spill_threshold: args
+            .spill_threshold
+            .or(conf.zeo.spill_threshold)
+            .unwrap_or(defaults.spill_threshold),
         idle_timeout: match args.idle_timeout.or(conf.zeo.idle_timeout) {
             None => defaults.idle_timeout,
             Some(0.0) => None,

@@ -638,11 +638,11 @@ impl FileStorageCore {
             Prepare::Conflicts(list) => return Ok(Vote::Conflicts(list)),
             Prepare::Ready(p) => p,
         };
-        let end = pos + p.bytes.len() as u64;
+        let end = pos + p.len();
         let blobs = self.stage_blobs(&p.blobs)?;
         // Stable while we hold the commit mutex: pack swaps files under it.
         let io = self.live.read().io.clone();
-        let written = io.write_all_at(&p.bytes, pos).and_then(|()| {
+        let written = write_pieces(&*io, &p.pieces, pos).and_then(|()| {
             if self.sync_on_vote {
                 io.sync_data()
             } else {
@@ -811,4 +811,14 @@ impl CommittedState for FileStorageCore {
     fn name(&self) -> &str {
         &self.name
     }
+}
+
+/// Writes `pieces` one after the other from `pos`.
+fn write_pieces(io: &dyn FileIo, pieces: &[bytes::Bytes], pos: u64) -> std::io::Result<()> {
+    let mut at = pos;
+    for p in pieces {
+        io.write_all_at(p, at)?;
+        at += p.len() as u64;
+    }
+    Ok(())
 }

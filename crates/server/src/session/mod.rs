@@ -47,6 +47,7 @@ macro_rules! txn_ctx {
 mod blobs;
 mod dispatch;
 mod iterators;
+mod spill;
 mod txn;
 mod txn_core;
 mod undo;
@@ -132,7 +133,7 @@ where
     ));
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     debug!(session = id, %peer, ?encoding, "connected");
-    let txn = TxnShell::new(shared.config.transaction_timeout);
+    let txn = TxnShell::new(&shared.config);
     let iterators = Iterators::new(shared.config.max_iterators, shared.metrics.clone());
     let mut session = Session {
         id,

@@ -7,6 +7,7 @@
 //! ([`TxnShell::next_event`]) and feeds their outcome back to the core.
 
 use super::blobs::TempFiles;
+use super::spill::Spill;
 use super::txn_core::{Action, Answer, Closing, Event, TxnCore, VoteReport};
 use super::{send_error, Close};
 use crate::outbox::Outbox;
@@ -47,6 +48,10 @@ pub(super) struct TxnShell {
     deadline: Option<Instant>,
     /// The blob files the open transaction's operations name, removed when it ends.
     pub blob_files: TempFiles,
+    /// Where the open transaction's data waits for its vote once it is large.
+    spill: Spill,
+    spill_threshold: u64,
+    max_size: u64,
 }
 
 /// What the shell needs from the session to run actions.
@@ -58,14 +63,18 @@ pub(super) struct Ctx<'a> {
 }
 
 impl TxnShell {
-    pub fn new(timeout: Option<std::time::Duration>) -> TxnShell {
+    pub fn new(config: &crate::ServerConfig) -> TxnShell {
+        let (threshold, max_size) = (config.spill_threshold, config.max_transaction_size);
         TxnShell {
-            core: TxnCore::new(timeout),
+            core: TxnCore::new(config.transaction_timeout, max_size),
             guard: None,
             vote_task: None,
             finish_task: None,
             deadline: None,
             blob_files: TempFiles::default(),
+            spill: Spill::new(threshold, max_size),
+            spill_threshold: threshold,
+            max_size,
         }
     }
 
@@ -105,6 +114,8 @@ impl TxnShell {
         let event = match wait {
             TxnWait::Voted(joined) => match *joined {
                 Ok(done) => {
+                    // The storage has read the spilled data; let its pages go.
+                    self.spill.release_pages();
                     count_conflicts(ctx.handle, &done.report);
                     self.guard = Some(done.guard);
                     Event::Voted {
@@ -158,6 +169,7 @@ impl TxnShell {
     /// Runs one event through the core and carries out its actions, all of them, before
     /// reporting a close it asked for.
     pub async fn feed(&mut self, ctx: &Ctx<'_>, event: Event) -> Result<(), Close> {
+        let event = self.spill_op(ctx, event);
         let mut close = None;
         for action in self.core.handle(event) {
             match action {
@@ -182,6 +194,7 @@ impl TxnShell {
                 Action::Ended { aborted } => {
                     end_txn_stats(ctx.handle, aborted);
                     self.blob_files = TempFiles::default();
+                    self.spill = Spill::new(self.spill_threshold, self.max_size);
                 }
                 Action::Close(Closing::Timeout) => close = Some(Close::Timeout),
                 Action::Close(Closing::Protocol(why)) => {
@@ -191,6 +204,71 @@ impl TxnShell {
             }
         }
         close.map_or(Ok(()), Err)
+    }
+}
+
+impl TxnShell {
+    /// Passes an operation's data through the transaction's [`Spill`], so that a large
+    /// transaction waits for its vote on disk; an operation whose data cannot be written
+    /// there becomes [`Event::OpLost`] (the vote fails with the reason).
+    fn spill_op(&mut self, ctx: &Ctx<'_>, event: Event) -> Event {
+        let Event::Op { id, op, what } = event else {
+            return event;
+        };
+        if !self.core.accepts_ops(Some(&id)) {
+            return Event::Op { id, op, what };
+        }
+        let spilled = self.spill.spilled();
+        let spill = &mut self.spill;
+        let mut admit = |data: Bytes| spill.admit(data);
+        let kept = match op {
+            TxnOp::Store { oid, serial, data } => {
+                admit(data).map(|data| TxnOp::Store { oid, serial, data })
+            }
+            TxnOp::StoreBlob {
+                oid,
+                serial,
+                data,
+                file,
+            } => admit(data).map(|data| TxnOp::StoreBlob {
+                oid,
+                serial,
+                data,
+                file,
+            }),
+            TxnOp::Restore {
+                oid,
+                serial,
+                data: Some(data),
+                prev_txn,
+            } => admit(data).map(|data| TxnOp::Restore {
+                oid,
+                serial,
+                data: Some(data),
+                prev_txn,
+            }),
+            other => Ok(other),
+        };
+        if spilled == 0 && self.spill.spilled() > 0 {
+            debug!(
+                session = ctx.session,
+                "transaction data past {} bytes: spilling to a temporary file",
+                self.spill_threshold
+            );
+        }
+        match kept {
+            Ok(op) => Event::Op { id, op, what },
+            Err(e) => {
+                error!(session = ctx.session, error = %e, "could not write transaction data to a temporary file");
+                Event::OpLost {
+                    id,
+                    error: StorageError::Io(std::io::Error::new(
+                        e.kind(),
+                        format!("could not keep the transaction's data in a temporary file: {e}"),
+                    )),
+                }
+            }
+        }
     }
 }
 

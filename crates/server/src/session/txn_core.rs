@@ -17,6 +17,9 @@
 //! - Buffered operations are accepted only for the open transaction, between
 //!   `tpc_begin` and the vote that makes it ready; a misuse closes the connection, as a
 //!   failing one-way call does in ZEO.
+//! - A transaction's data is bounded ([`TxnCore::new`]'s `max_size`): past the bound its
+//!   operations are dropped as they arrive (memory and spill space stay bounded) and its
+//!   vote fails with the reason, as a store error is reported at the vote in ZEO.
 
 use std::time::{Duration, Instant};
 use zeo_proto::exception::ProtocolError;
@@ -47,6 +50,12 @@ pub enum Event {
         id: Value,
         op: TxnOp,
         what: &'static str,
+    },
+    /// A buffered operation the shell could not keep: the transaction's vote fails with
+    /// `error`.
+    OpLost {
+        id: Value,
+        error: StorageError,
     },
     Vote {
         msgid: Value,
@@ -173,6 +182,58 @@ enum Phase {
 struct Open {
     id: Value,
     txn: Transaction,
+    /// Bytes of record data the client has sent in this transaction.
+    size: u64,
+    /// Set once `size` passed the bound: the operations were dropped.
+    too_large: bool,
+    /// An operation the shell could not keep (its data could not be spilled): the vote
+    /// fails with this.
+    lost: Option<StorageError>,
+}
+
+impl Open {
+    fn new(id: Value, txn: Transaction) -> Open {
+        Open {
+            id,
+            size: txn.ops.iter().map(data_len).sum(),
+            txn,
+            too_large: false,
+            lost: None,
+        }
+    }
+
+    /// Why the vote must fail without reaching the storage, if it must.
+    fn refusal(&mut self, max_size: u64) -> Option<StorageError> {
+        if self.too_large {
+            return Some(StorageError::Limit(format!(
+                "the transaction's data ({} bytes) exceeds this server's limit of {max_size} \
+                 bytes (--max-transaction-size); nothing was committed",
+                self.size
+            )));
+        }
+        self.lost.take()
+    }
+
+    fn push(&mut self, op: TxnOp, max_size: u64) {
+        self.size = self.size.saturating_add(data_len(&op));
+        if self.size > max_size {
+            // Nothing of it can be committed: let go of what it holds now.
+            self.too_large = true;
+            self.txn.ops = Vec::new();
+        }
+        if !self.too_large && self.lost.is_none() {
+            self.txn.ops.push(op);
+        }
+    }
+}
+
+/// The record data an operation carries (what a transaction's bound counts).
+pub fn data_len(op: &TxnOp) -> u64 {
+    match op {
+        TxnOp::Store { data, .. } | TxnOp::StoreBlob { data, .. } => data.len() as u64,
+        TxnOp::Restore { data, .. } => data.as_ref().map_or(0, |d| d.len() as u64),
+        TxnOp::CheckCurrent { .. } | TxnOp::Delete { .. } | TxnOp::Undo { .. } => 0,
+    }
 }
 
 /// One connection's transaction.
@@ -180,15 +241,18 @@ struct Open {
 pub struct TxnCore {
     phase: Phase,
     timeout: Option<Duration>,
+    /// The most record data one transaction may carry.
+    max_size: u64,
     /// When the lock was first held by the current transaction plus `timeout`.
     deadline: Option<Instant>,
 }
 
 impl TxnCore {
-    pub fn new(timeout: Option<Duration>) -> TxnCore {
+    pub fn new(timeout: Option<Duration>, max_size: u64) -> TxnCore {
         TxnCore {
             phase: Phase::Idle,
             timeout,
+            max_size,
             deadline: None,
         }
     }
@@ -213,10 +277,17 @@ impl TxnCore {
         match event {
             Event::Begin { id, key, meta } => self.begin(id, key, meta, &mut out),
             Event::Op { id, op, what } => match &mut self.phase {
-                Phase::Begun(o) | Phase::Resolving(o) if o.id == id => o.txn.ops.push(op),
+                Phase::Begun(o) | Phase::Resolving(o) if o.id == id => o.push(op, self.max_size),
                 _ => out.push(Action::Close(Closing::Protocol(format!(
                     "{what} without tpc_begin"
                 )))),
+            },
+            Event::OpLost { id, error } => match &mut self.phase {
+                Phase::Begun(o) | Phase::Resolving(o) if o.id == id => {
+                    o.lost.get_or_insert(error);
+                    o.txn.ops = Vec::new();
+                }
+                _ => {}
             },
             Event::Vote { msgid, id } => self.vote(msgid, id, &mut out),
             Event::Voted { txn, report, now } => self.voted(txn, report, now, &mut out),
@@ -262,14 +333,14 @@ impl TxnCore {
         match &self.phase {
             Phase::Idle => {
                 out.push(Action::Began);
-                self.phase = Phase::Begun(Open {
+                self.phase = Phase::Begun(Open::new(
                     id,
-                    txn: Transaction {
+                    Transaction {
                         key,
                         meta,
                         ops: Vec::new(),
                     },
-                });
+                ));
             }
             // ClientStorage may repeat it (a recovery transaction); harmless.
             Phase::Begun(o) if o.id == id => {}
@@ -280,7 +351,7 @@ impl TxnCore {
     }
 
     fn vote(&mut self, msgid: Value, id: Value, out: &mut Vec<Action>) {
-        let (open, lock_held) = match std::mem::replace(&mut self.phase, Phase::Idle) {
+        let (mut open, lock_held) = match std::mem::replace(&mut self.phase, Phase::Idle) {
             Phase::Begun(o) if o.id == id => (o, false),
             Phase::Resolving(o) if o.id == id => (o, true),
             other => {
@@ -294,6 +365,19 @@ impl TxnCore {
                 return;
             }
         };
+        if let Some(e) = open.refusal(self.max_size) {
+            if lock_held {
+                self.phase = Phase::Resolving(open);
+                self.end_holding_lock(out);
+            } else {
+                out.push(Action::Ended { aborted: true });
+            }
+            out.push(Action::Reply {
+                msgid,
+                answer: error(e),
+            });
+            return;
+        }
         self.phase = Phase::Voting {
             id: open.id,
             key: open.txn.key,
@@ -317,7 +401,7 @@ impl TxnCore {
             return;
         };
         let resolved = report.resolved.into_iter().map(VoteItem::Resolved);
-        let open = Open { id, txn };
+        let open = Open::new(id, txn);
         let holding = match report.result {
             Ok(Vote::Ok { changed }) => {
                 let mut items: Vec<VoteItem> = resolved.collect();
@@ -463,6 +547,9 @@ mod tests {
     use std::collections::{HashMap, VecDeque};
     use zodb::{Conflict, Tid};
 
+    /// The transaction bound of the cores under test, in bytes of record data.
+    const MAX_SIZE: u64 = 100;
+
     /// A storage of serials only: a store conflicts when its serial is not the committed
     /// one; the last store of an oid in a transaction wins, as in FileStorage.
     #[derive(Default)]
@@ -547,7 +634,9 @@ mod tests {
         fn new(connections: usize, timeout: Option<Duration>) -> World {
             World {
                 storage: FakeStorage::default(),
-                cores: (0..connections).map(|_| TxnCore::new(timeout)).collect(),
+                cores: (0..connections)
+                    .map(|_| TxnCore::new(timeout, MAX_SIZE))
+                    .collect(),
                 replies: (0..connections).map(|_| Vec::new()).collect(),
                 closed: vec![None; connections],
                 lock: None,
@@ -639,6 +728,10 @@ mod tests {
         }
 
         fn store(&mut self, c: usize, id: i64, oid: u64, serial: Tid) {
+            self.store_sized(c, id, oid, serial, 1);
+        }
+
+        fn store_sized(&mut self, c: usize, id: i64, oid: u64, serial: Tid, len: usize) {
             self.send(
                 c,
                 Event::Op {
@@ -646,7 +739,7 @@ mod tests {
                     op: TxnOp::Store {
                         oid: Oid(oid),
                         serial,
-                        data: Bytes::from_static(b"x"),
+                        data: Bytes::from(vec![b'x'; len]),
                     },
                     what: "storea",
                 },
@@ -940,5 +1033,59 @@ mod tests {
                 VoteItem::Resolved(Oid(9))
             ])))
         );
+    }
+
+    #[test]
+    fn a_transaction_past_the_bound_fails_its_vote_without_the_lock_and_the_next_one_commits() {
+        let mut w = World::new(2, None);
+        w.begin(0, 1);
+        w.store_sized(0, 1, 1, Tid::ZERO, 60);
+        w.store_sized(0, 1, 2, Tid::ZERO, 60);
+        // What came after the bound was not kept either.
+        w.store_sized(0, 1, 3, Tid::ZERO, 1);
+        w.vote(0, 1);
+        match w.last_reply(0) {
+            Some(Answer::Error(StorageError::Limit(why))) => {
+                assert!(
+                    why.contains("121 bytes") && why.contains("100 bytes"),
+                    "{why}"
+                )
+            }
+            other => panic!("not a limit error: {other:?}"),
+        }
+        assert_eq!(w.lock, None);
+        assert!(w.storage.committed.is_empty());
+        assert!(!w.cores[0].accepts_ops(None));
+        // Exactly at the bound is allowed, on this connection and the other.
+        w.begin(0, 2);
+        w.store_sized(0, 2, 1, Tid::ZERO, 100);
+        w.vote(0, 2);
+        w.finish(0, 2);
+        assert!(w.storage.committed.contains_key(&Oid(1)));
+        w.commit(1, 1, 2);
+        assert!(w.storage.committed.contains_key(&Oid(2)));
+    }
+
+    #[test]
+    fn resolutions_past_the_bound_end_the_round_and_release_the_lock() {
+        let mut w = World::new(2, None);
+        w.commit(1, 1, 1);
+        // Connection 0 stores on a stale serial, gets the conflict and keeps the lock...
+        w.begin(0, 1);
+        w.store_sized(0, 1, 1, Tid::ZERO, 60);
+        w.vote(0, 1);
+        assert_eq!(w.conflicts_in_last_reply(0).len(), 1);
+        assert!(w.lock.is_some());
+        // ...then resolves with more than the bound allows.
+        let serial = w.storage.committed[&Oid(1)];
+        w.store_sized(0, 1, 1, serial, 60);
+        w.vote(0, 1);
+        assert!(matches!(
+            w.last_reply(0),
+            Some(Answer::Error(StorageError::Limit(_)))
+        ));
+        assert_eq!(w.lock, None);
+        w.commit(1, 2, 1);
+        assert_eq!(w.closed, vec![None, None]);
     }
 }
