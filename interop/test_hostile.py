@@ -291,8 +291,12 @@ def test_memory_stays_bounded_when_clients_pipeline_big_loads_and_never_read(mak
     assert metric(m, "zeors_queued_bytes_limit") == 256 * MB
     assert queued <= 256 * MB + 10 * 21 * MB, queued
     assert metric(m, "zeors_connections_paused") == 10
-    # Budget (256 MB) + one 20 MB reply per connection + a load's transient copies.
-    assert growth < 256 * MB + 10 * 21 * MB + 150 * MB, f"grew by {growth / MB:.0f} MB"
+    # Budget (256 MB) + per connection one queued 20 MB reply and one load in flight
+    # (the record read and its reply frame being built: two more copies), + 50 MB for the
+    # mapped Data.fs pages and the runtime. Unbounded, the same attack grew by 2.1 GB;
+    # peaks measured 540-620 MB, and which loads overlap is the scheduler's draw.
+    bound = 256 * MB + 10 * 3 * 21 * MB + 50 * MB
+    assert growth < bound, f"grew by {growth / MB:.0f} MB (bound {bound / MB:.0f} MB)"
     for r in socks:
         r.close()
     deadline = time.time() + 20

@@ -183,10 +183,15 @@ class Storage:
     def read_only(self):
         return truthy(self.section.get("read-only", "false"))
 
-    def for_zeors(self):
-        """The section zeors reads, after applying `create` (which empties the file)."""
+    def for_zeors(self, shared_blobs=False):
+        """The section zeors reads, after applying `create` (which empties the file).
+        With `shared_blobs` (the test's clients share the blob directory), the storage is
+        configured so: zeors accepts `storeBlobShared` only from a storage declared
+        shared, where the stock server accepts it from any."""
         sec = Section(self.section.kind, self.section.name)
         sec.keys = [(k, v) for k, v in self.section.keys if k != "create"]
+        if shared_blobs and self.blob_dir and sec.get("shared-blob-dir") is None:
+            sec.set("shared-blob-dir", "true")
         if truthy(self.section.get("create", "false")):
             remove_storage_files(self.path)
         return sec
@@ -386,7 +391,7 @@ def _cleanup(storages, keep):
 def _start_zeors(h, storages, zeo, others, keep):
     addr, spelled = address_of(zeo)
     zeo.set("address", spelled)
-    proc, log = h.run_zeors(_render(zeo, others, [s.for_zeors() for s in storages]), addr)
+    proc, log = h.run_zeors(_render(zeo, others, [s.for_zeors(h.shared_blobs) for s in storages]), addr)
 
     def stop(stop_timeout=99):
         try:
@@ -443,7 +448,7 @@ def _start_upstream(h, storages, storage_conf, zeo, keep):
         return tuple(addr), stop
     zeo = Section("zeo")
     zeo.set("address", f"127.0.0.1:{port}")
-    proc, log = h.run_zeors(_render(zeo, [], [s.for_zeors() for s in storages]),
+    proc, log = h.run_zeors(_render(zeo, [], [s.for_zeors(h.shared_blobs) for s in storages]),
                             ("127.0.0.1", port))
 
     def stop(stop_timeout=99):

@@ -120,18 +120,22 @@ impl Forwarder {
     }
 
     /// The transaction `key` if it is open on a live connection; anything else in the
-    /// slot is stale and dropped.
-    fn take(&self, key: TxnKey) -> Option<Open> {
+    /// slot is stale and dropped. `Err`: it was `key`'s, but the link to the primary went
+    /// down after its vote, and the primary dropped its side with it.
+    fn take(&self, key: TxnKey) -> Result<Option<Open>> {
         match self.open.lock().take() {
-            Some(o) if o.key == key && o.conn.is_connected() => Some(o),
-            _ => None,
+            Some(o) if o.key == key && o.conn.is_connected() => Ok(Some(o)),
+            Some(o) if o.key == key => Err(StorageError::Disconnected(
+                "the link to the primary was lost after the vote; nothing was committed".into(),
+            )),
+            _ => Ok(None),
         }
     }
 
     /// Sends the transaction's operations not sent yet to the primary and votes there.
     pub async fn vote(&self, node: &Node, txn: &Transaction) -> Result<Vote> {
         let id = txn_id(txn.key);
-        let mut open = match self.take(txn.key) {
+        let mut open = match self.take(txn.key).ok().flatten() {
             Some(o) => o,
             None => {
                 let conn = self.connection().await?;
@@ -190,7 +194,7 @@ impl Forwarder {
 
     /// Commits on the primary, then waits until the replica has applied the transaction.
     pub async fn finish(&self, node: &Node, key: TxnKey) -> Result<Tid> {
-        let Some(open) = self.take(key) else {
+        let Some(open) = self.take(key)? else {
             return Err(StorageError::Transaction(
                 "finish without a voted transaction".into(),
             ));

@@ -101,11 +101,16 @@ fn invalidated_oids(stored: &[(Oid, Option<Bytes>)], changed: &[Oid]) -> Vec<Oid
 
 impl Commits {
     /// The forwarded transaction `key`, if it is the one open upstream and its connection
-    /// is still up. Anything else in the slot is stale and dropped.
-    fn take(&self, key: TxnKey) -> Option<Forwarded> {
+    /// is still up. Anything else in the slot is stale and dropped. `Err`: it was `key`'s,
+    /// but the link went down after its vote, and upstream dropped its side with it.
+    fn take(&self, key: TxnKey) -> zodb::Result<Option<Forwarded>> {
         match self.slot.lock().take() {
-            Some(f) if f.key == key && f.conn.is_connected() => Some(f),
-            _ => None,
+            Some(f) if f.key == key && f.conn.is_connected() => Ok(Some(f)),
+            Some(f) if f.key == key => Err(StorageError::Disconnected(
+                "the link to the upstream server was lost after the vote; nothing was committed"
+                    .into(),
+            )),
+            _ => Ok(None),
         }
     }
 }
@@ -115,7 +120,8 @@ impl Inner {
         if self.config.read_only {
             return Err(StorageError::ReadOnly);
         }
-        let mut fwd = match self.commits.take(txn.key) {
+        // A re-vote whose first vote's link went down starts over on the new one.
+        let mut fwd = match self.commits.take(txn.key).ok().flatten() {
             Some(f) => f,
             None => self.begin_forward(txn).await?,
         };
@@ -215,7 +221,7 @@ impl Inner {
     }
 
     pub(super) async fn finish(self: &Arc<Self>, key: TxnKey) -> zodb::Result<Tid> {
-        let Some(mut fwd) = self.commits.take(key) else {
+        let Some(mut fwd) = self.commits.take(key)? else {
             return Err(StorageError::Transaction(
                 "finish without a voted transaction".into(),
             ));
