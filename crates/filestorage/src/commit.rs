@@ -733,7 +733,7 @@ mod tests {
             (h.tid, h.status, h.ulen, h.dlen, h.elen),
             (Tid(30), b'c', 2, 1, 3)
         );
-        assert_eq!(h.tlen as usize + 8, p.bytes.len());
+        assert_eq!(h.tlen + 8, p.bytes.len() as u64);
         assert_eq!(&p.bytes[p.bytes.len() - 8..], &h.tlen.to_be_bytes());
         assert_eq!(p.status, b' ');
 
