@@ -1,8 +1,22 @@
 #!/usr/bin/env bash
-# Runs every test: Rust unit and integration tests, then the interop suite that drives the
-# zeors binary with the real Python ZODB/ZEO from PyPI (installed into ./.venv).
+# Runs every test: first the lint gate (rustfmt, clippy with warnings as errors), then
+# Rust unit and integration tests, then the interop suite that drives the zeors binary
+# with the real Python ZODB/ZEO from PyPI (installed into ./.venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The gate comes first and is cheap (clippy only checks, no codegen): a formatting slip
+# or a lint stops the run in a minute instead of after the whole suite.
+echo "== cargo fmt --check"
+if ! cargo fmt --all --check; then
+    echo "test.sh: code is not formatted; run \`cargo fmt --all\` and commit the result" >&2
+    exit 1
+fi
+echo "== cargo clippy"
+if ! cargo clippy --workspace --all-targets --quiet -- -D warnings; then
+    echo "test.sh: clippy reported the problems above (warnings are errors)" >&2
+    exit 1
+fi
 
 source scripts/venv.sh
 source scripts/venv-zrs.sh

@@ -763,11 +763,9 @@ mod tests {
             (h.tid, h.status, h.ulen, h.dlen, h.elen),
             (Tid(30), b'c', 2, 1, 3)
         );
-        assert_eq!(h.tlen as usize + 8, bytes_of(&p).len());
-        assert_eq!(
-            &bytes_of(&p)[bytes_of(&p).len() - 8..],
-            &h.tlen.to_be_bytes()
-        );
+        let all = bytes_of(&p);
+        assert_eq!(h.tlen + 8, all.len() as u64);
+        assert_eq!(&all[all.len() - 8..], &h.tlen.to_be_bytes());
         assert_eq!(p.status, b' ');
 
         t.meta.user = vec![b'u'; 65536];
@@ -823,7 +821,7 @@ mod tests {
         let all = bytes_of(&p);
         assert_eq!(all.len() as u64, p.len());
         let h = TxnHeader::parse(all[..23].try_into().unwrap());
-        assert_eq!(h.tlen as usize + 8, all.len());
+        assert_eq!(h.tlen + 8, all.len() as u64);
         // Records at the positions the index gets, each with its data right behind it.
         let expected: [(u64, &[u8]); 3] = [(3, b"small"), (4, &big), (5, b"after")];
         for ((oid, at), (want_oid, want)) in p.tindex.iter().zip(expected) {

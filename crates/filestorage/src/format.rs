@@ -108,7 +108,12 @@ impl TxnHeader {
 
     /// Fixed header plus user, description and extension.
     pub fn header_len(&self) -> u64 {
-        TXN_HEADER_LEN as u64 + self.ulen as u64 + self.dlen as u64 + self.elen as u64
+        TXN_HEADER_LEN as u64 + u64::from(self.ulen) + u64::from(self.dlen) + u64::from(self.elen)
+    }
+
+    /// User, description and extension together (at most 3 × 65,535 bytes).
+    pub fn meta_len(&self) -> usize {
+        usize::from(self.ulen) + usize::from(self.dlen) + usize::from(self.elen)
     }
 
     /// Offset just after this record's trailer, if it does not overflow.
@@ -332,14 +337,23 @@ pub(crate) fn read_data_header(io: &dyn FileIo, pos: u64, limit: u64) -> Result<
     Ok(h)
 }
 
+/// `n`, an offset or length that is already bounded by the size of a buffer in memory (a
+/// `.min()` with a buffer's length or a constant buffer size, or a check that it lies
+/// inside a buffer), as a `usize`. Such a value always fits; a length read from the file
+/// must not come here unchecked (it goes through `usize::try_from` and is damage if it
+/// does not fit). Should a caller's bound ever be wrong, this panics rather than
+/// truncating: on 64-bit targets it cannot fail at all.
+pub(crate) fn mem_len(n: u64) -> usize {
+    usize::try_from(n).expect("a length bounded by a buffer in memory fits in usize")
+}
+
 /// Reads the user, description and extension that follow the header at `pos`.
 pub(crate) fn read_txn_meta(
     io: &dyn FileIo,
     pos: u64,
     h: &TxnHeader,
 ) -> Result<(Vec<u8>, Vec<u8>, Vec<u8>)> {
-    let total = h.ulen as usize + h.dlen as usize + h.elen as usize;
-    let mut b = vec![0u8; total];
+    let mut b = vec![0u8; h.meta_len()];
     read_at(
         io,
         &mut b,

@@ -299,7 +299,7 @@ impl Index {
     pub fn max_oid(&self) -> Option<Oid> {
         let (prefix, bucket) = self.buckets.iter().next_back()?;
         let last = bucket.len().checked_sub(1)?;
-        Some(Oid((prefix << 16) | bucket.key(last) as u64))
+        Some(Oid((prefix << 16) | u64::from(bucket.key(last))))
     }
 
     /// The first entry with an oid `>= from` (`fsIndex.minKey(from)`), for
@@ -316,7 +316,7 @@ impl Index {
             };
             if i < b.len() {
                 let (k, pos) = b.entry(i);
-                return Some((Oid((p << 16) | k as u64), pos));
+                return Some((Oid((p << 16) | u64::from(k)), pos));
             }
         }
         None
@@ -363,7 +363,7 @@ impl Index {
         self.buckets.iter().flat_map(|(prefix, b)| {
             (0..b.len()).map(move |i| {
                 let (k, pos) = b.entry(i);
-                (Oid((prefix << 16) | k as u64), pos)
+                (Oid((prefix << 16) | u64::from(k)), pos)
             })
         })
     }

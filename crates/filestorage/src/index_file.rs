@@ -92,7 +92,8 @@ impl<'a> Cursor<'a> {
             op::BININT1 => self.le(1),
             op::BININT2 => self.le(2),
             op::BININT => {
-                let v = self.le(4)? as u32 as i32;
+                // BININT is a signed 32-bit int.
+                let v = i32::from_le_bytes(self.r.array().map_err(Self::truncated)?);
                 u64::try_from(v).map_err(|_| self.bad("negative position"))
             }
             opcode @ (op::LONG1 | op::LONG4) => {

@@ -170,14 +170,16 @@ impl RecordIter {
             if len > WINDOW {
                 return Ok(None);
             }
-            let n = (end - pos).min(WINDOW) as usize;
+            let n = crate::format::mem_len((end - pos).min(WINDOW));
             let mut buf = vec![0u8; n];
             crate::format::read_at(&*self.view.io, &mut buf, pos, "transaction records")?;
             self.window = Bytes::from(buf);
             self.window_start = pos;
         }
-        let off = (pos - self.window_start) as usize;
-        Ok(Some(self.window.slice(off..off + len as usize)))
+        // Both inside the window, which is in memory.
+        let off = crate::format::mem_len(pos - self.window_start);
+        let len = crate::format::mem_len(len);
+        Ok(Some(self.window.slice(off..off + len)))
     }
 
     /// The data header at `pos`, the record's length and its inline pickle.

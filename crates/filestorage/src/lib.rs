@@ -35,6 +35,20 @@
 //! - **Recovery**: an unfinished or damaged *last* transaction is moved to `Data.fs.trN`
 //!   and cut off at open; damage followed by a valid transaction refuses to open.
 
+// Offsets and lengths here are read from and written to `Data.fs` and its index: an `as`
+// cast that silently truncates, wraps or drops a sign reads the wrong bytes or writes a
+// damaged file instead of failing. So casts that can lose information are refused in
+// this crate (the workspace's `[lints]` cannot add lints per crate): a length from the
+// file goes through `try_from` and is damage if it does not fit; one already bounded by
+// a buffer in memory goes through [`format::mem_len`], which names the bound. The
+// integration tests under `tests/` repeat these lines.
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(clippy::cast_lossless)]
+
 pub mod check;
 mod commit;
 mod error;

@@ -51,12 +51,13 @@ impl<'a> SeqReader<'a> {
             .filter(|&e| e <= self.size)
             .ok_or_else(|| Error::corrupted(pos, "record runs past the end of the file"))?;
         if pos < self.buf_pos || end > self.buf_pos + self.buf.len() as u64 {
-            let want = (len.max(SEQ_BUF) as u64).min(self.size - pos) as usize;
+            let want = crate::format::mem_len((len.max(SEQ_BUF) as u64).min(self.size - pos));
             self.buf.resize(want, 0);
             crate::format::read_at(self.io, &mut self.buf, pos, "record")?;
             self.buf_pos = pos;
         }
-        let off = (pos - self.buf_pos) as usize;
+        // Inside the buffer: checked above, or the buffer was just read at `pos`.
+        let off = crate::format::mem_len(pos - self.buf_pos);
         Ok(&self.buf[off..off + len])
     }
 
@@ -72,7 +73,7 @@ impl<'a> SeqReader<'a> {
         if avail < DATA_HEADER_LEN as u64 {
             return Ok(None);
         }
-        let n = avail.min(DATA_HEADER_WITH_BACK_LEN as u64) as usize;
+        let n = crate::format::mem_len(avail.min(DATA_HEADER_WITH_BACK_LEN as u64));
         let b = self.get(pos, n)?;
         let fixed: &[u8; DATA_HEADER_LEN] = b[..DATA_HEADER_LEN].try_into().expect("42");
         let mut h = DataHeader::parse(fixed);

@@ -22,6 +22,16 @@ use zodb::{Oid, Tid};
 /// `plen` must not make the server allocate terabytes. Real pickles are far smaller.
 pub(crate) const MAX_PICKLE: u64 = 1 << 34;
 
+/// The pickle length `plen` of the record at `pos`, as the size of a buffer to read it
+/// into. Damage if over [`MAX_PICKLE`] or (on a 32-bit target) beyond what memory can
+/// address.
+pub(crate) fn pickle_len(pos: u64, plen: u64) -> Result<usize> {
+    usize::try_from(plen)
+        .ok()
+        .filter(|_| plen <= MAX_PICKLE)
+        .ok_or_else(|| Error::corrupted(pos, format!("data length {plen} too large")))
+}
+
 /// Bytes read at a record's position in one go: the header and, most of the time, the
 /// whole pickle. A read of 512 bytes costs the same as one of 50 from the page cache.
 const SPECULATIVE_READ: usize = 512;
@@ -149,13 +159,7 @@ impl FileView {
 
     /// The inline pickle of the record at `pos` (header `h`, `plen > 0`).
     pub fn inline_data(&self, pos: u64, h: &DataHeader) -> Result<Bytes> {
-        if h.plen > MAX_PICKLE {
-            return Err(Error::corrupted(
-                pos,
-                format!("data length {} too large", h.plen),
-            ));
-        }
-        let mut buf = vec![0u8; h.plen as usize];
+        let mut buf = vec![0u8; pickle_len(pos, h.plen)?];
         format::read_at(&*self.io, &mut buf, pos + DATA_HEADER_LEN as u64, "data")?;
         Ok(Bytes::from(buf))
     }
@@ -166,7 +170,7 @@ impl FileView {
         if pos < FIRST_TXN_POS || pos.saturating_add(DATA_HEADER_LEN as u64) > self.end {
             return Err(Error::corrupted(pos, "data record position out of range"));
         }
-        let n = (self.end - pos).min(SPECULATIVE_READ as u64) as usize;
+        let n = format::mem_len((self.end - pos).min(SPECULATIVE_READ as u64));
         let mut buf = vec![0u8; n];
         format::read_at(&*self.io, &mut buf, pos, "data record")?;
         let h = match DataHeader::parse_slice(&buf) {
@@ -196,17 +200,10 @@ impl FileView {
         if h.plen == 0 {
             return Ok((h, None));
         }
-        let len = len as usize;
-        if len <= n {
+        if let Some(len) = usize::try_from(len).ok().filter(|&l| l <= n) {
             return Ok((h, Some(Bytes::from(buf).slice(DATA_HEADER_LEN..len))));
         }
-        if h.plen > MAX_PICKLE {
-            return Err(Error::corrupted(
-                pos,
-                format!("data length {} too large", h.plen),
-            ));
-        }
-        let mut data = vec![0u8; h.plen as usize];
+        let mut data = vec![0u8; pickle_len(pos, h.plen)?];
         let have = n - DATA_HEADER_LEN;
         data[..have].copy_from_slice(&buf[DATA_HEADER_LEN..]);
         format::read_at(&*self.io, &mut data[have..], pos + n as u64, "data")?;

@@ -3,6 +3,14 @@
 //!
 //! Needs a Python with ZODB: `$ZEORS_PYTHON`, else `<workspace>/.venv/bin/python`.
 
+// The crate's cast lints (see src/lib.rs).
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(clippy::cast_lossless)]
+
 use filestorage::iter::RecordIter;
 use filestorage::{FileStorageCore, Options, PackOptions, PackOutcome};
 use std::fmt::Write as _;
@@ -44,7 +52,7 @@ fn run_py(script: &str, args: &[&dyn AsRef<std::ffi::OsStr>]) -> String {
 fn fnv(data: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in data {
-        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
     }
     format!("{}:{h:016x}", data.len())
 }

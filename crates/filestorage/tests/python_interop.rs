@@ -5,6 +5,14 @@
 //! Needs a Python with ZODB: `$ZEORS_PYTHON`, else `<workspace>/.venv/bin/python` (which
 //! `scripts/test.sh` creates).
 
+// The crate's cast lints (see src/lib.rs).
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(clippy::cast_lossless)]
+
 use bytes::Bytes;
 use filestorage::{scan, FileStorageCore, Options};
 use std::fmt::Write as _;
@@ -67,7 +75,7 @@ fn fstest(path: &Path) {
 fn fnv(data: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in data {
-        h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        h = (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
     }
     format!("{}:{h:016x}", data.len())
 }
@@ -293,28 +301,20 @@ fn write_with_rust(source: &Path, python_dump: &str, target: &Path) -> String {
 
     // 2: arbitrary payloads, one of them large.
     let base = 0x1_0000u64;
-    let payloads: Vec<Vec<u8>> = (0..6)
-        .map(|i| {
-            pseudo_random(
-                i,
-                if i == 3 {
-                    200_000
-                } else {
-                    10 + i as usize * 37
-                },
-            )
-        })
+    let payloads: Vec<Vec<u8>> = (0..6usize)
+        .map(|i| pseudo_random(i as u64, if i == 3 { 200_000 } else { 10 + i * 37 }))
         .collect();
     let t2 = commit(
         &core,
         2,
         TransactionMeta::default(),
-        (0..6)
-            .map(|i| store(base + i, Tid::ZERO, payloads[i as usize].clone()))
+        (base..)
+            .zip(&payloads)
+            .map(|(oid, p)| store(oid, Tid::ZERO, p.clone()))
             .collect(),
     );
-    for i in 0..6 {
-        rev(base + i, t2, &payloads[i as usize]);
+    for (oid, p) in (base..).zip(&payloads) {
+        rev(oid, t2, p);
     }
 
     // 3: new revisions, one oid stored twice (the last store counts), and a delete.

@@ -43,10 +43,20 @@ pub fn decode_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Bytes>, Fra
 }
 
 /// Appends a frame holding `payload` to `out`.
+///
+/// # Panics
+/// If `payload` is 4 GiB or more, which the 4-byte length cannot say (as Python's
+/// `struct.pack(">I", ...)` refuses it): a truncated length would desynchronise the
+/// stream, so this fails loudly, as the msgpack encoder does for such lengths.
 pub fn encode_frame(payload: &[u8], out: &mut BytesMut) {
     out.reserve(4 + payload.len());
-    out.put_u32(payload.len() as u32);
+    out.put_u32(frame_len(payload.len()));
     out.put_slice(payload);
+}
+
+/// `len` as a frame's length prefix; panics if it does not fit (see [`encode_frame`]).
+pub(crate) fn frame_len(len: usize) -> u32 {
+    u32::try_from(len).expect("a ZEO frame cannot hold 2^32 bytes or more")
 }
 
 /// A frame as one buffer (length prefix included).

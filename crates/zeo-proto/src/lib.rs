@@ -8,6 +8,19 @@
 //! client expects ([`exception`]). No sockets and no tokio, so the server, the client and
 //! the tests all drive the same code.
 
+// Everything here turns lengths and integers into wire bytes and back: an `as` cast that
+// silently truncates, wraps or drops a sign corrupts a message (or reads one wrongly)
+// instead of failing. So casts that can lose information are refused in this crate (the
+// workspace's `[lints]` cannot add lints per crate); conversions use `try_from` with an
+// error, or a helper or a narrow `allow` that says why the value always fits. The
+// integration tests under `tests/` repeat these lines.
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(clippy::cast_lossless)]
+
 pub mod exception;
 pub mod frame;
 #[cfg(feature = "io")]

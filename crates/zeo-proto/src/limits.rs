@@ -342,7 +342,22 @@ pub(crate) mod testing {
 
         /// Uniform-ish in `0..n` (`n > 0`).
         pub(crate) fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
+            usize::try_from(self.next() % n as u64).expect("below n, a usize")
+        }
+
+        /// [`Rng::below`] as an int.
+        pub(crate) fn int_below(&mut self, n: usize) -> i64 {
+            i64::try_from(self.below(n)).expect("a small bound")
+        }
+
+        /// Any i64: the next draw's bits.
+        pub(crate) fn int(&mut self) -> i64 {
+            i64::from_le_bytes(self.next().to_le_bytes())
+        }
+
+        /// Any byte: the next draw's low byte.
+        pub(crate) fn byte(&mut self) -> u8 {
+            self.next().to_le_bytes()[0]
         }
     }
 
@@ -399,8 +414,8 @@ pub(crate) mod testing {
             1 => Value::Bool(rng.below(2) == 1),
             2 => match rng.below(3) {
                 0 => i(BOUNDARY_INTS[rng.below(BOUNDARY_INTS.len())]),
-                1 => i(rng.next() as i64),
-                _ => i(rng.below(300) as i64 - 150),
+                1 => i(rng.int()),
+                _ => i(rng.int_below(300) - 150),
             },
             3 => {
                 let x = f64::from_bits(rng.next());
@@ -408,7 +423,7 @@ pub(crate) mod testing {
             }
             4 => {
                 let len = [0, 1, 255, 256, 300][rng.below(5)];
-                b(&(0..len).map(|_| rng.next() as u8).collect::<Vec<u8>>())
+                b(&(0..len).map(|_| rng.byte()).collect::<Vec<u8>>())
             }
             5 => {
                 let len = [0, 1, 31, 32, 255, 256][rng.below(6)];
@@ -423,7 +438,7 @@ pub(crate) mod testing {
                 d((0..n)
                     .map(|k| {
                         let key = if pickle && k % 3 == 1 {
-                            i(k as i64 * 1000)
+                            i(i64::try_from(k).expect("below 20") * 1000)
                         } else if k % 3 == 2 {
                             b(format!("b{k}").as_bytes())
                         } else {
@@ -433,7 +448,7 @@ pub(crate) mod testing {
                     })
                     .collect())
             }
-            _ if pickle && rng.below(2) == 0 => set((0..rng.below(5) as i64).map(i).collect()),
+            _ if pickle && rng.below(2) == 0 => set((0..rng.int_below(5)).map(i).collect()),
             _ if pickle => prefix(random_value(rng, depth - 1, pickle)),
             _ => Value::None,
         }
@@ -456,9 +471,9 @@ pub(crate) mod testing {
                 rng.below(out.len())
             };
             match rng.below(6) {
-                0 | 1 if !out.is_empty() => out[pos] = rng.next() as u8,
+                0 | 1 if !out.is_empty() => out[pos] = rng.byte(),
                 2 if !out.is_empty() => out[pos] ^= 1 << rng.below(8),
-                3 => out.insert(pos, rng.next() as u8),
+                3 => out.insert(pos, rng.byte()),
                 4 if !out.is_empty() => {
                     out.remove(pos);
                 }

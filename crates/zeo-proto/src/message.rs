@@ -43,7 +43,8 @@ impl Encoding {
     }
 
     /// Encodes `v` as a complete frame (length prefix included), in one buffer: replies
-    /// are built straight into what the socket writer sends.
+    /// are built straight into what the socket writer sends. Panics if the encoding is
+    /// 4 GiB or more, as [`crate::frame::encode_frame`] does.
     pub fn encode_framed(self, v: &Value) -> Bytes {
         let mut out = Vec::with_capacity(128);
         out.extend_from_slice(&[0; 4]);
@@ -51,7 +52,7 @@ impl Encoding {
             Encoding::Pickle => pickle::encode(v, &mut out),
             Encoding::Msgpack => msgpack::encode(v, &mut out),
         }
-        let len = (out.len() - 4) as u32;
+        let len = crate::frame::frame_len(out.len() - 4);
         out[..4].copy_from_slice(&len.to_be_bytes());
         Bytes::from(out)
     }

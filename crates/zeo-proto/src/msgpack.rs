@@ -107,7 +107,7 @@ pub fn to_vec(v: &Value) -> Vec<u8> {
 fn encode_int(i: i64, out: &mut Vec<u8>) {
     if (0..128).contains(&i) || (-32..0).contains(&i) {
         // Positive and negative fixints are the value's own low byte.
-        out.push(i as u8);
+        out.push(i.to_le_bytes()[0]);
     } else if let Ok(u) = u64::try_from(i) {
         if let Ok(u) = u8::try_from(u) {
             out.extend_from_slice(&[marker::UINT8, u]);
@@ -122,7 +122,8 @@ fn encode_int(i: i64, out: &mut Vec<u8>) {
             out.extend_from_slice(&u.to_be_bytes());
         }
     } else if let Ok(s) = i8::try_from(i) {
-        out.extend_from_slice(&[marker::INT8, s as u8]);
+        out.push(marker::INT8);
+        out.extend_from_slice(&s.to_be_bytes());
     } else if let Ok(s) = i16::try_from(i) {
         out.push(marker::INT16);
         out.extend_from_slice(&s.to_be_bytes());
@@ -136,12 +137,10 @@ fn encode_int(i: i64, out: &mut Vec<u8>) {
 }
 
 fn str_header(len: usize, out: &mut Vec<u8>) {
-    if len < 32 {
-        out.push(marker::FIXSTR | len as u8);
-    } else if let Ok(len) = u8::try_from(len) {
-        out.extend_from_slice(&[marker::STR8, len]);
-    } else {
-        wide_len(len, marker::STR16, marker::STR32, out);
+    match u8::try_from(len) {
+        Ok(short) if short < 32 => out.push(marker::FIXSTR | short),
+        Ok(short) => out.extend_from_slice(&[marker::STR8, short]),
+        Err(_) => wide_len(len, marker::STR16, marker::STR32, out),
     }
 }
 
@@ -154,18 +153,16 @@ fn bin_header(len: usize, out: &mut Vec<u8>) {
 }
 
 fn array_header(len: usize, out: &mut Vec<u8>) {
-    if len < 16 {
-        out.push(marker::FIXARRAY | len as u8);
-    } else {
-        wide_len(len, marker::ARRAY16, marker::ARRAY32, out);
+    match u8::try_from(len) {
+        Ok(short) if short < 16 => out.push(marker::FIXARRAY | short),
+        _ => wide_len(len, marker::ARRAY16, marker::ARRAY32, out),
     }
 }
 
 fn map_header(len: usize, out: &mut Vec<u8>) {
-    if len < 16 {
-        out.push(marker::FIXMAP | len as u8);
-    } else {
-        wide_len(len, marker::MAP16, marker::MAP32, out);
+    match u8::try_from(len) {
+        Ok(short) if short < 16 => out.push(marker::FIXMAP | short),
+        _ => wide_len(len, marker::MAP16, marker::MAP32, out),
     }
 }
 
@@ -347,7 +344,7 @@ impl Decoder<'_> {
             0x80..=0x8f => return Ok(Item::Map(usize::from(m & 0x0f))),
             0x90..=0x9f => return Ok(Item::Array(usize::from(m & 0x0f))),
             0xa0..=0xbf => self.str(u64::from(m & 0x1f))?,
-            0xe0..=0xff => Value::Int((m as i8).into()),
+            0xe0..=0xff => Value::Int(i8::from_be_bytes([m]).into()),
             marker::NIL => Value::None,
             marker::FALSE => Value::Bool(false),
             marker::TRUE => Value::Bool(true),
@@ -372,7 +369,7 @@ impl Decoder<'_> {
                 let u = u64::from_be_bytes(self.input.array()?);
                 Value::Int(i64::try_from(u).map_err(|_| DecodeError::IntegerOverflow)?)
             }
-            marker::INT8 => Value::Int((self.input.byte()? as i8).into()),
+            marker::INT8 => Value::Int(i8::from_be_bytes(self.input.array()?).into()),
             marker::INT16 => Value::Int(i16::from_be_bytes(self.input.array()?).into()),
             marker::INT32 => Value::Int(i32::from_be_bytes(self.input.array()?).into()),
             marker::INT64 => Value::Int(i64::from_be_bytes(self.input.array()?)),

@@ -1059,7 +1059,7 @@ fn unescape_string(s: &[u8]) -> Result<Vec<u8>, DecodeError> {
                         _ => break,
                     }
                 }
-                out.push(v as u8);
+                out.push(v.to_le_bytes()[0]); // the low eight bits
             }
             b'x' => {
                 let v = s

@@ -337,7 +337,7 @@ impl Reply for History {
                             "description",
                             Value::Bytes(Bytes::from(h.description.clone())),
                         ),
-                        ("size", Value::Int(h.size as i64)),
+                        ("size", Value::uint(h.size)),
                     ] {
                         let k = Value::str(k);
                         match items.iter_mut().find(|(key, _)| *key == k) {
@@ -367,7 +367,7 @@ impl Reply for History {
                 user: bytes_of(item.get("user_name")),
                 description: bytes_of(item.get("description")),
                 extension: split_extension(d, &HISTORY_KEYS),
-                size: item.get("size").and_then(Value::as_int).unwrap_or(0).max(0) as u64,
+                size: item.get("size").map_or(0, Value::as_uint),
             });
         }
         Ok(History(out))
@@ -393,7 +393,7 @@ pub fn undo_dict(e: &UndoEntry) -> Value {
             Value::str("user_name"),
             Value::Bytes(Bytes::from(e.user.clone())),
         ),
-        (Value::str("size"), Value::Int(e.size as i64)),
+        (Value::str("size"), Value::uint(e.size)),
         (
             Value::str("description"),
             Value::Bytes(Bytes::from(e.description.clone())),
@@ -424,7 +424,7 @@ impl Reply for UndoLog {
                 user: bytes_of(item.get("user_name")),
                 description: bytes_of(item.get("description")),
                 extension: split_extension(d, &UNDO_KEYS),
-                size: item.get("size").and_then(Value::as_int).unwrap_or(0).max(0) as u64,
+                size: item.get("size").map_or(0, Value::as_uint),
             });
         }
         Ok(UndoLog(out))
@@ -557,8 +557,8 @@ impl Info {
 impl Reply for Info {
     fn to_value(&self) -> Value {
         Value::dict([
-            ("length", Value::Int(self.length as i64)),
-            ("size", Value::Int(self.size as i64)),
+            ("length", Value::uint(self.length)),
+            ("size", Value::uint(self.size)),
             ("name", Value::Str(self.name.clone())),
             ("supportsUndo", Value::Bool(self.supports_undo)),
             (
@@ -585,7 +585,7 @@ impl Reply for Info {
         if !matches!(v, Value::Dict(_)) {
             return bad("get_info reply", v);
         }
-        let int = |k: &str| v.get(k).and_then(Value::as_int).unwrap_or(0).max(0) as u64;
+        let int = |k: &str| v.get(k).map_or(0, Value::as_uint);
         let names = |k: &str| -> Vec<String> {
             v.get(k)
                 .and_then(Value::as_seq)
@@ -632,15 +632,15 @@ pub struct SizeInfo {
 impl Reply for SizeInfo {
     fn to_value(&self) -> Value {
         Value::dict([
-            ("length", Value::Int(self.length as i64)),
-            ("size", Value::Int(self.size as i64)),
+            ("length", Value::uint(self.length)),
+            ("size", Value::uint(self.size)),
         ])
     }
     fn from_value(v: &Value) -> Result<Self, ReplyError> {
         if !matches!(v, Value::Dict(_)) {
             return bad("info", v);
         }
-        let int = |k: &str| v.get(k).and_then(Value::as_int).unwrap_or(0).max(0) as u64;
+        let int = |k: &str| v.get(k).map_or(0, Value::as_uint);
         Ok(SizeInfo {
             length: int("length"),
             size: int("size"),

@@ -256,7 +256,7 @@ impl<'a> Args<'a> {
     fn int(&self, i: usize) -> Result<i64, RequestError> {
         match self.get(i)? {
             Value::Int(n) => Ok(*n),
-            Value::Bool(b) => Ok(*b as i64),
+            Value::Bool(b) => Ok(i64::from(*b)),
             other => Err(self.bad(format!(
                 "argument {} must be an int, got {}",
                 i + 1,
@@ -300,6 +300,13 @@ impl<'a> Args<'a> {
     fn txn(&self, i: usize) -> Result<ClientTxnId, RequestError> {
         Ok(self.get(i)?.clone())
     }
+}
+
+/// `n`, a count a client asks for, clamped to `1..=max` as the server serves it. The clamp
+/// is what makes the cast exact: the result is positive and at most `u32::MAX`.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+fn clamped_count(n: i64, max: u32) -> usize {
+    n.clamp(1, i64::from(max)) as usize
 }
 
 fn kind(v: &Value) -> &'static str {
@@ -392,7 +399,7 @@ impl Request {
             "new_oids" => {
                 let n = a.opt_int(0, 100)?;
                 Request::NewOids {
-                    count: n.clamp(1, 100) as usize,
+                    count: clamped_count(n, 100),
                 }
             }
             "new_oid" => Request::NewOid,
@@ -413,7 +420,7 @@ impl Request {
                 let size = match a.items.get(1) {
                     None => Some(1),
                     Some(Value::None) => None,
-                    Some(_) => Some(a.int(1)?.clamp(1, 1 << 20) as usize),
+                    Some(_) => Some(clamped_count(a.int(1)?, 1 << 20)),
                 };
                 Request::History {
                     oid: a.opt(0).map(|_| a.oid(0)).transpose()?,
@@ -592,7 +599,7 @@ impl Request {
             Request::GetInfo => ("get_info", vec![]),
             Request::LastTransaction => ("lastTransaction", vec![]),
             Request::GetInvalidations { tid } => ("getInvalidations", vec![t(tid)]),
-            Request::NewOids { count } => ("new_oids", vec![Value::Int(*count as i64)]),
+            Request::NewOids { count } => ("new_oids", vec![Value::uint(*count)]),
             Request::NewOid => ("new_oid", vec![]),
             Request::Pack { time, wait } => ("pack", vec![Value::Float(*time), Value::Bool(*wait)]),
             Request::LoadBefore { oid, before } => ("loadBefore", vec![id(oid), t(before)]),
@@ -602,7 +609,7 @@ impl Request {
                 "history",
                 vec![
                     oid.map(|o| id(&o)).unwrap_or(Value::None),
-                    size.map(|s| Value::Int(s as i64)).unwrap_or(Value::None),
+                    size.map(Value::uint).unwrap_or(Value::None),
                 ],
             ),
             Request::TpcBegin {

@@ -42,6 +42,22 @@ impl Value {
         Value::Str(s.into())
     }
 
+    /// An int for a size or count that Rust keeps unsigned (`u64`, `usize`). Such figures
+    /// (bytes in a file, objects in a storage) stay far below `i64::MAX`, but one that
+    /// did not fit would be sent as `i64::MAX` rather than wrap to a negative number.
+    pub fn uint(n: impl TryInto<i64>) -> Value {
+        Value::Int(n.try_into().unwrap_or(i64::MAX))
+    }
+
+    /// The inverse of [`Value::uint`] for a reply: the int as a `u64`, 0 if it is
+    /// negative or not an int (a size a peer leaves out or gets wrong is not worth
+    /// refusing the whole reply over).
+    pub fn as_uint(&self) -> u64 {
+        self.as_int()
+            .and_then(|i| u64::try_from(i).ok())
+            .unwrap_or(0)
+    }
+
     pub fn bytes(b: impl Into<Bytes>) -> Value {
         Value::Bytes(b.into())
     }
@@ -92,7 +108,7 @@ impl Value {
     pub fn as_int(&self) -> Option<i64> {
         match self {
             Value::Int(i) => Some(*i),
-            Value::Bool(b) => Some(*b as i64),
+            Value::Bool(b) => Some(i64::from(*b)),
             _ => None,
         }
     }
@@ -262,7 +278,10 @@ impl DictKeyBuilder {
             Value::Float(f) if f.is_nan() => return false,
             // An integral float is the same key as the int of that value.
             Value::Float(f) if f.fract() == 0.0 && (-TWO_63..TWO_63).contains(f) => {
-                self.int(*f as i64)
+                // Exact: the guard admits only whole numbers in i64's range.
+                #[allow(clippy::cast_possible_truncation)]
+                let i = *f as i64;
+                self.int(i)
             }
             Value::Float(f) => {
                 self.0.push(b'F');

@@ -30,6 +30,14 @@
 //! `PROPTEST_CASES=N` sets the number of cases per property (default 1,000); for a long
 //! run: `PROPTEST_CASES=1000000 cargo test --release -p zeo-proto --test fuzz`.
 
+// The crate's cast lints (see src/lib.rs): the generators here write wire bytes too.
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(clippy::cast_lossless)]
+
 use bytes::{BufMut, Bytes, BytesMut};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -269,18 +277,20 @@ fn memo_bomb() -> impl Strategy<Value = Vec<u8>> {
             let mut out = vec![0x80, 3, b']', b'('];
             out.extend([b'K', 1].repeat(leaves));
             out.extend([b'e', b'q', 0, b'0']);
+            let round = |i: usize| u8::try_from(i).expect("at most 14 rounds");
             for (i, &(fanout, dup)) in rounds.iter().enumerate() {
-                out.extend([b']', b'(', b'h', i as u8]);
+                let i = round(i);
+                out.extend([b']', b'(', b'h', i]);
                 for _ in 1..fanout {
                     if dup {
                         out.push(b'2');
                     } else {
-                        out.extend([b'h', i as u8]);
+                        out.extend([b'h', i]);
                     }
                 }
-                out.extend([b'e', b'q', i as u8 + 1, b'0']);
+                out.extend([b'e', b'q', i + 1, b'0']);
             }
-            out.extend([b'h', rounds.len() as u8, b'.']);
+            out.extend([b'h', round(rounds.len()), b'.']);
             out
         })
 }
@@ -462,6 +472,17 @@ impl Choices<'_> {
         self.at += 1;
         v % n.max(1)
     }
+
+    /// [`Choices::next`] for a small bound, as a byte.
+    fn byte(&mut self, n: u8) -> u8 {
+        u8::try_from(self.next(n.into())).expect("below n, a u8")
+    }
+
+    /// [`Choices::next`] for an index below `n`.
+    fn index(&mut self, n: usize) -> usize {
+        let n = u32::try_from(n).expect("a bound below 2^32");
+        usize::try_from(self.next(n)).expect("below n, a usize")
+    }
 }
 
 /// What the generator knows of an unpickler stack entry.
@@ -481,14 +502,24 @@ enum Kind {
     Set,
 }
 
+/// A memo index in a one-byte opcode (`BINPUT`, `BINGET`; callers check `idx < 256`).
+fn memo_byte(idx: usize) -> u8 {
+    u8::try_from(idx).expect("checked below 256")
+}
+
+/// A memo index in a four-byte opcode (`LONG_BINPUT`, `LONG_BINGET`).
+fn memo_u32(idx: usize) -> u32 {
+    u32::try_from(idx).expect("a memo below 2^32 entries")
+}
+
 /// A pickle program built from `choices`: at each step an operation that is valid for the
 /// stack as it is (so the whole program decodes), in any of the forms the opcode set allows.
 fn pickle_program_from(choices: &[u32]) -> Vec<u8> {
     let mut ch = Choices { c: choices, at: 0 };
-    let mut out = vec![0x80, 2 + ch.next(4) as u8];
+    let mut out = vec![0x80, 2 + ch.byte(4)];
     if ch.next(4) == 0 {
         out.push(0x95); // FRAME: its length is not checked
-        out.extend_from_slice(&(ch.next(1000) as u64).to_le_bytes());
+        out.extend_from_slice(&u64::from(ch.next(1000)).to_le_bytes());
     }
     let mut stack: Vec<Slot> = Vec::new();
     let mut memo: Vec<Slot> = Vec::new();
@@ -500,28 +531,29 @@ fn pickle_program_from(choices: &[u32]) -> Vec<u8> {
     };
     let scalar = |ch: &mut Choices, out: &mut Vec<u8>| -> Slot {
         let n = ch.next(1000);
+        let below_1000 = |n: u32| u16::try_from(n).expect("below 1000");
         match ch.next(24) {
             0 => out.push(b'N'),
             1 => out.push(0x88),
             2 => out.push(0x89),
-            3 => out.extend(format!("I{}\n", n as i64 - 500).bytes()),
+            3 => out.extend(format!("I{}\n", i64::from(n) - 500).bytes()),
             4 => out.extend(if n.is_multiple_of(2) {
                 &b"I01\n"[..]
             } else {
                 &b"I00\n"[..]
             }),
-            5 => out.extend(format!("L{}L\n", n as i64 * 1_000_003 - 7).bytes()),
+            5 => out.extend(format!("L{}L\n", i64::from(n) * 1_000_003 - 7).bytes()),
             6 => {
                 out.push(b'J');
-                out.extend_from_slice(&(n as i32 - 500).to_le_bytes());
+                out.extend_from_slice(&(i32::from(below_1000(n)) - 500).to_le_bytes());
             }
-            7 => out.extend_from_slice(&[b'K', n as u8]),
+            7 => out.extend_from_slice(&[b'K', n.to_le_bytes()[0]]), // any byte
             8 => {
                 out.push(b'M');
-                out.extend_from_slice(&(n as u16).to_le_bytes());
+                out.extend_from_slice(&below_1000(n).to_le_bytes());
             }
             9 => {
-                let v = (n as i64 - 500) * 0x1_0000_0001;
+                let v = (i64::from(n) - 500) * 0x1_0000_0001;
                 let b = v.to_le_bytes();
                 out.extend_from_slice(&[0x8a, 8]);
                 out.extend_from_slice(&b);
@@ -529,7 +561,7 @@ fn pickle_program_from(choices: &[u32]) -> Vec<u8> {
             10 => out.extend(format!("F{}.5\n", n).bytes()),
             11 => {
                 out.push(b'G');
-                out.extend_from_slice(&(n as f64 / 7.0).to_be_bytes());
+                out.extend_from_slice(&(f64::from(n) / 7.0).to_be_bytes());
             }
             12 => out.extend(format!("S'str{n}'\n").bytes()),
             13 => {
@@ -542,7 +574,7 @@ fn pickle_program_from(choices: &[u32]) -> Vec<u8> {
             16 => {
                 let t = format!("日本{n}");
                 out.push(b'X');
-                out.extend_from_slice(&(t.len() as u32).to_le_bytes());
+                out.extend_from_slice(&u32::try_from(t.len()).expect("short").to_le_bytes());
                 out.extend_from_slice(t.as_bytes());
             }
             17 => out.extend_from_slice(b"\x8c\x02\xc3\xa9"),
@@ -644,7 +676,7 @@ fn pickle_program_from(choices: &[u32]) -> Vec<u8> {
                 out.push(b'1'); // POP_MARK
             }
             8 if above >= 1 => {
-                let k = 1 + ch.next(above.min(3) as u32) as usize;
+                let k = 1 + ch.index(above.min(3));
                 let items: Vec<Slot> = stack.drain(stack.len() - k..).collect();
                 let h = items.iter().all(|s| matches!(s, Slot::Item(true, _)));
                 out.push([0x85, 0x86, 0x87][k - 1]);
@@ -665,23 +697,23 @@ fn pickle_program_from(choices: &[u32]) -> Vec<u8> {
                 let idx = memo.len();
                 match ch.next(4) {
                     0 => out.extend(format!("p{idx}\n").bytes()),
-                    1 if idx < 256 => out.extend_from_slice(&[b'q', idx as u8]),
+                    1 if idx < 256 => out.extend_from_slice(&[b'q', memo_byte(idx)]),
                     2 => {
                         out.push(b'r');
-                        out.extend_from_slice(&(idx as u32).to_le_bytes());
+                        out.extend_from_slice(&memo_u32(idx).to_le_bytes());
                     }
                     _ => out.push(0x94), // MEMOIZE
                 }
                 memo.push(*stack.last().expect("an item"));
             }
             12 if !memo.is_empty() => {
-                let idx = ch.next(memo.len() as u32) as usize;
+                let idx = ch.index(memo.len());
                 match ch.next(3) {
                     0 => out.extend(format!("g{idx}\n").bytes()),
-                    1 if idx < 256 => out.extend_from_slice(&[b'h', idx as u8]),
+                    1 if idx < 256 => out.extend_from_slice(&[b'h', memo_byte(idx)]),
                     _ => {
                         out.push(b'j');
-                        out.extend_from_slice(&(idx as u32).to_le_bytes());
+                        out.extend_from_slice(&memo_u32(idx).to_le_bytes());
                     }
                 }
                 stack.push(memo[idx]);
@@ -734,16 +766,19 @@ fn pickle_program_from(choices: &[u32]) -> Vec<u8> {
 fn msgpack_any_format(v: &Value, ch: &mut Choices, out: &mut Vec<u8>) {
     fn len_header(out: &mut Vec<u8>, n: usize, fix: Option<(u8, usize)>, ops: [u8; 3], pick: u32) {
         let fits_fix = fix.is_some_and(|(_, max)| n <= max);
+        let n8 = u8::try_from(n);
+        let n16 = u16::try_from(n);
         match pick % 4 {
-            0 if fits_fix => out.push(fix.expect("fix").0 | n as u8),
-            1 if n <= 0xff && ops[0] != 0 => out.extend_from_slice(&[ops[0], n as u8]),
-            2 if n <= 0xffff => {
+            0 if fits_fix => out.push(fix.expect("fix").0 | n8.expect("a fix length")),
+            1 if ops[0] != 0 && n8.is_ok() => out.extend_from_slice(&[ops[0], n8.expect("ok")]),
+            2 if n16.is_ok() => {
                 out.push(ops[1]);
-                out.extend_from_slice(&(n as u16).to_be_bytes());
+                out.extend_from_slice(&n16.expect("ok").to_be_bytes());
             }
             _ => {
                 out.push(ops[2]);
-                out.extend_from_slice(&(n as u32).to_be_bytes());
+                let n32 = u32::try_from(n).expect("a length below 2^32");
+                out.extend_from_slice(&n32.to_be_bytes());
             }
         }
     }
@@ -753,32 +788,35 @@ fn msgpack_any_format(v: &Value, ch: &mut Choices, out: &mut Vec<u8>) {
         Value::Int(i) => {
             let i = *i;
             let pick = ch.next(5);
-            if (0..128).contains(&i) && pick == 0 {
-                out.push(i as u8);
-            } else if (-32..0).contains(&i) && pick == 0 {
-                out.push(i as i8 as u8);
-            } else if (0..=0xff).contains(&i) && pick == 1 {
-                out.extend_from_slice(&[0xcc, i as u8]);
-            } else if (0..=0xffff).contains(&i) && pick == 2 {
+            if ((0..128).contains(&i) || (-32..0).contains(&i)) && pick == 0 {
+                // Positive and negative fixints: the value's low byte.
+                out.push(i.to_le_bytes()[0]);
+            } else if let (Ok(u), 1) = (u8::try_from(i), pick) {
+                out.extend_from_slice(&[0xcc, u]);
+            } else if let (Ok(u), 2) = (u16::try_from(i), pick) {
                 out.push(0xcd);
-                out.extend_from_slice(&(i as u16).to_be_bytes());
-            } else if i >= 0 && pick == 3 {
+                out.extend_from_slice(&u.to_be_bytes());
+            } else if let (Ok(u), 3) = (u64::try_from(i), pick) {
                 out.push(0xcf);
-                out.extend_from_slice(&(i as u64).to_be_bytes());
-            } else if (i8::MIN as i64..=i8::MAX as i64).contains(&i) && pick == 1 {
-                out.extend_from_slice(&[0xd0, i as u8]);
-            } else if (i32::MIN as i64..=i32::MAX as i64).contains(&i) && pick != 4 {
+                out.extend_from_slice(&u.to_be_bytes());
+            } else if let (Ok(s), 1) = (i8::try_from(i), pick) {
+                out.push(0xd0);
+                out.extend_from_slice(&s.to_be_bytes());
+            } else if let (Ok(s), true) = (i32::try_from(i), pick != 4) {
                 out.push(0xd2);
-                out.extend_from_slice(&(i as i32).to_be_bytes());
+                out.extend_from_slice(&s.to_be_bytes());
             } else {
                 out.push(0xd3);
                 out.extend_from_slice(&i.to_be_bytes());
             }
         }
         Value::Float(f) => {
-            if (*f as f32) as f64 == *f && ch.next(2) == 0 {
+            // Narrowing on purpose: the round trip tells whether 32 bits hold `f` exactly.
+            #[allow(clippy::cast_possible_truncation)]
+            let narrow = *f as f32;
+            if f64::from(narrow) == *f && ch.next(2) == 0 {
                 out.push(0xca);
-                out.extend_from_slice(&(*f as f32).to_be_bytes());
+                out.extend_from_slice(&narrow.to_be_bytes());
             } else {
                 out.push(0xcb);
                 out.extend_from_slice(&f.to_be_bytes());

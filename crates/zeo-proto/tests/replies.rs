@@ -3,6 +3,14 @@
 //! (and the other way round for requests). A shape written differently on the two sides
 //! fails here, not against a proxy in production.
 
+// The crate's cast lints (see src/lib.rs).
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+#![warn(clippy::cast_lossless)]
+
 use bytes::Bytes;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
@@ -58,7 +66,7 @@ fn extension() -> impl Strategy<Value = Vec<u8>> {
         (
             prop::sample::select(vec!["x_note", "x_path", "x_user", "x_n"]),
             prop_oneof![
-                any::<i32>().prop_map(|i| Value::Int(i as i64)),
+                any::<i32>().prop_map(|i| Value::Int(i.into())),
                 text().prop_map(Value::Str)
             ],
         ),
@@ -341,8 +349,8 @@ fn request() -> impl Strategy<Value = Request> {
     ];
     let c = prop_oneof![
         (any::<i32>(), any::<i32>()).prop_map(|(f, l)| Request::UndoLog {
-            first: f as i64,
-            last: l as i64
+            first: f.into(),
+            last: l.into()
         }),
         (
             any::<i32>(),
@@ -353,8 +361,8 @@ fn request() -> impl Strategy<Value = Request> {
             ]
         )
             .prop_map(|(f, l, spec)| Request::UndoInfo {
-                first: f as i64,
-                last: l as i64,
+                first: f.into(),
+                last: l.into(),
                 spec
             }),
         (prop::option::of(tid()), prop::option::of(tid()))

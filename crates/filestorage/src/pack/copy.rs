@@ -6,7 +6,7 @@ use super::gc::{corrupt, Gc};
 use crate::format::{self, status, DataHeader, TxnHeader, DATA_HEADER_LEN, FIRST_TXN_POS};
 use crate::index::Index;
 use crate::scan::SeqReader;
-use crate::view::{FileView, MAX_PICKLE};
+use crate::view::{pickle_len, FileView};
 use fsio::FileIo;
 use std::collections::HashMap;
 use std::io;
@@ -64,7 +64,8 @@ impl PackWriter {
     fn patch_u64(&mut self, at: u64, v: u64) -> io::Result<()> {
         let b = v.to_be_bytes();
         if at >= self.buf_start {
-            let off = (at - self.buf_start) as usize;
+            // Everything from `buf_start` on is still in the buffer.
+            let off = format::mem_len(at - self.buf_start);
             self.buf[off..off + 8].copy_from_slice(&b);
             Ok(())
         } else {
@@ -120,7 +121,7 @@ impl Output {
 
 /// The user, description and extension bytes of the transaction at `pos`.
 fn txn_meta(view: &FileView, pos: u64, h: &TxnHeader) -> crate::error::Result<Vec<u8>> {
-    let mut meta = vec![0u8; (h.header_len() - format::TXN_HEADER_LEN as u64) as usize];
+    let mut meta = vec![0u8; h.meta_len()];
     format::read_at(
         &*view.io,
         &mut meta,
@@ -138,9 +139,7 @@ fn record_data(
     d: &DataHeader,
 ) -> crate::error::Result<Option<bytes::Bytes>> {
     if d.plen > 0 {
-        if d.plen > MAX_PICKLE {
-            return Err(corrupt(pos, format!("data length {} too large", d.plen)));
-        }
+        // `inline_data` refuses a length over MAX_PICKLE as damage.
         return view.inline_data(pos, d).map(Some);
     }
     view.load_back(d.oid, d.back)
@@ -192,12 +191,9 @@ pub(super) fn copy_to_packtime(
                 };
                 let here = out.w.pos();
                 if d.plen > 0 {
-                    if d.plen > MAX_PICKLE {
-                        return Err(corrupt(p, format!("data length {} too large", d.plen)));
-                    }
+                    let plen = pickle_len(p, d.plen)?;
                     out.record_header(&d, 0, tpos, d.plen)?;
-                    out.w
-                        .append(r.get(p + DATA_HEADER_LEN as u64, d.plen as usize)?)?;
+                    out.w.append(r.get(p + DATA_HEADER_LEN as u64, plen)?)?;
                 } else {
                     match view.load_back(d.oid, d.back)? {
                         Some(data) => {
@@ -239,10 +235,8 @@ fn removed_blob(
     d: &DataHeader,
 ) -> Option<Tid> {
     let data = if d.plen > 0 {
-        if d.plen > MAX_PICKLE {
-            return None;
-        }
-        r.get(p + DATA_HEADER_LEN as u64, d.plen as usize)
+        let plen = pickle_len(p, d.plen).ok()?;
+        r.get(p + DATA_HEADER_LEN as u64, plen)
             .map(bytes::Bytes::copy_from_slice)
             .map(Some)
     } else {

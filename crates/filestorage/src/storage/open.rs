@@ -336,7 +336,7 @@ fn save_cut_bytes(
         let mut buf = vec![0u8; 1 << 20];
         let mut p = pos;
         while p < size {
-            let n = ((size - p) as usize).min(buf.len());
+            let n = crate::format::mem_len((size - p).min(buf.len() as u64));
             io.read_exact_at(&mut buf[..n], p)?;
             f.write_all_at(&buf[..n], p - pos)
                 .map_err(|e| io_at(&tr, e))?;

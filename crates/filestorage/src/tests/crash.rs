@@ -11,7 +11,7 @@ const OIDS: &[u64] = &[0, 1, 2, 3, 4, 5];
 
 fn blob(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
-        .map(|i| seed.wrapping_add((i * 7 % 251) as u8))
+        .map(|i| seed.wrapping_add(u8::try_from(i * 7 % 251).expect("below 251")))
         .collect()
 }
 

@@ -61,7 +61,7 @@ fn serial(core: &FileStorageCore, oid: u64) -> Tid {
 
 fn payload(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
-        .map(|i| seed.wrapping_add((i * 7 % 251) as u8))
+        .map(|i| seed.wrapping_add(u8::try_from(i * 7 % 251).expect("below 251")))
         .collect()
 }
 

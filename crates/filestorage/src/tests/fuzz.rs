@@ -245,7 +245,7 @@ fn sample_prefixes() -> (Vec<Vec<u8>>, Vec<Tid>) {
                 .unwrap(),
         );
         tids.push(h.tid);
-        pos += h.tlen as usize + 8;
+        pos += usize::try_from(h.tlen).unwrap() + 8;
         ends.push(pos);
     }
     (ends.iter().map(|&e| bytes[..e].to_vec()).collect(), tids)
@@ -263,8 +263,8 @@ fn structure_bytes(bytes: &[u8]) -> Vec<usize> {
         // tid 0..8, tlen 8..16, status 16, ulen/dlen/elen 17..23
         out.extend(pos + 8..pos + 16);
         out.extend(pos + 17..pos + TXN_HEADER_LEN);
-        let tend = pos + h.tlen as usize;
-        let mut p = pos + h.header_len() as usize;
+        let tend = pos + usize::try_from(h.tlen).unwrap();
+        let mut p = pos + TXN_HEADER_LEN + h.meta_len();
         while p < tend {
             let d = DataHeader::parse(bytes[p..p + DATA_HEADER_LEN].try_into().unwrap());
             // oid 0..8, tid 8..16, prev 16..24, tloc 24..32, vlen 32..34, plen 34..42
@@ -272,7 +272,7 @@ fn structure_bytes(bytes: &[u8]) -> Vec<usize> {
             if d.plen == 0 {
                 out.extend(p + DATA_HEADER_LEN..p + DATA_HEADER_LEN + 8); // back pointer
             }
-            p += d.record_len().unwrap() as usize;
+            p += usize::try_from(d.record_len().unwrap()).unwrap();
         }
         out.extend(tend..tend + 8);
         pos = tend + 8;

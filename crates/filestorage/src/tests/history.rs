@@ -21,7 +21,8 @@ pub(crate) fn record(module: &str, name: &str, refs: &[u64], payload: &str) -> V
         p.extend_from_slice(b"h\x00\x86Q");
     }
     p.extend_from_slice(b"X");
-    p.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    let len = u32::try_from(payload.len()).expect("a short payload");
+    p.extend_from_slice(&len.to_le_bytes());
     p.extend_from_slice(payload.as_bytes());
     p.extend_from_slice(b"t.");
     p

@@ -78,8 +78,8 @@ fn pack_now_keeps_only_reachable_current_revisions() {
     let stats = packed(core.pack(now_tid(), PackOptions::default()).unwrap());
     assert_eq!((stats.objects_before, stats.objects_after), (4, 3));
     assert!(stats.new_size < stats.old_size);
-    for o in 0..3 {
-        assert_eq!(core.load(Oid(o)).unwrap(), current[o as usize]);
+    for (o, want) in (0..3).zip(&current) {
+        assert_eq!(core.load(Oid(o)).unwrap(), *want);
     }
     assert!(matches!(core.load(Oid(3)), Err(StorageError::PosKey(_))));
     assert!(matches!(

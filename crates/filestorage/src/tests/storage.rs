@@ -114,7 +114,7 @@ fn tids_strictly_increase_and_are_persisted() {
     let t2 = txn(101, vec![store(7, Tid::ZERO, b"y")]);
     core.vote(&t2).unwrap();
     let staged_tid = Tid(u64::from_be_bytes(
-        sim.contents()[core.size() as usize..][..8]
+        sim.contents()[usize::try_from(core.size()).unwrap()..][..8]
             .try_into()
             .unwrap(),
     ));
