@@ -50,9 +50,10 @@ CACHE_MB = 64
 
 SIDES = ("stock", "zeors")
 
-# Warm-up of the one- and two-server measurements: long enough for a fresh server's
-# cache to fill (the single servers of (a) warm up over their earlier workloads).
-TWO_WARMUP_S = 3.0
+# Loads on each of the two servers before they are measured, alone and together: long
+# enough for a fresh server's cache to fill (the single servers of (a) and (b) fill
+# theirs over their earlier workloads).
+TWO_WARMUP_S = 4.0
 
 
 def log(msg):
@@ -126,7 +127,7 @@ class PgPart:
             conn.close()
         self.out.update(dsn=dsn, settings=settings, load_s=round(convert_s, 1), objects=objects,
                         database_bytes=size, layout="history-preserving", cache_mb=CACHE_MB,
-                        two_warmup_s=max(self.cfg["warmup"], TWO_WARMUP_S))
+                        two_warmup_s=TWO_WARMUP_S)
         log(f"  zodbconvert: {objects:,} objects into PostgreSQL in {convert_s:.1f} s "
             f"({size / 1e6:.0f} MB database)")
         return dsn
@@ -205,10 +206,10 @@ class PgPart:
 
     def two_servers(self, dsn, rep):
         """One zeors server, then two on the database with the load split between them,
-        measured the same way: fresh servers, a warm-up long enough for their caches to
-        fill (TWO_WARMUP_S), 64 connections or 8 writers in all."""
+        measured the same way: 64 connections or 8 writers in all, on servers whose
+        caches were filled first (TWO_WARMUP_S of loads on each, alone)."""
         cfg, meta = self.cfg, self.meta
-        dur, warm = cfg["duration"], max(cfg["warmup"], TWO_WARMUP_S)
+        dur, warm = cfg["duration"], cfg["warmup"]
         servers = [self.zeors(dsn, f"d{rep}-{i}") for i in (1, 2)]
         logs_at = {}
 
@@ -240,15 +241,18 @@ class PgPart:
             return ["--writers", n, "--seed", 1 + i]
 
         try:
-            servers[0].start()
+            for s in servers:
+                s.start()
             time.sleep(0.5)
-            logs_at[servers[0].logpath] = servers[0].logpath.stat().st_size
+            for s in servers:
+                logs_at[s.logpath] = s.logpath.stat().st_size
+            if self.wanted("loads-64"):
+                for i, s in enumerate(servers):
+                    self.bench.tool_json("loads", "--address", s.address, "--meta", meta, "--connections", 64,
+                                         "--duration", TWO_WARMUP_S, "--warmup", 0, "--seed", 100 + i)
             one = servers[:1]
             self.record("loads-64", "one", lambda: together("loads", 64, loads, one))
             self.record("commits-8", "one", lambda: together("commits", 8, commits, one))
-            servers[1].start()
-            time.sleep(0.5)
-            logs_at[servers[1].logpath] = servers[1].logpath.stat().st_size
             self.record("loads-64", "two", lambda: together("loads", 64, loads, servers))
             self.record("commits-8", "two", lambda: together("commits", 8, commits, servers))
             # Invalidations of commits made through the other server.

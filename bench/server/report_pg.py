@@ -136,9 +136,9 @@ def markdown(results):
                      f"{target} | {verdict[met]} |")
     lines += [
         "",
-        "Two zeors servers on the database, the load split between them, against one server measured "
-        "the same way (fresh, warmed up for "
-        f"{pg.get('two_warmup_s', '?')} s; p99 is the worse of the two servers'):",
+        "Two zeors servers on the database, the load split between them, against one of them alone "
+        f"(both caches filled first by {pg.get('two_warmup_s', '?')} s of loads on each; p99 is the worse "
+        "of the two servers'):",
         "",
         "| | one zeors | two zeors | two / one | target | |",
         "|---|---:|---:|---:|---|---|",

@@ -2,8 +2,8 @@
 # The server benchmark suite: zeors against the stock Python ZEO server (runzeo), side by
 # side on this machine, loopback only. One command, bounded in time:
 #
-#   bench/server/run.sh            # --quick: every workload once, about two minutes
-#   bench/server/run.sh --full     # three repetitions, medians, about a quarter of an hour
+#   bench/server/run.sh            # --quick: every workload once, about three and a half minutes
+#   bench/server/run.sh --full     # three repetitions, medians, about half an hour
 #
 #   bench/server/run.sh --parts postgresql   # one part only (servers, proxies, postgresql)
 #
