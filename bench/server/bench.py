@@ -9,7 +9,9 @@ run at the same time; every workload runs against one and then the other, the or
 alternating between repetitions, and the figures reported are medians over repetitions.
 The load generator is `zeo-bench` (Rust, on the zeo-client crate); pyclient.py adds the
 stock Python client. Results go to bench/out/<timestamp>.json; report.py turns them into
-bench/server/latest.md and latest.svg (and the README's Benchmarks block).
+bench/server/latest.md and latest.svg (and the README's Benchmarks block). A third
+part, `postgresql` (bench_pg.py), measures zeors on PostgreSQL against `runzeo` serving
+the same RelStorage database; `--parts` picks the parts to run.
 """
 import argparse
 import datetime
