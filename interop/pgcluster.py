@@ -27,11 +27,18 @@ def pg_bin():
     return os.path.dirname(found[-1])
 
 
+# The tests' settings: durability is not what they test, speed is welcome.
+TEST_SETTINGS = {"fsync": "off", "full_page_writes": "off", "max_connections": "200"}
+
+
 class PgCluster:
     _names = itertools.count()
 
-    def __init__(self):
+    def __init__(self, settings=None):
+        """`settings`: the server's `-c` options (TEST_SETTINGS unless given; the
+        benchmark passes a production site's, fsync on)."""
         self.bin = pg_bin()
+        self.settings = dict(TEST_SETTINGS if settings is None else settings)
         # Not tempfile.gettempdir(): ZODB's test base points it into a per-test directory
         # that is removed after each test, and the cluster outlives tests.
         self.dir = tempfile.mkdtemp(prefix="zeors-pg-", dir="/tmp")
@@ -58,8 +65,8 @@ class PgCluster:
         return self
 
     def start(self):
-        opts = (f"-k {self.socket_dir} -c listen_addresses='' -c fsync=off "
-                "-c max_connections=200 -c full_page_writes=off")
+        opts = f"-k {self.socket_dir} -c listen_addresses=''" + "".join(
+            f" -c {k}={v}" for k, v in self.settings.items())
         self._run(os.path.join(self.bin, "pg_ctl"), "-D", self.data, "-l", self.log,
                   "-o", opts, "-w", "-t", "60", "start")
         self.running = True

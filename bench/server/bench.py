@@ -9,7 +9,9 @@ run at the same time; every workload runs against one and then the other, the or
 alternating between repetitions, and the figures reported are medians over repetitions.
 The load generator is `zeo-bench` (Rust, on the zeo-client crate); pyclient.py adds the
 stock Python client. Results go to bench/out/<timestamp>.json; report.py turns them into
-bench/server/latest.md and latest.svg (and the README's Benchmarks block).
+bench/server/latest.md and latest.svg (and the README's Benchmarks block). A third
+part, `postgresql` (bench_pg.py), measures zeors on PostgreSQL against `runzeo` serving
+the same RelStorage database; `--parts` picks the parts to run.
 """
 import argparse
 import datetime
@@ -29,9 +31,13 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 OUT = ROOT / "bench" / "out"
 sys.path.insert(0, str(HERE))
+import bench_pg  # noqa: E402
 import report  # noqa: E402
 
 SIDES = ("stock", "zeors")
+# 1: the two servers side by side on a Data.fs; 2: proxies over a shaped link; 3: on
+# PostgreSQL in RelStorage's schema (bench_pg.py).
+PARTS = ("servers", "proxies", "postgresql")
 
 MODES = {
     # A couple of minutes: every workload once, short windows, a small proxy sample, and
@@ -412,10 +418,12 @@ class Bench:
         for k in ("item_template", "item_ranges"):
             self.results["database"].pop(k, None)
         try:
-            if not self.args.no_servers:
+            if not self.args.no_servers and "servers" in self.args.parts:
                 self.servers(db)
-            if not self.args.no_proxy:
+            if not self.args.no_proxy and "proxies" in self.args.parts:
                 self.proxies(db)
+            if "postgresql" in self.args.parts:
+                bench_pg.run(self, db)
         finally:
             self.results["elapsed_s"] = round(time.monotonic() - began, 1)
             self.save()
@@ -503,10 +511,14 @@ def main():
     p.add_argument("--no-python", action="store_true", help="skip the stock Python client workloads")
     p.add_argument("--no-servers", action="store_true", help="skip the side-by-side server workloads")
     p.add_argument("--no-proxy", action="store_true", help="skip the proxy scenarios")
+    p.add_argument("--parts", type=lambda v: v.split(","), default=PARTS,
+                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (databases, logs)")
     p.add_argument("--no-publish", action="store_true",
                    help="do not update bench/server/latest.{md,svg} and the README")
     args = p.parse_args()
+    if unknown := set(args.parts) - set(PARTS):
+        p.error(f"unknown part(s) {', '.join(sorted(unknown))}; the parts are {', '.join(PARTS)}")
     cfg = dict(MODES[args.mode])
     if args.reps:
         cfg["reps"] = args.reps

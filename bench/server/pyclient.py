@@ -5,6 +5,10 @@
 ``loadBefore`` on uniformly random oids in a closed loop, as ZODB does on a cache miss.
 Prints one JSON object like ``zeo-bench loads`` does.
 
+``rsloads`` is the same loop without a ZEO server: each process opens RelStorage on the
+PostgreSQL database (``--dsn``) without its local cache and calls ``load`` as a ZODB
+connection does on a cache miss.
+
 ``traverse`` is what a front-end does when it lists a folder or walks a catalog index:
 ``--procs`` processes each open a ``ZODB.DB`` over a ``ClientStorage`` and load, in key
 order, the values of their own consecutive slice of ``--count`` keys of the generated
@@ -19,12 +23,42 @@ import random
 import time
 
 
-def worker(address, max_oid, seed, barrier1, barrier2, window, out):
+def open_zeo(address):
+    """A ClientStorage without a cache, and its load: what ZODB does on a cache miss."""
     from ZEO.ClientStorage import ClientStorage
-    from ZODB.utils import maxtid, p64
+    from ZODB.utils import maxtid
 
     host, port = address.rsplit(":", 1)
     storage = ClientStorage((host, int(port)), cache_size=0, read_only=True, wait_timeout=60)
+    return storage.close, lambda oid: storage.loadBefore(oid, maxtid) is not None
+
+
+def open_relstorage(dsn):
+    """A RelStorage client of the database itself, without its local cache
+    (`cache-local-mb 0`), and its load: a ZODB connection's instance, polled once (a
+    snapshot, as a ZODB transaction sees), answering `load` as ZODB calls it on a cache
+    miss of an MVCC storage."""
+    from relstorage.adapters.postgresql import PostgreSQLAdapter
+    from relstorage.options import Options
+    from relstorage.storage import RelStorage
+
+    opts = Options(keep_history=True, create_schema=False, read_only=True, cache_local_mb=0)
+    storage = RelStorage(PostgreSQLAdapter(dsn=dsn, options=opts), options=opts)
+    instance = storage.new_instance()
+    instance.poll_invalidations()
+
+    def close():
+        instance.release()
+        storage.close()
+
+    return close, lambda oid: instance.load(oid)[0] is not None
+
+
+def worker(target, max_oid, seed, barrier1, barrier2, window, out):
+    from ZODB.utils import p64
+
+    opener, where = target
+    close, load = opener(where)
     rnd = random.Random(seed)
     barrier1.wait()
     barrier2.wait()
@@ -36,7 +70,7 @@ def worker(address, max_oid, seed, barrier1, barrier2, window, out):
         oid = p64(rnd.randrange(max_oid + 1))
         sent = clock()
         try:
-            ok = storage.loadBefore(oid, maxtid) is not None
+            ok = load(oid)
         except Exception:
             ok = False
         done = clock()
@@ -47,7 +81,7 @@ def worker(address, max_oid, seed, barrier1, barrier2, window, out):
                 samples.append(done - sent)
             else:
                 errors += 1
-    storage.close()
+    close()
     out.put((samples, errors))
 
 
@@ -109,8 +143,9 @@ def percentile(sorted_values, p):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("command", choices=["loads", "traverse"])
-    p.add_argument("--address", required=True)
+    p.add_argument("command", choices=["loads", "rsloads", "traverse"])
+    p.add_argument("--address", help="loads, traverse: the ZEO server, HOST:PORT")
+    p.add_argument("--dsn", help="rsloads: the RelStorage database on PostgreSQL (libpq DSN)")
     p.add_argument("--meta", required=True)
     p.add_argument("--procs", type=int, default=1)
     p.add_argument("--duration", type=float, default=10.0)
@@ -119,6 +154,14 @@ def main():
     p.add_argument("--first", type=int, default=0, help="traverse: the first key")
     p.add_argument("--count", type=int, default=1000, help="traverse: keys in all")
     args = p.parse_args()
+    if args.command == "rsloads":
+        if not args.dsn:
+            p.error("rsloads needs --dsn")
+        target, client = (open_relstorage, args.dsn), "RelStorage"
+    else:
+        if not args.address:
+            p.error(f"{args.command} needs --address")
+        target, client = (open_zeo, args.address), "ZEO.ClientStorage"
     if args.command == "traverse":
         return traverse(args)
     with open(args.meta) as f:
@@ -130,7 +173,7 @@ def main():
     window = ctx.Array("d", 2)
     out = ctx.Queue()
     procs = [
-        ctx.Process(target=worker, args=(args.address, max_oid, i + 1, barrier1, barrier2, window, out))
+        ctx.Process(target=worker, args=(target, max_oid, i + 1, barrier1, barrier2, window, out))
         for i in range(args.procs)
     ]
     for proc in procs:
@@ -155,7 +198,7 @@ def main():
     server_cpu = None if cpu0 is None else (cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1])
     server_sys = None if cpu0 is None else cpu1[1] - cpu0[1]
     report = {
-        "client": "ZEO.ClientStorage",
+        "client": client,
         "procs": args.procs,
         "seconds": args.duration,
         "loads": len(samples),

@@ -4,7 +4,8 @@
 //! `invalidateTransaction` callback arrives. A separate writer commits one-object
 //! transactions; for each, the clock starts just before `tpc_finish` is sent and stops
 //! at every idle client's callback. All clients live in this one process, so one
-//! monotonic clock serves both ends.
+//! monotonic clock serves both ends. With `--writer-address` the writer commits through
+//! another server of the same database.
 
 use crate::procfs::{rss_anon_bytes, rss_bytes};
 use crate::rng::Rng;
@@ -41,6 +42,11 @@ pub struct Args {
     /// Give up on a round's missing callbacks after this many seconds.
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
+    /// Commit through this server (HOST:PORT) instead of `--address`: another server of
+    /// the same database (zeors on PostgreSQL), so that the clients learn of commits made
+    /// elsewhere and the figure includes how fast their server hears of them.
+    #[arg(long)]
+    writer_address: Option<String>,
     /// The server's process id, to sample its RSS with the clients connected.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -116,8 +122,16 @@ pub async fn run(args: Args) -> Result<Report> {
     let server_rss_connected_mb = rss_mb();
     let server_rss_anon_connected_mb = mb(rss_anon_bytes);
 
-    let conn =
-        Connection::connect(&address, &ConnectOptions::default(), Arc::new(NoCallbacks)).await?;
+    let writer_address = match &args.writer_address {
+        Some(a) => zeo_client::Address(a.clone()),
+        None => address.clone(),
+    };
+    let conn = Connection::connect(
+        &writer_address,
+        &ConnectOptions::default(),
+        Arc::new(NoCallbacks),
+    )
+    .await?;
     let mut writer = Writer::new(conn);
     let mut rng = Rng::new(args.seed);
     let mut latency = Samples::default();
