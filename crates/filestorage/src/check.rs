@@ -1,7 +1,7 @@
 //! Offline consistency check of a `Data.fs` (what `zeors check` prints).
 //!
 //! Two parts:
-//! - the format: every rule of spec §1.6 that `fstest` and pack enforce ([`scan::verify`]),
+//! - the format: every rule of docs/filestorage.md §1.6 that `fstest` and pack enforce ([`scan::verify`]),
 //!   stopping at the first violation as `fstest` does;
 //! - references, like `fsrefs`: every current object's pickle is scanned, and references
 //!   to objects that do not exist, whose creation was undone or that cannot be loaded are

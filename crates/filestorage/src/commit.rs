@@ -1,4 +1,4 @@
-//! Turning a client transaction into the bytes of one transaction record (spec §4), with
+//! Turning a client transaction into the bytes of one transaction record (docs/filestorage.md §4), with
 //! ZODB's conflict rules checked against the committed state.
 //!
 //! This module does no I/O of its own: the storage hands it a view of the committed state

@@ -1,4 +1,4 @@
-//! Record layouts of `Data.fs` (spec §1): the magic, transaction headers and data record
+//! Record layouts of `Data.fs` (docs/filestorage.md §1): the magic, transaction headers and data record
 //! headers, with parsing from and serialisation to their exact byte form, plus the
 //! positioned readers the rest of the crate uses.
 //!

@@ -1,4 +1,4 @@
-//! The in-memory index: oid → offset of the oid's current data record (spec §3.1).
+//! The in-memory index: oid → offset of the oid's current data record (docs/filestorage.md §3.1).
 //!
 //! Laid out like Python's `fsIndex`, because that is both compact and exactly the shape of
 //! the `.index` file: oids are split into a 6-byte prefix and a 2-byte suffix; each prefix

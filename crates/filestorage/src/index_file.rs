@@ -1,4 +1,4 @@
-//! Python's `Data.fs.index` format (spec §3.2): a stream of separate protocol-3 pickles
+//! Python's `Data.fs.index` format (docs/filestorage.md §3.2): a stream of separate protocol-3 pickles
 //! written with `Pickler.fast = True` (no memo):
 //!
 //! 1. the int `pos` (end of the last transaction the index covers);

@@ -1,4 +1,4 @@
-//! Forward iteration over transactions and their data records (spec §3.6), the way
+//! Forward iteration over transactions and their data records (docs/filestorage.md §3.6), the way
 //! Python's `FileIterator` reports them: `start`/`stop` are inclusive tids, a back pointer
 //! record yields the resolved data and `data_txn` (the tid of the record it points at, one
 //! level), a record without state yields `data = None`.

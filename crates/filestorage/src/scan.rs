@@ -1,5 +1,5 @@
 //! Reading the file as a whole: the open-time scan that builds (or extends) the index and
-//! finds a torn tail (spec §3.4), the sanity check of a saved `.index` (§3.3), and a strict
+//! finds a torn tail (docs/filestorage.md §3.4), the sanity check of a saved `.index` (§3.3), and a strict
 //! checker of the §1.6 rules used by tests and tools.
 //!
 //! ## Torn tails
@@ -420,7 +420,7 @@ impl From<std::io::Error> for VerifyError {
     }
 }
 
-/// Checks a whole file against every rule of spec §1.6 as strictly as `fstest` and pack do:
+/// Checks a whole file against every rule of docs/filestorage.md §1.6 as strictly as `fstest` and pack do:
 /// magic, strictly increasing tids, status `' '`/`'p'`, lengths, records that exactly fill
 /// their transaction with the right `tloc`, `prev` equal to the oid's position before the
 /// transaction (or 0 in a packed transaction), `prev`/`back` pointing backwards to a record

@@ -1,4 +1,4 @@
-//! Undo (spec §3.6 undoLog, §5 transactional undo), with Python FileStorage's rules.
+//! Undo (docs/filestorage.md §3.6 undoLog, §5 transactional undo), with Python FileStorage's rules.
 //!
 //! - [`undo_log`] walks back from the end: only `' '` transactions are listed, and the
 //!   first `'p'` (packed) transaction ends the log — nothing before a pack can be undone.

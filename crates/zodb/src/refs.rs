@@ -596,7 +596,7 @@ mod tests {
     }
 
     /// `(oid, class)` references as ZODB writes them with protocol 3, the class memoized
-    /// in the first pickle and fetched with `BINGET 0` in the second (spec §2 root).
+    /// in the first pickle and fetched with `BINGET 0` in the second (docs/filestorage.md §2 root).
     #[test]
     fn spec_root_record() {
         let mut p = Vec::new();

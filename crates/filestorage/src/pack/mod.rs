@@ -1,4 +1,4 @@
-//! Pack with garbage collection (spec §6), following Python's `fspack`.
+//! Pack with garbage collection (docs/filestorage.md §6), following Python's `fspack`.
 //!
 //! 1. **Reachability** (no lock; commits go on): scan the transactions up to the pack
 //!    time for each object's last revision (`oid2curpos`), then walk the references
@@ -112,7 +112,7 @@ impl Drop for PackFile<'_> {
 }
 
 impl FileStorageCore {
-    /// Packs the storage to `pack_time` (spec §6; see the module docs). Commits and loads
+    /// Packs the storage to `pack_time` (docs/filestorage.md §6; see the module docs). Commits and loads
     /// continue meanwhile. Only one pack runs at a time.
     pub fn pack(&self, pack_time: Tid, options: PackOptions) -> Result<PackOutcome> {
         let started = Instant::now();
