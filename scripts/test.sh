@@ -24,6 +24,13 @@ source scripts/venv-zrs.sh
 source scripts/postgres.sh
 
 export ZEORS_PYTHON="$PWD/$VENV/bin/python"
+# Property tests draw their cases from a fixed seed here, so that the same commit gives the
+# same run; `PROPTEST_RNG_SEED=random scripts/test.sh` (or any number) explores others.
+if [ "${PROPTEST_RNG_SEED:-}" = random ]; then
+    unset PROPTEST_RNG_SEED
+else
+    export PROPTEST_RNG_SEED="${PROPTEST_RNG_SEED:-20261205}"
+fi
 
 echo "== cargo build"
 cargo build --workspace --quiet

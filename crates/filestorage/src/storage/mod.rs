@@ -317,7 +317,7 @@ impl FileStorageCore {
         }
     }
 
-    /// Spec §3.5 `loadBefore`: the revision current just before `before`.
+    /// docs/filestorage.md §3.5 `loadBefore`: the revision current just before `before`.
     pub fn load_before(&self, oid: Oid, before: Tid) -> Result<LoadBefore> {
         let snapshot = self.last_transaction();
         let (v, mut pos) = self.lookup(oid)?;

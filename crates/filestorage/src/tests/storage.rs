@@ -258,7 +258,7 @@ fn read_conflicts_and_deletes() {
     scan::verify(&*sim).unwrap();
 }
 
-/// Spec §3.5's verified example: created in T4, "uncreated" in T6.
+/// docs/filestorage.md §3.5's verified example: created in T4, "uncreated" in T6.
 #[test]
 fn load_before_semantics() {
     let (_, core) = sim_storage(writable());
