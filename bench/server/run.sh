@@ -4,6 +4,7 @@
 #
 #   bench/server/run.sh            # --quick: every workload once, about two minutes
 #   bench/server/run.sh --full     # three repetitions, medians, about a quarter of an hour
+#   bench/server/run.sh --parts replication   # one part alone (servers, proxies, replication)
 #
 # Extra arguments go to bench.py (see `bench/server/run.sh --help`). Writes
 # bench/out/<timestamp>.json and updates bench/server/latest.md, latest.svg and the README's
