@@ -163,6 +163,12 @@ pub enum Request {
         end: Option<Oid>,
         max_bytes: u64,
     },
+    /// zeors extension (`zstd` in `zeors_extensions`): from the byte after this request,
+    /// the client's stream is compressed with `method`; from the byte after the reply, the
+    /// server's (see [`crate::compress`]).
+    Compress {
+        method: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -367,6 +373,7 @@ pub const METHODS: &[&str] = &[
     "ping",
     "zeors_changed_since",
     "zeors_current_records",
+    "zeors_compress",
 ];
 
 /// Maps a method name to its static name, so errors can carry it without allocating.
@@ -541,6 +548,9 @@ impl Request {
             },
             "ping" => Request::Ping,
             "zeors_changed_since" => Request::ChangedSince { tid: a.tid(0)? },
+            "zeors_compress" => Request::Compress {
+                method: a.string(0)?,
+            },
             "zeors_current_records" => Request::CurrentRecords {
                 first: a.oid(0)?,
                 end: match a.opt(1) {
@@ -745,6 +755,7 @@ impl Request {
             }
             Request::Ping => ("ping", vec![]),
             Request::ChangedSince { tid } => ("zeors_changed_since", vec![t(tid)]),
+            Request::Compress { method } => ("zeors_compress", vec![Value::str(method.as_str())]),
             Request::CurrentRecords {
                 first,
                 end,

@@ -386,6 +386,7 @@ fn request() -> impl Strategy<Value = Request> {
         text().prop_map(|label| Request::SetClientLabel { label }),
         Just(Request::Ping),
         tid().prop_map(|tid| Request::ChangedSince { tid }),
+        text().prop_map(|method| Request::Compress { method }),
         (oid(), prop::option::of(oid()), 0u64..1 << 40).prop_map(|(first, end, max_bytes)| {
             Request::CurrentRecords {
                 first,

@@ -212,6 +212,12 @@ pub struct ServeArgs {
     #[arg(long)]
     warm: bool,
 
+    /// Proxy mode (also with -C): do not compress the link to a zeors upstream. By
+    /// default it is compressed with zstd when upstream offers it (a stock upstream sees
+    /// plain ZEO), except over TLS.
+    #[arg(long)]
+    no_upstream_compression: bool,
+
     /// Serve a RelStorage database on PostgreSQL instead of a Data.fs: a libpq
     /// connection string (`host=/run/postgresql dbname=zodb`) or a postgresql:// URL.
     /// The schema is created when missing. --blob-dir is then where blobs are staged
@@ -256,6 +262,8 @@ struct ProxyTuning {
     index_memory: Option<u64>,
     /// Warm each cache from upstream in the background.
     warm: bool,
+    /// Compress links to zeors upstreams.
+    compress: bool,
 }
 
 /// Everything needed to start, whether it came from flags or a file.
@@ -497,6 +505,7 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
             prefetch: args.prefetch,
             index_memory: args.cache_index_memory,
             warm: args.warm,
+            compress: !args.no_upstream_compression,
         },
         pg: PgTuning {
             pool_size: args.pg_pool_size,
@@ -785,6 +794,7 @@ async fn open_storage(
             pconfig.read_only = *read_only || server_read_only;
             pconfig.prefetch = tuning.prefetch;
             pconfig.warm = tuning.warm;
+            pconfig.compress = tuning.compress;
             pconfig.progress = zodb::progress::ProgressHandle::new(
                 crate::progress::Reporter::for_server(format!("storage {:?}", conf.name)),
             );

@@ -140,6 +140,7 @@ impl Inner {
             connect_timeout: self.config.connect_timeout,
             traffic: Some(self.link.traffic.clone()),
             tls: self.config.tls.clone(),
+            compress: self.config.compress && self.config.tls.is_none(),
             ..Default::default()
         };
         let mut failures = 0u32;
@@ -160,7 +161,8 @@ impl Inner {
                     Ok(()) => {
                         backoff.reset();
                         failures = 0;
-                        info!(upstream = %conn.address(), last_tid = %self.last_tid(), "upstream connected and caught up");
+                        info!(upstream = %conn.address(), last_tid = %self.last_tid(), compressed = conn.is_compressed(),
+                              "upstream connected and caught up");
                         *self.link.conn.write() = Some(conn.clone());
                         self.link.state.send_replace(LinkState::Ready);
                         tokio::select! {

@@ -97,6 +97,11 @@ pub struct ProxyConfig {
     pub tls: Option<zeo_tls::ClientTls>,
     /// Fill the cache from a zeors upstream in the background, once (see [`warm`]).
     pub warm: bool,
+    /// Compress the link with zstd when upstream is zeors (negotiated; a stock upstream
+    /// sees plain ZEO). Never over TLS: the length of compressed, encrypted traffic that
+    /// mixes many clients' data with what one of them chose to store would tell that
+    /// client about the others' data (as CRIME did for HTTPS).
+    pub compress: bool,
 }
 
 impl ProxyConfig {
@@ -114,6 +119,7 @@ impl ProxyConfig {
             progress: Default::default(),
             tls: None,
             warm: false,
+            compress: true,
         }
     }
 }
@@ -504,6 +510,17 @@ impl Storage for UpstreamStorage {
                 "Bytes sent to upstream.",
                 true,
                 inner.link.traffic.bytes_out.load(Ordering::Relaxed),
+            ),
+            m(
+                "upstream_compressed",
+                "1 when the upstream link is up and compressed (zstd, negotiated with a zeors upstream).",
+                false,
+                inner
+                    .link
+                    .conn
+                    .read()
+                    .as_ref()
+                    .is_some_and(|c| c.is_compressed()) as u64,
             ),
             m(
                 "upstream_connected",

@@ -175,6 +175,23 @@ impl Session {
                     Ok(storage.record_iternext(next).await?.to_value())
                 });
             }
+            Request::Compress { method } => {
+                // The client compresses from the byte after this request: refusing cannot
+                // leave the stream readable, so anything but a first "zstd" ends it.
+                if method != zeo_proto::compress::ZSTD || self.inflate.is_some() {
+                    warn!(session = self.id, peer = %self.peer, %method, "unsupported compression request, closing");
+                    return Err(Close::Protocol(format!(
+                        "zeors_compress({method:?}) is not supported here"
+                    )));
+                }
+                debug!(session = self.id, peer = %self.peer, "compressing the connection (zstd)");
+                self.outbox.send_then_compress(message::reply_frame(
+                    self.encoding,
+                    &msgid,
+                    Value::None,
+                ));
+                self.inflate_from_here = true;
+            }
             Request::CurrentRecords {
                 first,
                 end,
@@ -533,7 +550,8 @@ fn info(handle: &StorageHandle) -> Info {
         supports_record_iternext: info.supports_record_iternext,
         interfaces,
         // For zeors clients (proxies); stock clients ignore unknown keys.
-        extensions: std::iter::once("changed_since")
+        extensions: ["changed_since", zeo_proto::compress::ZSTD]
+            .into_iter()
             .chain(info.supports_record_iternext.then_some("current_records"))
             .map(String::from)
             .collect(),
