@@ -35,9 +35,10 @@ import bench_pg  # noqa: E402
 import report  # noqa: E402
 
 SIDES = ("stock", "zeors")
-# 1: the two servers side by side on a Data.fs; 2: proxies over a shaped link; 3: on
-# PostgreSQL in RelStorage's schema (bench_pg.py).
-PARTS = ("servers", "proxies", "postgresql")
+# The suite's parts, in the order they run (`--parts` picks some): 1, the two servers side
+# by side on a Data.fs; 2, proxies over a shaped link; 3, on PostgreSQL in RelStorage's
+# schema (bench_pg.py); 4, replication: a primary, a replica and a --warm proxy.
+PARTS = ("servers", "proxies", "postgresql", "replication")
 
 MODES = {
     # A couple of minutes: every workload once, short windows, a small proxy sample, and
@@ -411,6 +412,17 @@ class Bench:
             f"{out['during_misses']:,.0f}, during another client's commits {out['during_commits']:,.0f}")
         return out
 
+    # -- part 3: replication (and a warmed proxy) over the same link -------------
+
+    def replication(self, db):
+        import replication  # bench/server/replication.py
+
+        try:
+            replication.run(self, db, sys.modules[__name__])
+        except Exception as e:  # keep the other parts' figures
+            log(f"  replication: FAILED {e}")
+            self.results["errors"].append(f"replication: {e}")
+
     def run(self):
         began = time.monotonic()
         db = self.database()
@@ -418,12 +430,15 @@ class Bench:
         for k in ("item_template", "item_ranges"):
             self.results["database"].pop(k, None)
         try:
-            if not self.args.no_servers and "servers" in self.args.parts:
+            parts = self.args.parts or PARTS
+            if "servers" in parts and not self.args.no_servers:
                 self.servers(db)
-            if not self.args.no_proxy and "proxies" in self.args.parts:
+            if "proxies" in parts and not self.args.no_proxy:
                 self.proxies(db)
-            if "postgresql" in self.args.parts:
+            if "postgresql" in parts:
                 bench_pg.run(self, db)
+            if "replication" in parts:
+                self.replication(db)
         finally:
             self.results["elapsed_s"] = round(time.monotonic() - began, 1)
             self.save()
@@ -512,7 +527,9 @@ def main():
     p.add_argument("--no-servers", action="store_true", help="skip the side-by-side server workloads")
     p.add_argument("--no-proxy", action="store_true", help="skip the proxy scenarios")
     p.add_argument("--parts", type=lambda v: v.split(","), default=PARTS,
-                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all)")
+                   help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all); "
+                        "replication: a zeors primary, a replica and a --warm proxy over the shaped link")
+    p.add_argument("--no-warm", action="store_true", help="replication part: skip the --warm proxy")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (databases, logs)")
     p.add_argument("--no-publish", action="store_true",
                    help="do not update bench/server/latest.{md,svg} and the README")

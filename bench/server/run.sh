@@ -2,10 +2,10 @@
 # The server benchmark suite: zeors against the stock Python ZEO server (runzeo), side by
 # side on this machine, loopback only. One command, bounded in time:
 #
-#   bench/server/run.sh            # --quick: every workload once, about three and a half minutes
+#   bench/server/run.sh            # --quick: every workload once, a few minutes
 #   bench/server/run.sh --full     # three repetitions, medians, about half an hour
 #
-#   bench/server/run.sh --parts postgresql   # one part only (servers, proxies, postgresql)
+#   bench/server/run.sh --parts postgresql   # one part alone (servers, proxies, postgresql, replication)
 #
 # Extra arguments go to bench.py (see `bench/server/run.sh --help`). Writes
 # bench/out/<timestamp>.json and updates bench/server/latest.md, latest.svg and the README's
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/../.."
 mode=quick
 limit=900
 args=()
-parts=servers,proxies,postgresql
+parts=servers,proxies,postgresql,replication
 prev=
 for a in "$@"; do
     case "$a" in

@@ -99,6 +99,8 @@ impl Forwarder {
         }
         let opts = ConnectOptions {
             storage: self.config.storage.clone(),
+            // The commits' records cross the link: zstd when the primary is zeors.
+            compress: true,
             ..ConnectOptions::default()
         };
         let addresses: Vec<Address> = self.config.servers.iter().cloned().map(Address).collect();

@@ -34,6 +34,9 @@ use zodb::{Oid, StorageError, Tid, TransactionMeta, TxnOp};
 const RECENT: usize = 16;
 /// How often progress is logged while catching up.
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+/// Bytes of the primary's compressed stream decompressed before their messages are
+/// applied.
+const INFLATE_STEP: usize = 256 * 1024;
 
 /// How a replica follows its primary.
 #[derive(Debug, Clone)]
@@ -276,8 +279,7 @@ async fn session(
                     let mut d = Decompressor::new()?;
                     // Whatever followed the hello in the same read is compressed.
                     let rest = framer.buffer().split();
-                    let plain = d.feed(&rest)?;
-                    framer.feed(&plain);
+                    d.push(&rest);
                     decompressor = Some(d);
                 }
             }
@@ -420,6 +422,13 @@ async fn session(
                 }
             }
         }
+        // What was received decompressed a step at a time, its messages handled before
+        // the next step: a few bytes of zstd can stand for gigabytes.
+        if let Some(d) = &mut decompressor {
+            if d.pull(framer.buffer(), INFLATE_STEP)? > 0 {
+                continue;
+            }
+        }
         let n = tokio::select! {
             n = rd.read_buf(&mut buf) => n?,
             _ = stop.wait_for(|s| *s) => return Ok(()),
@@ -435,10 +444,7 @@ async fn session(
         stats.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
         let chunk = buf.split();
         match &mut decompressor {
-            Some(d) => {
-                let plain = d.feed(&chunk)?;
-                framer.feed(&plain);
-            }
+            Some(d) => d.push(&chunk),
             None => framer.feed(&chunk),
         }
     }

@@ -117,6 +117,10 @@ impl Drop for Queued {
     }
 }
 
+/// The queue entry that tells the writer to compress what follows: empty, unlike every
+/// frame (a frame has at least its 4-byte length).
+pub const COMPRESS_FROM_HERE: Bytes = Bytes::new();
+
 pub struct Outbox {
     pub encoding: Encoding,
     state: Mutex<OutState>,
@@ -203,6 +207,15 @@ impl Outbox {
     /// Queues a frame with no ordering constraint.
     pub fn send(&self, frame: Bytes) {
         self.push(frame);
+    }
+
+    /// Queues `frame` as the last one written plain: the writer compresses everything
+    /// queued after it (see `zeo_proto::compress`). Under the ordering lock, so that no
+    /// invalidation slips in between the frame and the switch.
+    pub fn send_then_compress(&self, frame: Bytes) {
+        let _st = self.state.lock();
+        self.push(frame);
+        self.push(COMPRESS_FROM_HERE);
     }
 
     /// Queues a load reply computed from `snapshot`, unless an invalidation for a later

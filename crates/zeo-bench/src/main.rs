@@ -3,13 +3,15 @@
 //! Each subcommand drives one workload against any ZEO server (zeors or the stock Python
 //! `runzeo`, the same code for both), and prints one JSON object on stdout that the
 //! suite's orchestrator (`bench/server/bench.py`) collects. Everything runs over loopback;
-//! the `relay` subcommand shapes a link (bandwidth and delay) for the proxy scenarios.
+//! the `relay` subcommand shapes a link (bandwidth and delay) for the proxy and
+//! replication scenarios.
 //!
 //! Figures that depend on the server process (CPU seconds, RSS) are read from `/proc`
 //! when `--server-pid` is given, at the exact boundaries of the measured window.
 
 mod commits;
 mod fanout;
+mod lag;
 mod loads;
 mod meta;
 mod micro;
@@ -38,6 +40,8 @@ enum Command {
     Commits(commits::Args),
     /// Invalidation fan-out: time from `tpc_finish` until idle clients are told.
     Fanout(fanout::Args),
+    /// Replication lag: when a replica's clients learn of the primary's commits.
+    Lag(lag::Args),
     /// Reads a fixed sample of objects (cold/warm reads through a proxy).
     Read(read::Args),
     /// A TCP relay that shapes the link (bandwidth, delay) and counts bytes.
@@ -55,6 +59,7 @@ fn main() -> Result<()> {
         Command::Loads(a) => serde_json::to_value(rt.block_on(loads::run(a))?)?,
         Command::Commits(a) => serde_json::to_value(rt.block_on(commits::run(a))?)?,
         Command::Fanout(a) => serde_json::to_value(rt.block_on(fanout::run(a))?)?,
+        Command::Lag(a) => serde_json::to_value(rt.block_on(lag::run(a))?)?,
         Command::Read(a) => serde_json::to_value(rt.block_on(read::run(a))?)?,
         Command::Relay(a) => return rt.block_on(relay::run(a)),
         Command::Micro(a) => serde_json::to_value(micro::run(a))?,

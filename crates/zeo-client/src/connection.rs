@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use zeo_proto::reply::{Info, Invalidations, NewOids, ReplyError, SizeInfo};
 use zeo_proto::{
-    exception, frame, message, Callback, Encoding, Limits, Message, Reply, Request, Value,
+    compress, exception, frame, message, Callback, Encoding, Limits, Message, Reply, Request, Value,
 };
 use zodb::{Loaded, Oid, StorageError, Tid};
 
@@ -39,6 +39,9 @@ pub struct ConnectOptions {
     pub traffic: Option<Arc<Traffic>>,
     /// TLS on TCP addresses (ZEO's client `<ssl>`); `None`: plain TCP.
     pub tls: Option<zeo_tls::ClientTls>,
+    /// Compress the connection with zstd if the server offers it (a zeors server; see
+    /// `zeo_proto::compress`). Costs a `get_info` round trip at connect.
+    pub compress: bool,
 }
 
 /// Bytes moved over a link, for monitoring (e.g. a proxy's upstream link).
@@ -57,6 +60,7 @@ impl Default for ConnectOptions {
             max_message_size: zeo_proto::frame::DEFAULT_MAX_FRAME,
             traffic: None,
             tls: None,
+            compress: false,
         }
     }
 }
@@ -155,6 +159,11 @@ struct Inner {
     closed: AtomicBool,
     closed_tx: watch::Sender<bool>,
     last_invalidation: AtomicU64,
+    /// The msgid of our `zeors_compress` call: the server's stream is compressed from the
+    /// byte after its reply (0: none).
+    inflate_after: AtomicI64,
+    /// The connection is compressed both ways.
+    compressed: AtomicBool,
 }
 
 /// A registered connection. Cheap to clone; all clones share the socket.
@@ -163,6 +172,8 @@ pub struct Connection {
     inner: Arc<Inner>,
     /// The last tid the server reported at `register`.
     pub registered_tid: Tid,
+    /// What `get_info` said at connect, when it was asked then (to negotiate compression).
+    pub info_at_connect: Option<Info>,
 }
 
 impl Connection {
@@ -244,6 +255,8 @@ impl Connection {
             closed: AtomicBool::new(false),
             closed_tx,
             last_invalidation: AtomicU64::new(0),
+            inflate_after: AtomicI64::new(0),
+            compressed: AtomicBool::new(false),
         });
         let traffic = opts.traffic.clone().unwrap_or_default();
         tokio::spawn(write_loop(wr, rx, traffic.clone(), backlog, encoding));
@@ -259,6 +272,7 @@ impl Connection {
         let mut conn = Connection {
             inner,
             registered_tid: Tid::ZERO,
+            info_at_connect: None,
         };
         let tid: Tid = conn
             .request(&Request::Register {
@@ -271,7 +285,43 @@ impl Connection {
         conn.inner
             .last_invalidation
             .fetch_max(tid.0, Ordering::AcqRel);
+        if opts.compress {
+            let info = conn.get_info().await?;
+            if info.extensions.iter().any(|e| e == compress::ZSTD) {
+                conn.start_compression().await?;
+            }
+            conn.info_at_connect = Some(info);
+        }
         Ok(conn)
+    }
+
+    /// Switches both directions to zstd (the server offered it). Nothing else may be
+    /// sent meanwhile: the connection is not handed out yet.
+    async fn start_compression(&self) -> Result<(), ClientError> {
+        let inner = &self.inner;
+        let msgid = inner.next_msgid.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        inner.calls.lock().insert(msgid, Pending { tx, hook: None });
+        inner.inflate_after.store(msgid, Ordering::Release);
+        let (name, args) = Request::Compress {
+            method: compress::ZSTD.into(),
+        }
+        .to_call();
+        let payload = message::encode_call(inner.encoding, &Value::Int(msgid), false, name, args);
+        // Our stream is compressed from the byte after the request.
+        if !inner.push(frame::frame(&payload)) || !inner.push(COMPRESS_FROM_HERE) {
+            return Err(ClientError::Disconnected);
+        }
+        let reply = rx.await.map_err(|_| ClientError::Disconnected)?;
+        reply.result.map_err(ClientError::Remote)?;
+        inner.compressed.store(true, Ordering::Release);
+        tracing::debug!(address = %inner.address, "connection compressed (zstd)");
+        Ok(())
+    }
+
+    /// Whether the connection is compressed (both ways).
+    pub fn is_compressed(&self) -> bool {
+        self.inner.compressed.load(Ordering::Acquire)
     }
 
     pub fn address(&self) -> &Address {
@@ -491,6 +541,14 @@ impl Inner {
 /// client does: servers may close connections that stay silent (zeors' idle timeout).
 const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The queue entry that tells the writer to compress what follows: empty, unlike every
+/// frame.
+const COMPRESS_FROM_HERE: Bytes = Bytes::new();
+
+/// Bytes of the server's compressed stream decompressed before their messages are
+/// handled.
+const INFLATE_STEP: usize = 256 * 1024;
+
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
@@ -499,6 +557,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     encoding: Encoding,
 ) {
     let mut batch = BytesMut::with_capacity(64 * 1024);
+    let mut compressor: Option<compress::Compressor> = None;
     loop {
         let first = match tokio::time::timeout(HEARTBEAT_INTERVAL, rx.recv()).await {
             Ok(Some(first)) => first,
@@ -506,28 +565,60 @@ async fn write_loop<W: AsyncWrite + Unpin>(
             Err(_) => {
                 // `(-1, 0, '.reply', None)`: servers ignore it; it is not in the backlog.
                 let beat = zeo_proto::message::reply_frame(encoding, &Value::Int(-1), Value::None);
-                if wr.write_all(&beat).await.is_err() {
+                let wire = match &mut compressor {
+                    Some(c) => match c.write(&beat).and_then(|()| c.flush()) {
+                        Ok(z) => Bytes::from(z),
+                        Err(_) => return,
+                    },
+                    None => beat,
+                };
+                if wr.write_all(&wire).await.is_err() {
                     return;
                 }
                 continue;
             }
         };
-        batch.extend_from_slice(&first);
-        while batch.len() < 256 * 1024 {
+        let mut raw = 0;
+        let mut switch = first.is_empty();
+        if !switch {
+            raw += first.len();
+            batch.extend_from_slice(&first);
+        }
+        while !switch && batch.len() < 256 * 1024 {
             match rx.try_recv() {
-                Ok(f) => batch.extend_from_slice(&f),
+                // What follows must not go out plain: end the batch here.
+                Ok(f) if f.is_empty() => switch = true,
+                Ok(f) => {
+                    raw += f.len();
+                    batch.extend_from_slice(&f);
+                }
                 Err(_) => break,
             }
         }
-        if wr.write_all(&batch).await.is_err() {
+        if let Some(c) = &mut compressor {
+            match c.write(&batch).and_then(|()| c.flush()) {
+                Ok(z) => {
+                    batch.clear();
+                    batch.extend_from_slice(&z);
+                }
+                Err(_) => return,
+            }
+        }
+        if !batch.is_empty() && wr.write_all(&batch).await.is_err() {
             return;
         }
         traffic
             .bytes_out
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
-        backlog.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+        backlog.queued.fetch_sub(raw, Ordering::AcqRel);
         backlog.drained.notify_waiters();
         batch.clear();
+        if switch {
+            match compress::Compressor::new() {
+                Ok(c) => compressor = Some(c),
+                Err(_) => return,
+            }
+        }
     }
     let _ = wr.shutdown().await;
 }
@@ -542,11 +633,25 @@ async fn read_loop<R: AsyncRead + Unpin>(
 ) {
     let limits = Limits::default();
     let mut closed_rx = inner.closed_tx.subscribe();
+    // Once the server compresses: what is read, before it is decompressed into `buf`.
+    let mut inflate: Option<compress::Decompressor> = None;
+    let mut raw = BytesMut::with_capacity(64 * 1024);
     'outer: loop {
         loop {
             let payload = match frame::decode_frame(&mut buf, max) {
                 Ok(Some(p)) => p,
-                Ok(None) => break,
+                Ok(None) => {
+                    // With a compressed stream, more may be waiting in the decompressor.
+                    let Some(d) = &mut inflate else { break };
+                    match d.pull(&mut buf, INFLATE_STEP) {
+                        Ok(0) => break,
+                        Ok(_) => continue,
+                        Err(e) => {
+                            tracing::warn!(address = %inner.address, error = %e, "undecodable compressed stream from server");
+                            break 'outer;
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::warn!(address = %inner.address, error = %e, "bad frame from server");
                     break 'outer;
@@ -559,13 +664,37 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     break 'outer;
                 }
             };
+            let switch = inflate.is_none()
+                && msg.name == message::REPLY
+                && msg
+                    .msgid
+                    .as_int()
+                    .is_some_and(|id| id != 0 && id == inner.inflate_after.load(Ordering::Acquire));
             dispatch(&inner, &*callbacks, msg).await;
+            if switch {
+                // The server's stream is compressed from the byte after this reply.
+                let mut d = match compress::Decompressor::new() {
+                    Ok(d) => d,
+                    Err(_) => break 'outer,
+                };
+                d.push(&buf.split());
+                inflate = Some(d);
+            }
         }
+        let into = if inflate.is_some() {
+            &mut raw
+        } else {
+            &mut buf
+        };
         tokio::select! {
-            r = rd.read_buf(&mut buf) => match r {
+            r = rd.read_buf(into) => match r {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
                     traffic.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
+                    if let Some(d) = &mut inflate {
+                        d.push(&raw);
+                        raw.clear();
+                    }
                 }
             },
             _ = closed_rx.changed() => break,

@@ -5,8 +5,8 @@
 //! ([`pickle`], [`msgpack`]) over one [`Value`] type, typed client requests
 //! ([`request`]), typed replies and callbacks ([`reply`]), both with encode *and* decode,
 //! and the mapping of storage errors to the exception classes the Python
-//! client expects ([`exception`]). No sockets and no tokio, so the server, the client and
-//! the tests all drive the same code.
+//! client expects ([`exception`]), and zstd between zeors peers ([`compress`]). No
+//! sockets and no tokio, so the server, the client and the tests all drive the same code.
 
 // Everything here turns lengths and integers into wire bytes and back: an `as` cast that
 // silently truncates, wraps or drops a sign corrupts a message (or reads one wrongly)
@@ -21,6 +21,7 @@
 )]
 #![warn(clippy::cast_lossless)]
 
+pub mod compress;
 pub mod exception;
 pub mod frame;
 #[cfg(feature = "io")]

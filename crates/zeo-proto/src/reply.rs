@@ -531,6 +531,68 @@ impl Reply for CurrentRecord {
     }
 }
 
+/// zeors' `zeors_current_records`: current records in oid order, as of at least
+/// `snapshot` (the server's last transaction when it began reading: each record is the
+/// object's current one at some moment after it), and where to continue: the first oid
+/// after the last record that exists (it may lie past the range asked for), `None` when
+/// there is none.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct CurrentRecords {
+    pub snapshot: Tid,
+    /// (oid, serial, data)
+    pub records: Vec<(Oid, Tid, Bytes)>,
+    pub next: Option<Oid>,
+}
+
+impl Reply for CurrentRecords {
+    fn to_value(&self) -> Value {
+        Value::Tuple(vec![
+            Value::from(self.snapshot),
+            Value::List(
+                self.records
+                    .iter()
+                    .map(|(oid, tid, data)| {
+                        Value::Tuple(vec![
+                            Value::from(*oid),
+                            Value::from(*tid),
+                            Value::Bytes(data.clone()),
+                        ])
+                    })
+                    .collect(),
+            ),
+            self.next.map(Value::from).unwrap_or(Value::None),
+        ])
+    }
+    fn from_value(v: &Value) -> Result<Self, ReplyError> {
+        let parsed = (|| {
+            let s = v.as_seq()?;
+            let records = s
+                .get(1)?
+                .as_seq()?
+                .iter()
+                .map(|r| {
+                    let r = r.as_seq()?;
+                    Some((
+                        oid_of(r.first()?)?,
+                        tid_of(r.get(1)?)?,
+                        r.get(2)?.as_bytes()?.clone(),
+                    ))
+                })
+                .collect::<Option<Vec<_>>>()?;
+            let next = match s.get(2) {
+                None | Some(Value::None) => None,
+                Some(o) => Some(oid_of(o)?),
+            };
+            Some(CurrentRecords {
+                snapshot: tid_of(s.first()?)?,
+                records,
+                next,
+            })
+        })();
+        parsed.map_or_else(|| bad("zeors_current_records reply", v), Ok)
+    }
+}
+
 /// `get_info`: what the storage is and what it implements.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Info {
@@ -541,7 +603,8 @@ pub struct Info {
     pub supports_record_iternext: bool,
     /// `(module, name)` of each interface, as `zope.interface` names them.
     pub interfaces: Vec<(String, String)>,
-    /// zeors extensions the server offers (`changed_since`); empty for stock servers.
+    /// zeors extensions the server offers (`changed_since`, `current_records`); empty for
+    /// stock servers.
     pub extensions: Vec<String>,
 }
 

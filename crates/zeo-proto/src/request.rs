@@ -154,6 +154,21 @@ pub enum Request {
     ChangedSince {
         tid: Tid,
     },
+    /// zeors extension (`current_records` in `zeors_extensions`): the current records of
+    /// the oids from `first` (inclusive) to `end` (exclusive, `None`: no bound), in oid
+    /// order, until about `max_bytes` of data. Lets a zeors proxy fill its cache in bulk
+    /// (`--warm`) instead of one `record_iternext` round trip per object.
+    CurrentRecords {
+        first: Oid,
+        end: Option<Oid>,
+        max_bytes: u64,
+    },
+    /// zeors extension (`zstd` in `zeors_extensions`): from the byte after this request,
+    /// the client's stream is compressed with `method`; from the byte after the reply, the
+    /// server's (see [`crate::compress`]).
+    Compress {
+        method: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -364,6 +379,8 @@ pub const METHODS: &[&str] = &[
     "set_client_label",
     "ping",
     "zeors_changed_since",
+    "zeors_current_records",
+    "zeors_compress",
 ];
 
 /// Maps a method name to its static name, so errors can carry it without allocating.
@@ -538,6 +555,18 @@ impl Request {
             },
             "ping" => Request::Ping,
             "zeors_changed_since" => Request::ChangedSince { tid: a.tid(0)? },
+            "zeors_compress" => Request::Compress {
+                method: a.string(0)?,
+            },
+            "zeors_current_records" => Request::CurrentRecords {
+                first: a.oid(0)?,
+                end: match a.opt(1) {
+                    None => None,
+                    Some(_) => Some(a.oid(1)?),
+                },
+                max_bytes: u64::try_from(a.int(2)?)
+                    .map_err(|_| a.bad("max_bytes must not be negative"))?,
+            },
             _ => return Err(RequestError::UnknownMethod(name.to_string())),
         })
     }
@@ -733,6 +762,19 @@ impl Request {
             }
             Request::Ping => ("ping", vec![]),
             Request::ChangedSince { tid } => ("zeors_changed_since", vec![t(tid)]),
+            Request::Compress { method } => ("zeors_compress", vec![Value::str(method.as_str())]),
+            Request::CurrentRecords {
+                first,
+                end,
+                max_bytes,
+            } => (
+                "zeors_current_records",
+                vec![
+                    Value::from(*first),
+                    end.map(Value::from).unwrap_or(Value::None),
+                    Value::Int(i64::try_from(*max_bytes).unwrap_or(i64::MAX)),
+                ],
+            ),
         }
     }
 

@@ -16,7 +16,8 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 use zeo_proto::message::{self, Encoding};
 use zeo_proto::reply::{
-    Callback, History, Info, Invalidations, NewOids, SizeInfo, UndoLog, VoteItem, VoteResult,
+    Callback, CurrentRecords, History, Info, Invalidations, NewOids, SizeInfo, UndoLog, VoteItem,
+    VoteResult,
 };
 use zeo_proto::{Limits, Message, Reply, Request, Value};
 use zodb::{
@@ -202,6 +203,19 @@ fn current_record() -> impl Strategy<Value = CurrentRecord> {
     })
 }
 
+fn current_records() -> impl Strategy<Value = CurrentRecords> {
+    (
+        tid(),
+        prop::collection::vec((oid(), tid(), bytes(100)), 0..5),
+        prop::option::of(oid()),
+    )
+        .prop_map(|(snapshot, records, next)| CurrentRecords {
+            snapshot,
+            records,
+            next,
+        })
+}
+
 fn info() -> impl Strategy<Value = Info> {
     (
         0u64..1 << 50,
@@ -213,7 +227,10 @@ fn info() -> impl Strategy<Value = Info> {
             prop::sample::select(vec!["IStorage", "IBlobStorage", "IStorageUndoable"]),
             0..3,
         ),
-        prop::collection::vec(Just("changed_since".to_string()), 0..2),
+        prop::collection::vec(
+            prop::sample::select(vec!["changed_since", "current_records"]).prop_map(String::from),
+            0..2,
+        ),
     )
         .prop_map(
             |(length, size, name, undo, iternext, ifaces, extensions)| Info {
@@ -377,6 +394,14 @@ fn request() -> impl Strategy<Value = Request> {
         text().prop_map(|label| Request::SetClientLabel { label }),
         Just(Request::Ping),
         tid().prop_map(|tid| Request::ChangedSince { tid }),
+        text().prop_map(|method| Request::Compress { method }),
+        (oid(), prop::option::of(oid()), 0u64..1 << 40).prop_map(|(first, end, max_bytes)| {
+            Request::CurrentRecords {
+                first,
+                end,
+                max_bytes,
+            }
+        }),
     ];
     prop_oneof![a, b, c]
 }
@@ -425,6 +450,9 @@ proptest! {
 
     #[test]
     fn current_records_round_trip(enc in encodings(), r in current_record()) { round_trip(enc, &r) }
+
+    #[test]
+    fn bulk_current_records_round_trip(enc in encodings(), r in current_records()) { round_trip(enc, &r) }
 
     #[test]
     fn info_round_trips(enc in encodings(), i in info()) { round_trip(enc, &i) }

@@ -216,6 +216,18 @@ pub struct ServeArgs {
     #[arg(long, value_parser = crate::parse_size, value_name = "SIZE")]
     cache_index_memory: Option<u64>,
 
+    /// Proxy mode (also with -C): fill the cache from a zeors upstream in the background,
+    /// every object once, while clients' misses keep priority on the link; a restart
+    /// resumes where it stopped. Over a stock upstream it does nothing (and says so).
+    #[arg(long)]
+    warm: bool,
+
+    /// Proxy mode (also with -C): do not compress the link to a zeors upstream. By
+    /// default it is compressed with zstd when upstream offers it (a stock upstream sees
+    /// plain ZEO), except over TLS.
+    #[arg(long)]
+    no_upstream_compression: bool,
+
     /// Serve a RelStorage database on PostgreSQL instead of a Data.fs: a libpq
     /// connection string (`host=/run/postgresql dbname=zodb`) or a postgresql:// URL.
     /// The schema is created when missing. --blob-dir is then where blobs are staged
@@ -258,6 +270,10 @@ struct ProxyTuning {
     prefetch: usize,
     /// Memory for each cache's index; `None`: derived from the cache size.
     index_memory: Option<u64>,
+    /// Warm each cache from upstream in the background.
+    warm: bool,
+    /// Compress links to zeors upstreams.
+    compress: bool,
 }
 
 /// Everything needed to start, whether it came from flags or a file.
@@ -511,6 +527,8 @@ fn plan(args: &ServeArgs) -> Result<Plan> {
         proxy: ProxyTuning {
             prefetch: args.prefetch,
             index_memory: args.cache_index_memory,
+            warm: args.warm,
+            compress: !args.no_upstream_compression,
         },
         pg: PgTuning {
             pool_size: args.pg_pool_size,
@@ -798,6 +816,8 @@ async fn open_storage(
             pconfig.storage = storage.clone();
             pconfig.read_only = *read_only || server_read_only;
             pconfig.prefetch = tuning.prefetch;
+            pconfig.warm = tuning.warm;
+            pconfig.compress = tuning.compress;
             pconfig.progress = zodb::progress::ProgressHandle::new(
                 crate::progress::Reporter::for_server(format!("storage {:?}", conf.name)),
             );

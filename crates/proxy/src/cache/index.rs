@@ -49,6 +49,8 @@ pub(super) const META_CLEAN_LEN: &str = "clean_len";
 /// Set by `packed` while it deletes the non-current entries a pack may have removed
 /// upstream (those starting at or before this tid); until they are gone, reads skip them.
 pub(super) const META_PURGE_FLOOR: &str = "purge_floor";
+/// How far warming from upstream got (see `warm.rs`); absent: not started.
+pub(super) const META_WARM: &str = "warm";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct CurrentEntry {

@@ -136,6 +136,8 @@ impl Cache {
             let mut meta = txn.open_table(index::META)?;
             meta.insert(index::META_GENERATION, u64::from(new))?;
             meta.insert(index::META_LAST_TID, tid.0)?;
+            // What the warm-up fetched is retired with the generation.
+            meta.remove(index::META_WARM)?;
             drop(meta);
             txn.delete_table(index::INVALIDATIONS)?;
             // The oldest entry bounds what the log can answer: nothing before `tid`.

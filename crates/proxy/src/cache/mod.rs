@@ -100,7 +100,10 @@ mod redb_file;
 mod segment;
 #[cfg(test)]
 mod tests;
+mod warm;
 mod write;
+
+pub use warm::WarmPosition;
 
 use fsio::{FileIo, Fs, Mode};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};

@@ -319,6 +319,28 @@ fn drop_current_retires_every_current_entry_and_survives_reopen() {
     );
 }
 
+/// The warm-up's position persists (a restart resumes it), `Done` included, and
+/// `drop_current`, which retires what was warmed, sets it back to the start.
+#[test]
+fn the_warm_up_position_survives_reopen_and_drop_current_resets_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = cache_with_one(dir.path());
+    assert_eq!(cache.warm_position(), WarmPosition::From(Oid(0)));
+    cache.set_warm_position(WarmPosition::From(Oid(300)));
+    cache.close().unwrap();
+    let cache = Cache::open(config(dir.path(), 64 * MIB)).unwrap();
+    assert_eq!(cache.warm_position(), WarmPosition::From(Oid(300)));
+    cache.set_warm_position(WarmPosition::Done);
+    cache.close().unwrap();
+    let cache = Cache::open(config(dir.path(), 64 * MIB)).unwrap();
+    assert_eq!(cache.warm_position(), WarmPosition::Done);
+    cache.drop_current(Tid(20));
+    assert_eq!(cache.warm_position(), WarmPosition::From(Oid(0)));
+    cache.close().unwrap();
+    let cache = Cache::open(config(dir.path(), 64 * MIB)).unwrap();
+    assert_eq!(cache.warm_position(), WarmPosition::From(Oid(0)));
+}
+
 /// After a pack with floor 20: history starting by then is gone, current revisions
 /// starting by then are suspect (not served until confirmed, dropped when forgotten),
 /// later ones are untouched; and all of it holds across a reopen.

@@ -23,7 +23,11 @@ impl Inner {
         conn: &Connection,
         gate: &Arc<Mutex<Gate>>,
     ) -> Result<(), ClientError> {
-        let info = conn.get_info().await?;
+        // Asked at connect already when compression was negotiated.
+        let info = match &conn.info_at_connect {
+            Some(info) => info.clone(),
+            None => conn.get_info().await?,
+        };
         self.update_info(&info);
         let upstream_tid = conn.registered_tid;
         let ours = self.last_tid();

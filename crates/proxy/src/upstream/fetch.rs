@@ -6,6 +6,7 @@ use parking_lot::Mutex;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use zodb::{LoadBefore, Loaded, Oid, StorageError, Tid};
 
@@ -40,6 +41,10 @@ pub(super) struct Fetching {
     /// Loads answered from the cache / fetched upstream.
     pub hits: AtomicU64,
     pub misses: AtomicU64,
+    /// Woken when the last upstream load in flight completes (see [`Fetching::quiet`]).
+    idle: tokio::sync::Notify,
+    /// When the last upstream load completed.
+    last_done: Mutex<Instant>,
 }
 
 impl Fetching {
@@ -53,6 +58,29 @@ impl Fetching {
             prefetched: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            idle: tokio::sync::Notify::new(),
+            last_done: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Returns once no load has been in flight upstream for `calm`: the moment background
+    /// traffic (the warm-up) may use the link without delaying a client's miss more than
+    /// the little it already has in flight. A client reading cold objects one after the
+    /// other misses again within a link round trip, so such a reader keeps it waiting.
+    pub async fn quiet(&self, calm: Duration) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.inflight.lock().is_empty() {
+                notified.await;
+                continue;
+            }
+            let since = self.last_done.lock().elapsed();
+            if since >= calm {
+                return;
+            }
+            tokio::time::sleep(calm - since).await;
         }
     }
 }
@@ -166,12 +194,16 @@ impl Inner {
                 }
                 Err(e) => Err(e),
             };
-            let waiters = inner
-                .fetching
-                .inflight
-                .lock()
-                .remove(&key)
-                .unwrap_or_default();
+            let waiters = {
+                let f = &inner.fetching;
+                let mut inflight = f.inflight.lock();
+                let waiters = inflight.remove(&key).unwrap_or_default();
+                if inflight.is_empty() {
+                    *f.last_done.lock() = Instant::now();
+                    f.idle.notify_waiters();
+                }
+                waiters
+            };
             for w in waiters {
                 let _ = w.send(match &result {
                     Ok(f) => Ok(f.clone()),

@@ -52,6 +52,8 @@ pub(super) struct Link {
     pub info: Mutex<UpstreamInfo>,
     /// Upstream is zeors and can list changed oids since any tid.
     pub lists_changes: AtomicBool,
+    /// Upstream is zeors and sends current records in bulk (the warm-up uses them).
+    pub bulk_reads: AtomicBool,
     /// Bytes over the upstream link, across reconnects.
     pub traffic: Arc<zeo_client::Traffic>,
     pub shutdown: watch::Sender<bool>,
@@ -64,6 +66,7 @@ impl Link {
             state: watch::channel(LinkState::Down).0,
             info: Mutex::new(UpstreamInfo::default()),
             lists_changes: AtomicBool::new(false),
+            bulk_reads: AtomicBool::new(false),
             traffic: Arc::new(zeo_client::Traffic::default()),
             shutdown: watch::channel(false).0,
         }
@@ -117,6 +120,8 @@ impl Inner {
         }
         let lists = info.extensions.iter().any(|e| e == "changed_since");
         self.link.lists_changes.store(lists, Ordering::Relaxed);
+        let bulk = info.extensions.iter().any(|e| e == "current_records");
+        self.link.bulk_reads.store(bulk, Ordering::Relaxed);
     }
 
     fn update_size(&self, info: SizeInfo) {
@@ -135,6 +140,7 @@ impl Inner {
             connect_timeout: self.config.connect_timeout,
             traffic: Some(self.link.traffic.clone()),
             tls: self.config.tls.clone(),
+            compress: self.config.compress && self.config.tls.is_none(),
             ..Default::default()
         };
         let mut failures = 0u32;
@@ -155,7 +161,8 @@ impl Inner {
                     Ok(()) => {
                         backoff.reset();
                         failures = 0;
-                        info!(upstream = %conn.address(), last_tid = %self.last_tid(), "upstream connected and caught up");
+                        info!(upstream = %conn.address(), last_tid = %self.last_tid(), compressed = conn.is_compressed(),
+                              "upstream connected and caught up");
                         *self.link.conn.write() = Some(conn.clone());
                         self.link.state.send_replace(LinkState::Ready);
                         tokio::select! {

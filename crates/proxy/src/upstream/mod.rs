@@ -44,6 +44,7 @@ mod iteration;
 mod link;
 mod pack;
 mod undo;
+mod warm;
 
 use crate::blobs::{BlobConfig, ProxyBlobs};
 use crate::cache::{Cache, CacheConfig};
@@ -94,6 +95,13 @@ pub struct ProxyConfig {
     pub progress: zodb::progress::ProgressHandle,
     /// TLS to upstream (`<ssl>` in `<zeoclient>`); `None`: plain TCP.
     pub tls: Option<zeo_tls::ClientTls>,
+    /// Fill the cache from a zeors upstream in the background, once (see [`warm`]).
+    pub warm: bool,
+    /// Compress the link with zstd when upstream is zeors (negotiated; a stock upstream
+    /// sees plain ZEO). Never over TLS: the length of compressed, encrypted traffic that
+    /// mixes many clients' data with what one of them chose to store would tell that
+    /// client about the others' data (as CRIME did for HTTPS).
+    pub compress: bool,
 }
 
 impl ProxyConfig {
@@ -110,6 +118,8 @@ impl ProxyConfig {
             prefetch: 64,
             progress: Default::default(),
             tls: None,
+            warm: false,
+            compress: true,
         }
     }
 }
@@ -136,6 +146,7 @@ struct Inner {
     fetching: Fetching,
     commits: Commits,
     packs: PackState,
+    warming: warm::Warming,
 }
 
 impl UpstreamStorage {
@@ -180,6 +191,7 @@ impl UpstreamStorage {
                     oids: tokio::sync::Mutex::new(VecDeque::new()),
                 },
                 packs: PackState::default(),
+                warming: warm::Warming::default(),
             }),
         })
     }
@@ -300,6 +312,9 @@ impl Storage for UpstreamStorage {
         }
         tokio::spawn(self.inner.clone().run_link());
         tokio::spawn(self.inner.clone().run_flusher());
+        if self.inner.config.warm {
+            tokio::spawn(self.inner.clone().run_warm());
+        }
     }
 
     async fn load_before(&self, oid: Oid, before: Tid) -> zodb::Result<LoadBefore> {
@@ -461,6 +476,30 @@ impl Storage for UpstreamStorage {
                 inner.config.cache.max_bytes,
             ),
             m(
+                "cache_warmed_objects",
+                "Objects stored in the proxy cache by the warm-up (--warm), since start.",
+                true,
+                inner.warming.objects.load(Ordering::Relaxed),
+            ),
+            m(
+                "cache_warmed_bytes",
+                "Bytes of records stored in the proxy cache by the warm-up, since start.",
+                true,
+                inner.warming.bytes.load(Ordering::Relaxed),
+            ),
+            m(
+                "cache_warm_done",
+                "1 once the warm-up (--warm) has fetched every object upstream holds.",
+                false,
+                inner.warming.done.load(Ordering::Relaxed) as u64,
+            ),
+            m(
+                "cache_warm_position",
+                "The lowest oid the warm-up has not stored yet.",
+                false,
+                inner.warming.position.load(Ordering::Relaxed),
+            ),
+            m(
                 "upstream_bytes_received",
                 "Bytes received from upstream.",
                 true,
@@ -471,6 +510,17 @@ impl Storage for UpstreamStorage {
                 "Bytes sent to upstream.",
                 true,
                 inner.link.traffic.bytes_out.load(Ordering::Relaxed),
+            ),
+            m(
+                "upstream_compressed",
+                "1 when the upstream link is up and compressed (zstd, negotiated with a zeors upstream).",
+                false,
+                inner
+                    .link
+                    .conn
+                    .read()
+                    .as_ref()
+                    .is_some_and(|c| c.is_compressed()) as u64,
             ),
             m(
                 "upstream_connected",

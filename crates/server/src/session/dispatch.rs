@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use tracing::{debug, info, warn};
 use zeo_proto::exception::ProtocolError;
-use zeo_proto::reply::{History, Info, Invalidations, NewOids, SizeInfo};
+use zeo_proto::reply::{CurrentRecords, History, Info, Invalidations, NewOids, SizeInfo};
 use zeo_proto::request::{Request, RequestError};
 use zeo_proto::{message, Callback, Message, Reply, Value};
 use zodb::{StorageError, Tid, TransactionMeta, TxnOp};
@@ -173,6 +173,35 @@ impl Session {
                 };
                 self.spawn_call(msgid, async move {
                     Ok(storage.record_iternext(next).await?.to_value())
+                });
+            }
+            Request::Compress { method } => {
+                // The client compresses from the byte after this request: refusing cannot
+                // leave the stream readable, so anything but a first "zstd" ends it.
+                if method != zeo_proto::compress::ZSTD || self.inflate.is_some() {
+                    warn!(session = self.id, peer = %self.peer, %method, "unsupported compression request, closing");
+                    return Err(Close::Protocol(format!(
+                        "zeors_compress({method:?}) is not supported here"
+                    )));
+                }
+                debug!(session = self.id, peer = %self.peer, "compressing the connection (zstd)");
+                self.outbox.send_then_compress(message::reply_frame(
+                    self.encoding,
+                    &msgid,
+                    Value::None,
+                ));
+                self.inflate_from_here = true;
+            }
+            Request::CurrentRecords {
+                first,
+                end,
+                max_bytes,
+            } => {
+                let storage = handle.storage.clone();
+                self.spawn_call(msgid, async move {
+                    Ok(current_records(&*storage, first, end, max_bytes)
+                        .await?
+                        .to_value())
                 });
             }
             Request::Pack { time, wait } => self.pack(&handle, msgid, time, wait, oneway),
@@ -457,6 +486,57 @@ async fn load_before(
     }
 }
 
+/// The largest `zeors_current_records` reply, whatever the client asks for.
+const CURRENT_RECORDS_MAX_BYTES: u64 = 8 << 20;
+
+/// `zeors_current_records`: current records from `first` up to `end`, until about
+/// `max_bytes` of data, walked with `record_iternext`. The snapshot is the storage's last
+/// transaction read before the walk: the storage publishes a transaction's records
+/// before its last tid, so every record returned is current as of the snapshot or later
+/// (its serial then tells when). The reply is not held back for invalidations queued
+/// meanwhile: the client takes the older of the snapshot and what its connection has
+/// seen, and its cache refuses records an applied invalidation overtook.
+async fn current_records(
+    storage: &dyn zodb::Storage,
+    first: zodb::Oid,
+    end: Option<zodb::Oid>,
+    max_bytes: u64,
+) -> Result<CurrentRecords, StorageError> {
+    let limit = max_bytes.clamp(1, CURRENT_RECORDS_MAX_BYTES);
+    let snapshot = storage.last_transaction();
+    let mut records = Vec::new();
+    let mut bytes = 0u64;
+    let mut cursor = Some(first);
+    while let Some(at) = cursor {
+        if end.is_some_and(|e| at >= e) || bytes >= limit {
+            break;
+        }
+        match storage.record_iternext(Some(at)).await {
+            Ok(r) if end.is_some_and(|e| r.oid >= e) => {
+                cursor = Some(r.oid);
+                break;
+            }
+            Ok(r) => {
+                bytes += r.data.len() as u64;
+                cursor = r.next;
+                records.push((r.oid, r.tid, r.data));
+            }
+            // An object without current data (deleted, or undone creation): skip it.
+            Err(StorageError::PosKey(oid)) if oid >= at => {
+                cursor = oid.0.checked_add(1).map(zodb::Oid)
+            }
+            // No oid at or after `at`.
+            Err(StorageError::Value(_)) => cursor = None,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(CurrentRecords {
+        snapshot,
+        records,
+        next: cursor,
+    })
+}
+
 /// `get_info`: the storage's figures and interfaces, and zeors' protocol extensions.
 fn info(handle: &StorageHandle) -> Info {
     let info = handle.storage.info();
@@ -470,7 +550,11 @@ fn info(handle: &StorageHandle) -> Info {
         supports_record_iternext: info.supports_record_iternext,
         interfaces,
         // For zeors clients (proxies); stock clients ignore unknown keys.
-        extensions: vec!["changed_since".into()],
+        extensions: ["changed_since", zeo_proto::compress::ZSTD]
+            .into_iter()
+            .chain(info.supports_record_iternext.then_some("current_records"))
+            .map(String::from)
+            .collect(),
     }
 }
 

@@ -62,6 +62,9 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Frames at least this large are written directly instead of being coalesced.
 const DIRECT_WRITE: usize = 64 * 1024;
+/// Bytes of a compressed client stream decompressed before its messages are run: what a
+/// few bytes of a hostile stream can make the server hold beyond the frame limit.
+const INFLATE_STEP: usize = 256 * 1024;
 
 pub(crate) async fn run<S>(stream: S, peer: String, shared: Arc<Shared>)
 where
@@ -148,6 +151,8 @@ where
         limits: Limits::default(),
         iterators: Arc::new(parking_lot::Mutex::new(iterators)),
         upload: None,
+        inflate: None,
+        inflate_from_here: false,
     };
     // A panic while serving (a bug: none is known to be reachable from the network) is
     // confined to this connection. Tokio would contain it to this task anyway, but the
@@ -231,6 +236,11 @@ struct Session {
     iterators: Arc<parking_lot::Mutex<Iterators>>,
     /// A blob upload between `storeBlobStart` and `storeBlobEnd`.
     upload: Option<blobs::Upload>,
+    /// The client's stream is compressed (it sent `zeors_compress`): what is read goes
+    /// through this before the frames are looked for.
+    inflate: Option<zeo_proto::compress::Decompressor>,
+    /// Set by `zeors_compress`: the bytes after its frame are compressed.
+    inflate_from_here: bool,
 }
 
 enum Event {
@@ -274,15 +284,33 @@ impl Session {
         let budget = self.shared.budget.clone();
         let mut paused = Paused::new(&budget);
         let mut last_read = std::time::Instant::now();
+        // What is read of a compressed stream, before it is decompressed into `buf`.
+        let mut raw = BytesMut::new();
         loop {
             paused.set(self.outbox.over_budget());
             let can_read = self.pending.len() < self.shared.config.max_pipelined && !paused.is();
+            if can_read && self.inflate.as_ref().is_some_and(|d| d.has_more()) {
+                // Decompressed requests left over from the last read, held back while
+                // the client had enough in flight.
+                if let Err(close) = self.handle_buffered(&mut buf, max_frame).await {
+                    return close;
+                }
+                continue;
+            }
+            let into = if self.inflate.is_some() {
+                if raw.capacity() == 0 {
+                    raw.reserve(16 * 1024);
+                }
+                &mut raw
+            } else {
+                &mut buf
+            };
             let event = tokio::select! {
                 _ = &mut shutdown_changed => Event::Shutdown,
                 _ = &mut trouble => Event::Trouble,
                 Some(()) = self.pending.next(), if !self.pending.is_empty() => Event::RequestDone,
                 ev = self.txn.next_event() => Event::Txn(ev),
-                r = rd.read_buf(&mut buf), if can_read => Event::Read(r),
+                r = rd.read_buf(into), if can_read => Event::Read(r),
                 _ = outbox.admit(), if paused.is() => Event::Unpaused,
                 _ = &mut idle, if idle_timeout.is_some() => Event::IdleCheck,
             };
@@ -337,6 +365,10 @@ impl Session {
                         .bytes_in
                         .fetch_add(n as u64, Ordering::Relaxed);
                     last_read = std::time::Instant::now();
+                    if let Some(d) = &mut self.inflate {
+                        d.push(&raw);
+                        raw.clear();
+                    }
                     if let Err(close) = self.handle_buffered(&mut buf, max_frame).await {
                         return close;
                     }
@@ -345,15 +377,59 @@ impl Session {
         }
     }
 
-    /// Runs every complete message in `buf`.
+    /// Runs every complete message in `buf`, and with a compressed stream the messages of
+    /// what the decompressor holds, [`INFLATE_STEP`] bytes at a time, as long as the
+    /// client may have more requests in flight and its replies fit the budget: a few
+    /// compressed bytes can stand for any number of requests, which must meet the same
+    /// limits as those read plain (the loop resumes on [`Decompressor::has_more`]).
+    ///
+    /// [`Decompressor::has_more`]: zeo_proto::compress::Decompressor::has_more
     pub(super) async fn handle_buffered(
         &mut self,
         buf: &mut BytesMut,
         max_frame: usize,
     ) -> Result<(), Close> {
+        if self.inflate.is_none() {
+            self.handle_frames(buf, max_frame).await?;
+            if !std::mem::take(&mut self.inflate_from_here) {
+                return Ok(());
+            }
+            // `zeors_compress`: what follows its frame is compressed.
+            let rest = buf.split();
+            buf.reserve(INFLATE_STEP);
+            let mut d = zeo_proto::compress::Decompressor::new().map_err(Close::Io)?;
+            d.push(&rest);
+            self.inflate = Some(d);
+        }
+        loop {
+            let Some(d) = &mut self.inflate else {
+                return Ok(());
+            };
+            if self.pending.len() >= self.shared.config.max_pipelined || self.outbox.over_budget() {
+                return Ok(());
+            }
+            match d.pull(buf, INFLATE_STEP) {
+                Ok(0) => return Ok(()),
+                Ok(_) => self.handle_frames(buf, max_frame).await?,
+                Err(e) => {
+                    warn!(session = self.id, peer = %self.peer, error = %e, "undecodable compressed stream, closing");
+                    return Err(Close::Protocol(format!("compressed stream: {e}")));
+                }
+            }
+        }
+    }
+
+    /// Runs every complete message in `buf`, up to a `zeors_compress` (the bytes after it
+    /// are compressed, see [`Session::handle_buffered`]).
+    async fn handle_frames(&mut self, buf: &mut BytesMut, max_frame: usize) -> Result<(), Close> {
         loop {
             match frame::decode_frame(buf, max_frame) {
-                Ok(Some(payload)) => self.handle_frame(&payload).await?,
+                Ok(Some(payload)) => {
+                    self.handle_frame(&payload).await?;
+                    if self.inflate_from_here {
+                        return Ok(());
+                    }
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     warn!(session = self.id, peer = %self.peer, error = %e, "bad frame, closing");
@@ -492,7 +568,9 @@ impl Drop for Paused<'_> {
     }
 }
 
-/// Writes queued frames, coalescing small ones into one write.
+/// Writes queued frames, coalescing small ones into one write; compressed from the
+/// queue's [`COMPRESS_FROM_HERE`](crate::outbox::COMPRESS_FROM_HERE) on (zeors clients that
+/// asked for it).
 async fn write_loop<W: AsyncWrite + Unpin>(
     mut wr: W,
     mut rx: mpsc::UnboundedReceiver<Bytes>,
@@ -501,40 +579,99 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     metrics: Arc<crate::metrics::ServerMetrics>,
 ) {
     let mut batch = BytesMut::new();
+    let mut compressor: Option<zeo_proto::compress::Compressor> = None;
     while let Some(first) = rx.recv().await {
+        if first.is_empty() {
+            match zeo_proto::compress::Compressor::new() {
+                Ok(c) => compressor = Some(c),
+                Err(e) => {
+                    report_write_failure(&outbox, e);
+                    return;
+                }
+            }
+            continue;
+        }
         let mut n = first.len();
-        let result = if first.len() >= DIRECT_WRITE {
-            wr.write_all(&first).await
-        } else {
-            batch.extend_from_slice(&first);
-            while batch.len() < 256 * 1024 {
-                match rx.try_recv() {
-                    Ok(f) if f.len() < DIRECT_WRITE => {
-                        n += f.len();
-                        batch.extend_from_slice(&f);
+        let mut wire = 0;
+        let result = match &mut compressor {
+            Some(c) => {
+                // One flush per batch: the client decodes each batch as it arrives.
+                let mut r = c.write(&first);
+                let mut switch = false;
+                while r.is_ok() && n < 256 * 1024 {
+                    match rx.try_recv() {
+                        Ok(f) if f.is_empty() => {
+                            switch = true;
+                            break;
+                        }
+                        Ok(f) => {
+                            n += f.len();
+                            r = c.write(&f);
+                        }
+                        Err(_) => break,
                     }
-                    Ok(f) => {
-                        n += f.len();
-                        if let Err(e) = wr.write_all(&batch).await {
+                }
+                debug_assert!(!switch, "compression is switched on once");
+                match r.and_then(|()| c.flush()) {
+                    Ok(z) => {
+                        wire = z.len();
+                        wr.write_all(&z).await
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            None if first.len() >= DIRECT_WRITE => {
+                wire = n;
+                wr.write_all(&first).await
+            }
+            None => {
+                batch.extend_from_slice(&first);
+                let mut switch = false;
+                while batch.len() < 256 * 1024 {
+                    match rx.try_recv() {
+                        // Nothing after the switch may be written plain: stop the batch.
+                        Ok(f) if f.is_empty() => {
+                            switch = true;
+                            break;
+                        }
+                        Ok(f) if f.len() < DIRECT_WRITE => {
+                            n += f.len();
+                            batch.extend_from_slice(&f);
+                        }
+                        Ok(f) => {
+                            n += f.len();
+                            wire += batch.len();
+                            if let Err(e) = wr.write_all(&batch).await {
+                                batch.clear();
+                                report_write_failure(&outbox, e);
+                                return;
+                            }
                             batch.clear();
+                            batch.extend_from_slice(&f);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                wire += batch.len();
+                let r = wr.write_all(&batch).await;
+                batch.clear();
+                if switch && r.is_ok() {
+                    match zeo_proto::compress::Compressor::new() {
+                        Ok(c) => compressor = Some(c),
+                        Err(e) => {
                             report_write_failure(&outbox, e);
                             return;
                         }
-                        batch.clear();
-                        batch.extend_from_slice(&f);
                     }
-                    Err(_) => break,
                 }
+                r
             }
-            let r = wr.write_all(&batch).await;
-            batch.clear();
-            r
         };
         if let Err(e) = result {
             report_write_failure(&outbox, e);
             return;
         }
-        metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
+        metrics.bytes_out.fetch_add(wire as u64, Ordering::Relaxed);
         queued.sub(n);
         if let Some(o) = outbox.upgrade() {
             o.written();

@@ -61,6 +61,14 @@ pub struct Client {
     pub encoding: Encoding,
     buf: BytesMut,
     next: i64,
+    /// After [`Client::start_compression`]: what is sent is compressed...
+    deflate: Option<zeo_proto::compress::Compressor>,
+    /// ...and what is received.
+    inflate: Option<zeo_proto::compress::Decompressor>,
+    /// Bytes read from the socket, as they came (compressed or not).
+    pub wire_in: usize,
+    /// Messages read while looking for a reply that came first, in order.
+    early: Vec<Message>,
 }
 
 impl Client {
@@ -74,6 +82,10 @@ impl Client {
             encoding,
             buf: BytesMut::new(),
             next: 0,
+            deflate: None,
+            inflate: None,
+            wire_in: 0,
+            early: Vec::new(),
         };
         c.read_frame()?;
         c.send_payload(encoding.server_hello())?;
@@ -81,7 +93,71 @@ impl Client {
     }
 
     pub fn send_payload(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.stream.write_all(&frame::frame(payload))
+        let f = frame::frame(payload);
+        self.send_raw(&f)
+    }
+
+    /// Sends stream bytes (through the compressor once there is one).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> io::Result<()> {
+        match &mut self.deflate {
+            Some(c) => {
+                c.write(bytes)?;
+                let z = c.flush()?;
+                self.stream.write_all(&z)
+            }
+            None => self.stream.write_all(bytes),
+        }
+    }
+
+    /// `zeors_compress("zstd")` as a zeors client does it: compressed from the byte after
+    /// the request, decompressing from the byte after its reply.
+    pub fn start_compression(&mut self) -> io::Result<()> {
+        self.compress_in_one_write(vec![], vec![]).map(|_| ())
+    }
+
+    /// Sends `before` (plain), `zeors_compress` and `after` (compressed) in one write, as
+    /// a client that does not wait for the switch's reply; then reads up to that reply
+    /// and decompresses from there. Returns the msgids of `before` and `after`, whose
+    /// replies are left to read.
+    pub fn compress_in_one_write(
+        &mut self,
+        before: Vec<(&str, Vec<Value>)>,
+        after: Vec<(&str, Vec<Value>)>,
+    ) -> io::Result<(Vec<i64>, Vec<i64>)> {
+        let mut wire = Vec::new();
+        let mut ids = (vec![], vec![]);
+        for (name, args) in before {
+            let (id, payload) = self.encode(name, args, false);
+            ids.0.push(id);
+            wire.extend_from_slice(&frame::frame(&payload));
+        }
+        let (switch, payload) = self.encode("zeors_compress", vec![Value::str("zstd")], false);
+        wire.extend_from_slice(&frame::frame(&payload));
+        let mut c = zeo_proto::compress::Compressor::new()?;
+        for (name, args) in after {
+            let (id, payload) = self.encode(name, args, false);
+            ids.1.push(id);
+            c.write(&frame::frame(&payload))?;
+        }
+        wire.extend(c.flush()?);
+        self.deflate = Some(c);
+        self.stream.write_all(&wire)?;
+        loop {
+            let f = self.read_frame()?;
+            let m = Message::decode(self.encoding, &f, &Limits::default())
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            if m.name == zeo_proto::message::REPLY && m.msgid == Value::Int(switch) {
+                if m.is_exception() {
+                    return Err(io::Error::other(format!("zeors_compress: {:?}", m.args)));
+                }
+                let mut d = zeo_proto::compress::Decompressor::new()?;
+                d.push(&self.buf.split());
+                self.inflate = Some(d);
+                return Ok(ids);
+            }
+            // A reply to `before`, read before the switch: kept for `recv`.
+            self.early.push(m);
+        }
     }
 
     /// The encoded message `(msgid, oneway, name, args)`.
@@ -109,17 +185,29 @@ impl Client {
             {
                 return Ok(f);
             }
+            if let Some(d) = &mut self.inflate {
+                if d.pull(&mut self.buf, 65536)? > 0 {
+                    continue;
+                }
+            }
             let mut chunk = [0u8; 65536];
             let n = self.stream.read(&mut chunk)?;
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            self.buf.extend_from_slice(&chunk[..n]);
+            self.wire_in += n;
+            match &mut self.inflate {
+                Some(d) => d.push(&chunk[..n]),
+                None => self.buf.extend_from_slice(&chunk[..n]),
+            }
         }
     }
 
     /// The next message from the server (reply or callback).
     pub fn recv(&mut self) -> io::Result<Message> {
+        if !self.early.is_empty() {
+            return Ok(self.early.remove(0));
+        }
         let f = self.read_frame()?;
         Message::decode(self.encoding, &f, &Limits::default())
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
