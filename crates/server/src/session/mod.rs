@@ -8,23 +8,23 @@
 //! ([`txn`]) that holds the commit lock and the vote and finish tasks. Iterators
 //! ([`iterators`]), undo ([`undo`]) and blobs ([`blobs`]) have modules of their own.
 //!
-//! Invariant: everything a connection sends goes through its [`Outbox`], written by one
-//! writer task in queue order.
+//! Invariant: everything a connection sends goes through its [`Outbox`] and reaches the
+//! socket in queue order: written at once by the sender when nothing is queued and the
+//! connection's writer task is idle, else by that task (see [`crate::outbox`]).
 
 use crate::hub::SessionId;
-use crate::outbox::Outbox;
+use crate::outbox::{write_loop, Outbox, Wire};
 use crate::{stats, Shared, StorageHandle};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use zeo_proto::exception::{self, ProtocolError};
 use zeo_proto::message::{self, ClientHello};
@@ -59,8 +59,6 @@ use txn::TxnShell;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long queued output may take to drain when a session ends.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Frames at least this large are written directly instead of being coalesced.
-const DIRECT_WRITE: usize = 64 * 1024;
 
 pub(crate) async fn run<S>(stream: S, peer: String, shared: Arc<Shared>)
 where
@@ -117,19 +115,15 @@ where
         }
     };
 
+    let wire = Wire::new(Box::new(wr), shared.metrics.clone());
     let (outbox, rx, queued) = Outbox::new(
         encoding,
         shared.config.max_queued_bytes,
         shared.budget.clone(),
+        Some(wire.clone()),
     );
     let outbox = Arc::new(outbox);
-    let mut writer = tokio::spawn(write_loop(
-        wr,
-        rx,
-        queued,
-        Arc::downgrade(&outbox),
-        shared.metrics.clone(),
-    ));
+    let mut writer = tokio::spawn(write_loop(wire, rx, queued, Arc::downgrade(&outbox)));
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     debug!(session = id, %peer, ?encoding, "connected");
     let txn = TxnShell::new(shared.config.transaction_timeout);
@@ -488,63 +482,5 @@ impl<'a> Paused<'a> {
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
         self.set(false);
-    }
-}
-
-/// Writes queued frames, coalescing small ones into one write.
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    queued: Arc<crate::outbox::Queued>,
-    outbox: Weak<Outbox>,
-    metrics: Arc<crate::metrics::ServerMetrics>,
-) {
-    let mut batch = BytesMut::new();
-    while let Some(first) = rx.recv().await {
-        let mut n = first.len();
-        let result = if first.len() >= DIRECT_WRITE {
-            wr.write_all(&first).await
-        } else {
-            batch.extend_from_slice(&first);
-            while batch.len() < 256 * 1024 {
-                match rx.try_recv() {
-                    Ok(f) if f.len() < DIRECT_WRITE => {
-                        n += f.len();
-                        batch.extend_from_slice(&f);
-                    }
-                    Ok(f) => {
-                        n += f.len();
-                        if let Err(e) = wr.write_all(&batch).await {
-                            batch.clear();
-                            report_write_failure(&outbox, e);
-                            return;
-                        }
-                        batch.clear();
-                        batch.extend_from_slice(&f);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let r = wr.write_all(&batch).await;
-            batch.clear();
-            r
-        };
-        if let Err(e) = result {
-            report_write_failure(&outbox, e);
-            return;
-        }
-        metrics.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-        queued.sub(n);
-        if let Some(o) = outbox.upgrade() {
-            o.written();
-        }
-    }
-    let _ = wr.shutdown().await;
-}
-
-fn report_write_failure(outbox: &Weak<Outbox>, e: std::io::Error) {
-    debug!(error = %e, "write failed");
-    if let Some(o) = outbox.upgrade() {
-        o.close();
     }
 }
