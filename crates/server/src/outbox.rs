@@ -324,6 +324,9 @@ impl Outbox {
         if st.last_invalidation > snapshot {
             return Err(Stale);
         }
+        // Written (or queued) under the state lock, so that no invalidation can be queued
+        // between the check and the reply. A commit's fan-out to this connection waits
+        // for at most one non-blocking write.
         self.push_or_write(frame);
         drop(st);
         Ok(())
