@@ -49,6 +49,13 @@ def test_other_clients_see_invalidations(server):
     with d1.transaction() as conn:
         conn.root()["value"] = PersistentMapping({"n": 1})
     c2 = d2.open()
+
+    def created():
+        # d2 learns of d1's commit asynchronously, as any ZEO client does.
+        c2.transaction_manager.begin()
+        return "value" in c2.root()
+
+    assert wait_until(created), "client 2 never saw the first commit"
     assert c2.root()["value"]["n"] == 1  # now cached in c2 and in d2's client cache
     transaction.abort()
     with d1.transaction() as conn:

@@ -45,6 +45,17 @@ def test_metrics_move_with_the_workload(make_server):
     assert metric(during, "zeors_bytes_received_total") > metric(before, "zeors_bytes_received_total")
     assert metric(during, "zeors_database_size_bytes") > metric(before, "zeors_database_size_bytes")
     assert during[("zeors_commit_lock_wait_seconds_count", 'storage="all"')] >= 21
+    # Every commit's hold of the lock, taken apart: each phase counted once per commit,
+    # and the phases together no longer than the run.
+    hold = {
+        p: (during[("zeors_commit_lock_hold_seconds_count", f'storage="all",phase="{p}"')],
+            during[("zeors_commit_lock_hold_seconds_sum", f'storage="all",phase="{p}"')])
+        for p in ("vote", "client", "finish", "reply", "abort")
+    }
+    for p in ("vote", "client", "finish", "reply"):
+        assert hold[p][0] >= 21, (p, hold)
+        assert hold[p][1] > 0, (p, hold)
+    assert hold["abort"][0] == 0, hold
     d.close()
     d2 = db(server)
     with d2.transaction() as conn:

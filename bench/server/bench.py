@@ -8,10 +8,23 @@ Both servers serve their own copy of one generated database (gendb.py) on loopba
 run at the same time; every workload runs against one and then the other, the order
 alternating between repetitions, and the figures reported are medians over repetitions.
 The load generator is `zeo-bench` (Rust, on the zeo-client crate); pyclient.py adds the
-stock Python client. Results go to bench/out/<timestamp>.json; report.py turns them into
+stock Python client.
+
+Two references sit beside the servers in the load workloads:
+
+* the floor, `zeo-bench floor`: a minimal server on the same framing that answers every
+  load from memory (one read and one write per request, no storage, no decoding). The
+  servers' CPU per load and loads/s are also reported as multiples of its own, measured
+  in the same run: what a server on this machine's loopback TCP cannot go below;
+* a pinned mode: each server started on one CPU and the load generator run on another
+  (`sched_setaffinity`), so that the two do not compete for the same cores, reported
+  next to the unpinned figures.
+
+Results go to bench/out/<timestamp>.json; report.py turns them into
 bench/server/latest.md and latest.svg (and the README's Benchmarks block). A third
 part, `postgresql` (bench_pg.py), measures zeors on PostgreSQL against `runzeo` serving
-the same RelStorage database; `--parts` picks the parts to run.
+the same RelStorage database, a fourth, `replication`, a primary, a replica and a
+`--warm` proxy; `--parts` picks the parts to run.
 """
 import argparse
 import datetime
@@ -36,9 +49,12 @@ import report  # noqa: E402
 
 SIDES = ("stock", "zeors")
 # The suite's parts, in the order they run (`--parts` picks some): 1, the two servers side
-# by side on a Data.fs; 2, proxies over a shaped link; 3, on PostgreSQL in RelStorage's
-# schema (bench_pg.py); 4, replication: a primary, a replica and a --warm proxy.
+# by side on a Data.fs (with the pinned loads); 2, proxies over a shaped link; 3, on
+# PostgreSQL in RelStorage's schema (bench_pg.py); 4, replication: a primary, a replica
+# and a --warm proxy.
 PARTS = ("servers", "proxies", "postgresql", "replication")
+# The load workloads also run against the floor (`zeo-bench floor`).
+LOAD_SIDES = ("stock", "zeors", "floor")
 
 MODES = {
     # A couple of minutes: every workload once, short windows, a small proxy sample, and
@@ -90,11 +106,20 @@ def rss_mb(pid, key="VmRSS:"):
     return None
 
 
-class Server:
-    """A server process: zeors (FileStorage or proxy) or runzeo (FileStorage or zeoclient)."""
+def on_cpus(cpus):
+    """A preexec_fn that confines the child (and the threads it will start) to `cpus`."""
+    if not cpus:
+        return None
+    return lambda: os.sched_setaffinity(0, cpus)
 
-    def __init__(self, name, argv, port, logpath, cwd):
+
+class Server:
+    """A server process: zeors (FileStorage or proxy), runzeo (FileStorage or zeoclient)
+    or the floor; started on `cpus` only when given."""
+
+    def __init__(self, name, argv, port, logpath, cwd, cpus=None):
         self.name, self.argv, self.port, self.logpath, self.cwd = name, argv, port, logpath, cwd
+        self.cpus = cpus
         self.proc = None
 
     @property
@@ -107,7 +132,8 @@ class Server:
 
     def start(self, wait=True):
         self.logfile = open(self.logpath, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=self.logfile, stderr=subprocess.STDOUT, cwd=self.cwd)
+        self.proc = subprocess.Popen(self.argv, stdout=self.logfile, stderr=subprocess.STDOUT, cwd=self.cwd,
+                                     preexec_fn=on_cpus(self.cpus))
         if wait:
             wait_for_port(self.port, self.proc)
         return self
@@ -126,12 +152,17 @@ class Server:
         self.logfile.close()
 
 
-def zeors_server(binary, path, port, workdir, *extra):
+def zeors_server(binary, path, port, workdir, *extra, cpus=None):
     argv = [binary, "serve", "-a", f"127.0.0.1:{port}", "-f", str(path), "--log-level", "warn", *extra]
-    return Server("zeors", argv, port, workdir / f"zeors-{port}.log", workdir)
+    return Server("zeors", argv, port, workdir / f"zeors-{port}.log", workdir, cpus)
 
 
-def stock_server(path, port, workdir, storage_section=None, queue=100):
+def floor_server(tool, meta, port, workdir, cpus=None):
+    argv = [tool, "floor", "--listen", f"127.0.0.1:{port}", "--meta", str(meta)]
+    return Server("floor", argv, port, workdir / f"floor-{port}.log", workdir, cpus)
+
+
+def stock_server(path, port, workdir, storage_section=None, queue=100, cpus=None):
     conf = workdir / f"zeo-{port}.conf"
     storage_section = storage_section or f"<filestorage 1>\n  path {path}\n</filestorage>"
     conf.write_text(
@@ -139,7 +170,7 @@ def stock_server(path, port, workdir, storage_section=None, queue=100):
         "<eventlog>\n  level WARNING\n  <logfile>\n    path STDOUT\n  </logfile>\n</eventlog>\n"
     )
     runzeo = pathlib.Path(sys.executable).parent / "runzeo"
-    return Server("stock", [str(runzeo), "-C", str(conf)], port, workdir / f"runzeo-{port}.log", workdir)
+    return Server("stock", [str(runzeo), "-C", str(conf)], port, workdir / f"runzeo-{port}.log", workdir, cpus)
 
 
 class Bench:
@@ -170,10 +201,11 @@ class Bench:
 
     # -- helpers ---------------------------------------------------------------
 
-    def tool_json(self, *argv, timeout=None):
+    def tool_json(self, *argv, timeout=None, cpus=None):
         cmd = [self.tool, *map(str, argv)]
         env = dict(os.environ, RUST_BACKTRACE="0")  # errors, not backtraces, in the report
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or 900, env=env)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout or 900, env=env,
+                           preexec_fn=on_cpus(cpus))
         if r.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {r.stderr.strip()[:2000]}")
         return json.loads(r.stdout.strip().splitlines()[-1])
@@ -193,7 +225,7 @@ class Bench:
             self.results["errors"].append(f"{workload} on {side}: {e}")
             return
         self.results["runs"].setdefault(workload, {}).setdefault(side, []).append(value)
-        log(f"  {workload:>16} {side:>5}: {report.one_line(value)}")
+        log(f"  {workload:>18} {side:>5}: {report.one_line(value)}")
 
     def save(self):
         self.results["finished"] = datetime.datetime.now().isoformat(timespec="seconds")
@@ -226,12 +258,14 @@ class Bench:
         servers = {
             "zeors": zeors_server(self.zeors, self.copy_db(db, "zeors"), free_port(), self.work),
             "stock": stock_server(self.copy_db(db, "stock"), free_port(), self.work),
+            "floor": floor_server(self.tool, meta, free_port(), self.work),
         }
         try:
             for s in servers.values():
                 s.start()
             time.sleep(1)
-            for side, s in servers.items():
+            for side in SIDES:
+                s = servers[side]
                 self.results["rss"][side] = {"started_mb": rss_mb(s.pid), "started_anon_mb": rss_mb(s.pid, "RssAnon:")}
             # Memory per connection on fresh servers, before any workload grows the heap.
             for side in SIDES:
@@ -244,43 +278,94 @@ class Bench:
                     f"{r['server_rss_connected_mb']:.1f} MB with 1,000 idle connections")
                 time.sleep(1)
             dur, warm = cfg["duration"], cfg["warmup"]
+            # (name, run against a server, sides); the loads also run against the floor.
             workloads = [
                 (f"loads-{c}", lambda s, c=c: self.tool_json(
                     "loads", "--address", s.address, "--meta", meta, "--connections", c,
-                    "--duration", dur, "--warmup", warm, "--server-pid", s.pid))
+                    "--duration", dur, "--warmup", warm, "--server-pid", s.pid), LOAD_SIDES)
                 for c in (1, 8, 64)
             ]
             workloads.append(("loads-8x16", lambda s: self.tool_json(
                 "loads", "--address", s.address, "--meta", meta, "--connections", 8, "--depth", 16,
-                "--duration", dur, "--warmup", warm, "--server-pid", s.pid)))
+                "--duration", dur, "--warmup", warm, "--server-pid", s.pid), LOAD_SIDES))
             if not self.args.no_python:
                 for p in (1, 8):
                     workloads.append((f"pyloads-{p}", lambda s, p=p: self.py_json(
                         "loads", "--address", s.address, "--meta", meta, "--procs", p,
-                        "--duration", cfg["py_duration"], "--warmup", warm, "--server-pid", s.pid)))
+                        "--duration", cfg["py_duration"], "--warmup", warm, "--server-pid", s.pid), SIDES))
             for name, extra in (("commits-1", ["--writers", 1]), ("commits-8", ["--writers", 8]),
                                 ("commits-8-hot", ["--writers", 8, "--hot", 4])):
                 workloads.append((name, lambda s, extra=extra: self.tool_json(
                     "commits", "--address", s.address, "--meta", meta, *extra,
-                    "--duration", dur, "--warmup", warm, "--server-pid", s.pid)))
+                    "--duration", dur, "--warmup", warm, "--server-pid", s.pid), SIDES))
             for n in (100, 1000):
                 workloads.append((f"fanout-{n}", lambda s, n=n: self.tool_json(
                     "fanout", "--address", s.address, "--meta", meta, "--clients", n,
-                    "--rounds", cfg["fanout_rounds"], "--server-pid", s.pid)))
-
-            for rep in range(cfg["reps"]):
-                order = SIDES if rep % 2 == 0 else SIDES[::-1]
-                log(f"repetition {rep + 1}/{cfg['reps']} ({' then '.join(order)})")
-                for name, fn in workloads:
-                    if self.args.only and not any(name.startswith(o) for o in self.args.only):
-                        continue
-                    for side in order:
-                        self.record(name, side, lambda: fn(servers[side]))
-                self.save()
+                    "--rounds", cfg["fanout_rounds"], "--server-pid", s.pid), SIDES))
+            self.repeat(workloads, servers)
             time.sleep(1)
-            for side, s in servers.items():
+            for side in SIDES:
+                s = servers[side]
                 self.results["rss"][side]["after_runs_mb"] = rss_mb(s.pid)
                 self.results["rss"][side]["after_runs_anon_mb"] = rss_mb(s.pid, "RssAnon:")
+        finally:
+            for s in servers.values():
+                s.stop()
+
+    def wanted(self, name):
+        return not self.args.only or any(name.startswith(o) for o in self.args.only)
+
+    def repeat(self, workloads, servers):
+        """Runs every wanted workload on each of its sides, `reps` times, the order of the
+        sides alternating between repetitions."""
+        cfg = self.cfg
+        for rep in range(cfg["reps"]):
+            log(f"repetition {rep + 1}/{cfg['reps']}")
+            for name, fn, sides in workloads:
+                if not self.wanted(name):
+                    continue
+                for side in (sides if rep % 2 == 0 else sides[::-1]):
+                    self.record(name, side, lambda: fn(servers[side]))
+            self.save()
+
+    # -- part 1b: the loads with the server and the load generator on a core each ----
+
+    def pinned(self, db):
+        """loads-1/8/64 again, each server (stock, zeors, the floor) started confined to one
+        CPU and the load generator confined to another: neither competes with the other
+        for a core, as they do in the unpinned runs on a small machine. The servers are
+        started pinned (not moved later), so that zeors' and the floor's runtimes size
+        themselves to the one CPU they have."""
+        names = [f"pinned-loads-{c}" for c in (1, 8, 64)]
+        if not any(self.wanted(n) for n in names):
+            return
+        allowed = os.sched_getaffinity(0)
+        server_cpu, client_cpu = self.args.pin or (sorted(allowed) * 2)[:2]
+        if server_cpu == client_cpu or not {server_cpu, client_cpu} <= allowed:
+            log(f"pinned loads skipped: CPUs {server_cpu} and {client_cpu} are not two of the usable {sorted(allowed)}")
+            self.results["errors"].append("pinned loads skipped: fewer than two usable CPUs")
+            return
+        self.results["pinned"] = {"server_cpus": [server_cpu], "client_cpus": [client_cpu]}
+        log(f"pinned: servers on CPU {server_cpu}, load generator on CPU {client_cpu}")
+        meta = db / "meta.json"
+        cpus = {server_cpu}
+        servers = {
+            "zeors": zeors_server(self.zeors, self.copy_db(db, "zeors-pinned"), free_port(), self.work, cpus=cpus),
+            "stock": stock_server(self.copy_db(db, "stock-pinned"), free_port(), self.work, cpus=cpus),
+            "floor": floor_server(self.tool, meta, free_port(), self.work, cpus=cpus),
+        }
+        dur, warm = self.cfg["duration"], self.cfg["warmup"]
+        workloads = [
+            (f"pinned-loads-{c}", lambda s, c=c: self.tool_json(
+                "loads", "--address", s.address, "--meta", meta, "--connections", c,
+                "--duration", dur, "--warmup", warm, "--server-pid", s.pid, cpus={client_cpu}), LOAD_SIDES)
+            for c in (1, 8, 64)
+        ]
+        try:
+            for s in servers.values():
+                s.start()
+            time.sleep(1)
+            self.repeat(workloads, servers)
         finally:
             for s in servers.values():
                 s.stop()
@@ -433,6 +518,8 @@ class Bench:
             parts = self.args.parts or PARTS
             if "servers" in parts and not self.args.no_servers:
                 self.servers(db)
+            if "servers" in parts and not self.args.no_servers and not self.args.no_pinned:
+                self.pinned(db)
             if "proxies" in parts and not self.args.no_proxy:
                 self.proxies(db)
             if "postgresql" in parts:
@@ -530,6 +617,11 @@ def main():
                    help=f"comma-separated parts to run, of {','.join(PARTS)} (default: all); "
                         "replication: a zeors primary, a replica and a --warm proxy over the shaped link")
     p.add_argument("--no-warm", action="store_true", help="replication part: skip the --warm proxy")
+    p.add_argument("--no-pinned", action="store_true",
+                   help="skip the loads with the server and the load generator pinned to a CPU each")
+    p.add_argument("--pin", type=lambda v: tuple(int(c) for c in v.split(",")), metavar="SERVER,CLIENT",
+                   help="the CPUs of the pinned runs: the server's and the load generator's (default: the first "
+                        "two this process may use)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory (databases, logs)")
     p.add_argument("--no-publish", action="store_true",
                    help="do not update bench/server/latest.{md,svg} and the README")

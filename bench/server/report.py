@@ -1,5 +1,6 @@
 """Turns a benchmark run (bench/out/<timestamp>.json) into the Markdown table of zeors /
-stock ratios and the SVG chart, and publishes them (bench/server/latest.md,
+stock ratios (and, for the loads, of both servers against the floor: `zeo-bench floor`,
+the least a server on this framing costs here) and the SVG chart, and publishes them (bench/server/latest.md,
 bench/server/latest.svg, the README's Benchmarks block) with the run's raw figures
 (bench/server/latest.json, kept in the repository so that the published table can be
 re-derived: `python bench/server/report.py bench/server/latest.json`).
@@ -53,14 +54,19 @@ def _link_bytes(phase):
     return lambda r: r[phase]["up"] + r[phase]["down"]
 
 
-# (id, label, unit, better, target ratio zeors/stock or None, source)
+# (id, label, unit, better, target ratio zeors/stock or None, source[, base])
 # source: ("run", workload, fn) | ("proxy", fn) | ("rss", key)
+# base: what the target ratio divides by, "stock" (the default) or "floor".
 ROWS = [
     ("loads64_rate", "loads/s, 64 connections", "/s", "higher", 5, ("run", "loads-64", lambda r: r["loads_per_s"])),
     ("loads64_cpu", "server CPU per load, 64 connections", "µs", "lower", 1 / 8,
      ("run", "loads-64", lambda r: r["server_cpu_us_per_load"])),
+    ("loads64_cpu_floor", "server CPU per load, 64 connections, vs the floor", "µs", "lower", 1.25,
+     ("run", "loads-64", lambda r: r["server_cpu_us_per_load"]), "floor"),
     ("loads64_p99", "p99 load latency, 64 connections", "ms", "lower", 1 / 4,
      ("run", "loads-64", lambda r: r["latency"]["p99_ms"])),
+    ("pinned64_rate", "loads/s, 64 connections, server and client pinned to a core each", "/s", "higher", 2.5,
+     ("run", "pinned-loads-64", lambda r: r["loads_per_s"])),
     ("commits8", "commits/s, 8 writers, fsync on", "/s", "higher", 2, ("run", "commits-8", lambda r: r["commits_per_s"])),
     ("fanout1000_p99", "invalidation fan-out to 1,000 clients, p99", "ms", "lower", 1 / 5,
      ("run", "fanout-1000", lambda r: r["latency"]["p99_ms"])),
@@ -90,6 +96,16 @@ DETAILS = [
     *[(f"loads{c}_{k}", f"loads, {c} conn{'s' if c > 1 else ''}{' × 16 in flight' if d else ''}: {lbl}", u, b,
        ("run", f"loads-{c}{'x16' if d else ''}", fn))
       for c, d in ((1, False), (8, False), (64, False), (8, True))
+      for k, lbl, u, b, fn in (
+          ("rate", "loads/s", "/s", "higher", lambda r: r["loads_per_s"]),
+          ("p50", "p50", "ms", "lower", lambda r: r["latency"]["p50_ms"]),
+          ("p99", "p99", "ms", "lower", lambda r: r["latency"]["p99_ms"]),
+          ("cpu", "server CPU per load", "µs", "lower", lambda r: r["server_cpu_us_per_load"]),
+      )],
+    # The same with the server on one CPU and the load generator on another.
+    *[(f"pinned{c}_{k}", f"pinned loads, {c} conn{'s' if c > 1 else ''}: {lbl}", u, b,
+       ("run", f"pinned-loads-{c}", fn))
+      for c in (1, 8, 64)
       for k, lbl, u, b, fn in (
           ("rate", "loads/s", "/s", "higher", lambda r: r["loads_per_s"]),
           ("p50", "p50", "ms", "lower", lambda r: r["latency"]["p50_ms"]),
@@ -179,25 +195,34 @@ def summarize(results):
 
     txns = f"{results.get('config', {}).get('proxy_txns', 1000):,}"
 
-    def row(rid, label, unit, better, target, source):
+    def row(rid, label, unit, better, target, source, base="stock"):
         label = label.replace("{txns}", txns)
         stock, zeors = _value(results, "stock", source), _value(results, "zeors", source)
+        floor = _value(results, "floor", source) if source[0] == "run" else None
         ratio = zeors / stock if stock and zeors is not None else None
         r = {"id": rid, "label": label, "unit": unit, "better": better, "stock": stock, "zeors": zeors,
-             "ratio": ratio, "target": target, "met": None}
-        if rid == "proxy_warm_restart_share":
+             "ratio": ratio, "target": target, "met": None, "base": base, "floor": floor,
+             "zeors_floor": zeors / floor if floor and zeors is not None else None,
+             "stock_floor": stock / floor if floor and stock is not None else None}
+        if base == "floor":
+            r["target_text"] = f"≤ {target:g}× the floor" if better == "lower" else f"≥ {target:g}× the floor"
+            if r["zeors_floor"] is not None:
+                r["met"] = r["zeors_floor"] <= target if better == "lower" else r["zeors_floor"] >= target
+        elif rid == "proxy_warm_restart_share":
             r["target_text"] = f"≤ {WARM_RESTART_TARGET_PCT:g}% (zeors)"
             r["met"] = None if zeors is None else zeors <= WARM_RESTART_TARGET_PCT
         elif rid in ("proxy_hits_misses", "proxy_hits_commits"):
             r["target_text"] = f"≥ {HIT_RATE_TARGET_PCT:g}% (zeors)"
             r["met"] = None if zeors is None else zeors >= HIT_RATE_TARGET_PCT
-        elif target is not None and ratio is not None:
+        elif target is not None:
             r["target_text"] = f"≥ {target:g}×" if better == "higher" else f"≤ 1/{1 / target:g}"
-            r["met"] = ratio >= target if better == "higher" else ratio <= target
+            if ratio is not None:
+                r["met"] = ratio >= target if better == "higher" else ratio <= target
         return r
 
     return {
         "targets": [row(*r) for r in ROWS],
+        "pinned": results.get("pinned"),
         "details": [row(rid, label, unit, better, None, source) for rid, label, unit, better, source in DETAILS],
         "replication": replication.summarize(results),
     }
@@ -249,29 +274,39 @@ def markdown(results):
     lines = [
         f"Machine: {machine_line(results)}.",
         "",
-        "| target | stock `runzeo` | zeors | zeors / stock | target | |",
-        "|---|---:|---:|---:|---|---|",
+        "| target | stock `runzeo` | zeors | floor | zeors / stock | zeors / floor | target | |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in s["targets"]:
         verdict = {True: "met", False: "**missed**", None: "–"}[r["met"]]
         lines.append(
             f"| {r['label']} | {_fmt(r['stock'], r['unit'])} | {_fmt(r['zeors'], r['unit'])} | "
-            f"{_fmt_ratio(r['ratio'])} | {r.get('target_text', '')} | {verdict} |"
+            f"{_fmt(r.get('floor'), r['unit'])} | {_fmt_ratio(r['ratio'])} | {_fmt_ratio(r.get('zeors_floor'))} | "
+            f"{r.get('target_text', '')} | {verdict} |"
         )
     lines += replication.markdown(results, _fmt)
+    pinned = s.get("pinned") or results.get("pinned")
     lines += [
+        "",
+        "The floor is `zeo-bench floor`, a minimal server on the same framing that answers each load "
+        "from memory with a reply of the benchmark item's size (one read and one write per request, "
+        "no storage): what loopback TCP and the runtime cost on this machine, measured in the same run. "
+        + (f"Pinned: each server started on CPU {pinned['server_cpus'][0]}, the load generator on CPU "
+           f"{pinned['client_cpus'][0]}; otherwise the two share all the cores."
+           if pinned else "Unpinned: the servers and the load generator share all the cores."),
         "",
         "<details><summary>All figures</summary>",
         "",
-        "| | stock `runzeo` | zeors | zeors / stock |",
-        "|---|---:|---:|---:|",
+        "| | stock `runzeo` | zeors | floor | zeors / stock | zeors / floor | stock / floor |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in s["details"]:
         if r["stock"] is None and r["zeors"] is None:
             continue
         lines.append(
             f"| {r['label']} | {_fmt(r['stock'], r['unit'])} | {_fmt(r['zeors'], r['unit'])} | "
-            f"{_fmt_ratio(r['ratio'])} |"
+            f"{_fmt(r.get('floor'), r['unit'])} | {_fmt_ratio(r['ratio'])} | "
+            f"{_fmt_ratio(r.get('zeors_floor'))} | {_fmt_ratio(r.get('stock_floor'))} |"
         )
     lines += [
         "",
@@ -288,7 +323,13 @@ def markdown(results):
 
 
 def _advantage(r):
-    """How many times better zeors is (> 1: better), and the target on the same scale."""
+    """How many times better zeors is (> 1: better) than the row's base (stock or the
+    floor), and the target on the same scale."""
+    if r.get("base") == "floor":
+        q = r.get("zeors_floor")
+        if not q:
+            return None, None
+        return (q, r["target"]) if r["better"] == "higher" else (1 / q, 1 / r["target"])
     if r["id"] == "proxy_warm_restart_share":
         share = r["zeors"]
         adv = 100 / share if share else None
@@ -298,6 +339,14 @@ def _advantage(r):
     if r["better"] == "higher":
         return r["ratio"], r["target"]
     return 1 / r["ratio"], 1 / r["target"]
+
+
+def _floor_advantage(r):
+    """How many times better than stock the floor is, on a row based on stock."""
+    if r.get("base") == "floor" or not r.get("floor") or not r.get("stock"):
+        return None
+    q = r["floor"] / r["stock"]
+    return q if r["better"] == "higher" else 1 / q
 
 
 def svg(results):
@@ -319,7 +368,7 @@ def svg(results):
         '<text x="10" y="22" font-size="15" font-weight="bold">zeors vs the stock ZEO server: '
         'how many times better (log scale)</text>',
         '<text x="10" y="40" fill="#555">bar: measured (green: target met, red: missed); '
-        'black tick: the target; grey line: parity</text>',
+        'black tick: the target; grey line: parity; blue diamond: the floor (minimal server, same framing)</text>',
     ]
     for v in (0.1, 1, 10, 100, 1000, 10000):
         out.append(f'<line x1="{x(v):.1f}" y1="{top - 6}" x2="{x(v):.1f}" y2="{top + row_h * len(rows)}" '
@@ -342,6 +391,12 @@ def svg(results):
         else:
             label_x, anchor = x(adv) - 6, "end"
         out.append(f'<text x="{label_x:.1f}" y="{y + 21}" text-anchor="{anchor}">{_fmt_ratio(adv)}</text>')
+        fadv = _floor_advantage(r)
+        if fadv:
+            fx, fy = x(fadv), y + 17
+            out.append(f'<path d="M{fx:.1f} {fy - 7} L{fx + 6:.1f} {fy} L{fx:.1f} {fy + 7} L{fx - 6:.1f} {fy} Z" '
+                       f'fill="#1565c0" stroke="white" stroke-width="1"><title>the floor: {_fmt_ratio(fadv)}</title>'
+                       f'</path>')
         if target:
             tx = x(target)
             out.append(f'<line x1="{tx:.1f}" y1="{y + 4}" x2="{tx:.1f}" y2="{y + 30}" stroke="black" '

@@ -67,7 +67,8 @@ impl Hub {
     ) -> Tid {
         let mut inner = self.inner.lock();
         outbox.set_registered_tid(inner.last_tid);
-        outbox.send(reply(inner.last_tid));
+        // Queued, not written here: the hub's lock is held.
+        outbox.queue(reply(inner.last_tid));
         inner.sessions.insert(id, outbox);
         inner.last_tid
     }
@@ -126,7 +127,8 @@ impl Hub {
         let inner = self.inner.lock();
         let mut frames: [Option<Bytes>; 2] = [None, None];
         for out in inner.sessions.values() {
-            out.send(encoded(&mut frames, out.encoding, callback));
+            // Queued, not written here: the hub's lock is held.
+            out.queue(encoded(&mut frames, out.encoding, callback));
         }
     }
 }

@@ -2,7 +2,7 @@
 //!
 //! The figures already live in the server as atomics (the same ones `server_status`
 //! reports), so instead of keeping a second set of counters in sync, a collector reads
-//! them at scrape time. Only the commit-lock wait is a real histogram.
+//! them at scrape time. Only the commit lock's wait and hold times are real histograms.
 
 use crate::{Shared, StorageHandle};
 use prometheus_client::collector::Collector;
@@ -33,6 +33,48 @@ pub struct ServerMetrics {
     pub iterators_refused: AtomicU64,
     /// Seconds a `vote` waited for the commit lock.
     pub commit_lock_wait: Histogram,
+    /// Seconds the commit lock was held, by phase ([`HoldPhase`]): what every other
+    /// committer waits for, taken apart so that its sum can be accounted for.
+    pub commit_lock_hold: [Histogram; HoldPhase::ALL.len()],
+}
+
+/// The phases of a commit lock hold, in order (the order of [`HoldPhase::ALL`], which
+/// `as usize` indexes). A conflict round repeats `Client` and
+/// `Vote`; an aborted transaction ends with `Abort` instead of `Finish` and `Reply`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldPhase {
+    /// From taking the lock until the storage has voted (writing the data, first sync).
+    Vote,
+    /// From the vote until the session starts `tpc_finish` (or a second vote): the
+    /// vote's reply, the client's round trip, the request's decoding.
+    Client,
+    /// The storage's finish (the second sync, the index), from the session's start.
+    Finish,
+    /// From the storage's finish until the lock is released (the `info` callback and
+    /// the reply queued, invalidations sent).
+    Reply,
+    /// From the last phase until an aborted transaction released the lock.
+    Abort,
+}
+
+impl HoldPhase {
+    pub const ALL: [HoldPhase; 5] = [
+        HoldPhase::Vote,
+        HoldPhase::Client,
+        HoldPhase::Finish,
+        HoldPhase::Reply,
+        HoldPhase::Abort,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            HoldPhase::Vote => "vote",
+            HoldPhase::Client => "client",
+            HoldPhase::Finish => "finish",
+            HoldPhase::Reply => "reply",
+            HoldPhase::Abort => "abort",
+        }
+    }
 }
 
 impl Default for ServerMetrics {
@@ -47,6 +89,9 @@ impl Default for ServerMetrics {
             iterators_open: AtomicU64::new(0),
             iterators_refused: AtomicU64::new(0),
             commit_lock_wait: Histogram::new(exponential_buckets(0.0001, 4.0, 10)),
+            // 10 µs to 2.6 s: a phase may be a few microseconds.
+            commit_lock_hold: HoldPhase::ALL
+                .map(|_| Histogram::new(exponential_buckets(0.00001, 4.0, 10))),
         }
     }
 }
@@ -184,6 +229,17 @@ impl Collector for ServerCollector {
             )?;
             m.commit_lock_wait
                 .encode(d.encode_family(&[("storage", "all")])?)?;
+        }
+        {
+            let mut d = encoder.encode_descriptor(
+                "zeors_commit_lock_hold_seconds",
+                "Time the commit lock was held, by phase (vote, client, finish, reply, abort).",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (phase, h) in HoldPhase::ALL.iter().zip(&m.commit_lock_hold) {
+                h.encode(d.encode_family(&[("storage", "all"), ("phase", phase.name())])?)?;
+            }
         }
         let mut storages: Vec<&Arc<StorageHandle>> = shared.storages.values().collect();
         storages.sort_by(|a, b| a.name.cmp(&b.name));

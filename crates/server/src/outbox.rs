@@ -1,7 +1,19 @@
 //! A session's outgoing queue.
 //!
 //! Everything a connection sends — replies, callbacks, invalidations — goes through its
-//! outbox and is written by one writer task in queue order. Two rules live here:
+//! outbox and reaches the socket in queue order. Three rules live here:
+//!
+//! * **Who writes.** A writer task per connection writes what is queued, coalescing
+//!   small frames. When nothing is queued and that task is idle, a reply is instead
+//!   written at once by the task that produced it ([`Outbox::send`]): a load costs one
+//!   write from the session's own task rather than a queue push plus a wake-up of the
+//!   writer on another thread. The socket's write half lives in the [`Wire`]: parked there
+//!   while the writer task is idle (so a sender may borrow it, under the wire's lock, for
+//!   one non-blocking write), taken out while that task writes. A sender writes only if
+//!   it finds the half parked and no byte queued, so nothing it writes can overtake a
+//!   frame queued before it; whatever the socket does not take at once is queued, for
+//!   the writer task. Invalidations are always queued: a commit's fan-out to many
+//!   clients must not make its own task do all their writes.
 //!
 //! * **Ordering of loads and invalidations.** A load reply that says "current" must reach
 //!   the client before the invalidation of any transaction that makes it stale. Loads run
@@ -20,16 +32,34 @@
 //!   budget plus one reply per connection; clients that read their replies keep being
 //!   served throughout, since their own queues stay below the floor.
 //!
+//! * **Compression.** A zeors peer may ask for the rest of the stream to be compressed
+//!   ([`Outbox::send_then_compress`]): the reply is queued, then a mark after which the
+//!   writer task compresses everything. From then on every frame is queued (a sender
+//!   writing at once would bypass the compressor).
+//!
 //! Every byte queued is counted in the outbox's [`Queued`] and in the budget until the
 //! writer has written it or the queue is dropped unwritten (the count outlives the
 //! outbox while the writer still holds frames).
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use tokio::sync::{mpsc, Notify};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll, Waker};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc::{self, error::TryRecvError};
+use tokio::sync::Notify;
+use tracing::debug;
+use zeo_proto::compress::Compressor;
 use zeo_proto::Encoding;
 use zodb::Tid;
+
+/// Frames at least this large are written directly instead of being coalesced.
+const DIRECT_WRITE: usize = 64 * 1024;
+/// The most bytes coalesced into one write.
+const BATCH: usize = 256 * 1024;
 
 /// A connection may always have this much output waiting and still be read from, however
 /// full the server-wide budget is: a client that reads its replies is never paused.
@@ -99,12 +129,12 @@ impl Queued {
 
     /// `n` bytes were written (or dropped unwritten).
     pub fn sub(&self, n: usize) {
-        self.bytes.fetch_sub(n, Ordering::Relaxed);
+        self.bytes.fetch_sub(n, Ordering::Release);
         self.budget.release(n);
     }
 
     pub fn get(&self) -> usize {
-        self.bytes.load(Ordering::Relaxed)
+        self.bytes.load(Ordering::Acquire)
     }
 }
 
@@ -117,14 +147,58 @@ impl Drop for Queued {
     }
 }
 
-/// The queue entry that tells the writer to compress what follows: empty, unlike every
-/// frame (a frame has at least its 4-byte length).
-pub const COMPRESS_FROM_HERE: Bytes = Bytes::new();
+/// The address behind the compression mark: an empty frame is also what a sender queues
+/// to hand a pending flush to the writer task, so the mark is told apart by where it
+/// points, not by its contents (frames are never empty otherwise: a frame has at least
+/// its 4-byte length).
+static COMPRESS_MARK: [u8; 1] = [0];
+
+/// The queue entry after which the writer compresses everything (see the module docs).
+fn compress_from_here() -> Bytes {
+    Bytes::from_static(&COMPRESS_MARK[..0])
+}
+
+fn is_compress_mark(frame: &Bytes) -> bool {
+    frame.is_empty() && std::ptr::eq(frame.as_ptr(), COMPRESS_MARK.as_ptr())
+}
+
+/// A connection's write half, type-erased.
+pub type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The socket's write half, shared by the writer task and the outbox's senders (see the
+/// module's "who writes").
+pub struct Wire {
+    /// `Some` while parked (the writer task idle), `None` while the writer task writes.
+    writer: Mutex<Option<Writer>>,
+    /// Where the bytes written to clients are counted.
+    metrics: Arc<crate::metrics::ServerMetrics>,
+}
+
+impl Wire {
+    pub fn new(writer: Writer, metrics: Arc<crate::metrics::ServerMetrics>) -> Arc<Wire> {
+        Arc::new(Wire {
+            writer: Mutex::new(Some(writer)),
+            metrics,
+        })
+    }
+
+    fn count(&self, n: usize) {
+        self.metrics
+            .bytes_out
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
 
 pub struct Outbox {
     pub encoding: Encoding,
     state: Mutex<OutState>,
     tx: mpsc::UnboundedSender<Bytes>,
+    /// Where replies may be written at once; `None`: everything is queued.
+    wire: Option<Arc<Wire>>,
+    /// Frames written at once by their sender (a counter, for tests and profiles).
+    written_inline: AtomicU64,
+    /// The stream is compressed from a queued mark on: nothing is written at once.
+    compressing: AtomicBool,
     queued: std::sync::Arc<Queued>,
     max_queued: usize,
     overflowed: AtomicBool,
@@ -153,11 +227,13 @@ pub struct Stale;
 
 impl Outbox {
     /// An outbox charging `budget`; the writer gets the receiving end of the queue and
-    /// the byte count it must decrease as it writes ([`Queued::sub`]).
+    /// the byte count it must decrease as it writes ([`Queued::sub`]). With a `wire`,
+    /// replies are written at once when nothing is queued (see [`write_loop`]).
     pub fn new(
         encoding: Encoding,
         max_queued: usize,
         budget: std::sync::Arc<QueueBudget>,
+        wire: Option<Arc<Wire>>,
     ) -> (
         Outbox,
         mpsc::UnboundedReceiver<Bytes>,
@@ -175,6 +251,9 @@ impl Outbox {
                     last_invalidation: Tid::ZERO,
                 }),
                 tx,
+                wire,
+                written_inline: AtomicU64::new(0),
+                compressing: AtomicBool::new(false),
                 queued: queued.clone(),
                 max_queued,
                 overflowed: AtomicBool::new(false),
@@ -204,8 +283,70 @@ impl Outbox {
         }
     }
 
-    /// Queues a frame with no ordering constraint.
+    /// Writes `frame` at once if nothing is queued before it and the writer task is idle,
+    /// else queues it (also the part the socket did not take at once).
+    fn push_or_write(&self, frame: Bytes) {
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let Some(wire) = self
+            .wire
+            .as_ref()
+            .filter(|_| !self.compressing.load(Ordering::Acquire))
+        else {
+            return self.push(frame);
+        };
+        // Never wait for the lock: it is held only for a moment, by the writer task
+        // parking or taking the half, or by another sender's write; queueing is as good.
+        let Some(mut parked) = wire.writer.try_lock() else {
+            return self.push(frame);
+        };
+        // Parked means the writer task is idle; nothing queued means no frame is in the
+        // queue or in that task's hands (bytes stay counted until written).
+        // Compressing is checked again under the lock: a writer that parked after the
+        // switch had seen it set, so no plain frame follows the mark.
+        let Some(writer) = parked
+            .as_mut()
+            .filter(|_| self.queued.get() == 0 && !self.compressing.load(Ordering::Acquire))
+        else {
+            drop(parked);
+            return self.push(frame);
+        };
+        match write_now(writer, &frame) {
+            Ok((n, flushed)) => {
+                if n > 0 {
+                    wire.count(n);
+                    self.written_inline.fetch_add(1, Ordering::Relaxed);
+                }
+                if !flushed {
+                    // The socket is full: the writer task waits for it (woken by the
+                    // queue, it takes the half once this lock is released) and writes
+                    // the rest. The rest may be empty, when all that is left is a
+                    // flush: that frame only hands the flush over to the writer task.
+                    self.push(frame.slice(n..));
+                }
+                drop(parked);
+                if n > 0 {
+                    self.written();
+                }
+            }
+            Err(e) => {
+                drop(parked);
+                debug!(error = %e, "write failed");
+                self.close();
+            }
+        }
+    }
+
+    /// Sends a frame with no ordering constraint: written at once when nothing is queued
+    /// and the writer task is idle, else queued.
     pub fn send(&self, frame: Bytes) {
+        self.push_or_write(frame);
+    }
+
+    /// Queues a frame for the writer task, never writing it from the caller (for a frame
+    /// sent while holding a lock others wait on).
+    pub fn queue(&self, frame: Bytes) {
         self.push(frame);
     }
 
@@ -214,19 +355,29 @@ impl Outbox {
     /// invalidation slips in between the frame and the switch.
     pub fn send_then_compress(&self, frame: Bytes) {
         let _st = self.state.lock();
+        self.compressing.store(true, Ordering::Release);
         self.push(frame);
-        self.push(COMPRESS_FROM_HERE);
+        self.push(compress_from_here());
     }
 
-    /// Queues a load reply computed from `snapshot`, unless an invalidation for a later
-    /// transaction has been queued since.
+    /// Sends a load reply computed from `snapshot` (as [`Outbox::send`]), unless an
+    /// invalidation for a later transaction has been queued since.
     pub fn send_load_reply(&self, frame: Bytes, snapshot: Tid) -> Result<(), Stale> {
         let st = self.state.lock();
         if st.last_invalidation > snapshot {
             return Err(Stale);
         }
-        self.push(frame);
+        // Written (or queued) under the state lock, so that no invalidation can be queued
+        // between the check and the reply. A commit's fan-out to this connection waits
+        // for at most one non-blocking write.
+        self.push_or_write(frame);
+        drop(st);
         Ok(())
+    }
+
+    /// Frames written at once by their sender so far.
+    pub fn written_inline(&self) -> u64 {
+        self.written_inline.load(Ordering::Relaxed)
     }
 
     /// Queues an invalidation (`frame` is `None` for the committer, who is not sent one
@@ -341,6 +492,165 @@ impl Outbox {
     }
 }
 
+/// Writes as much of `buf` as the socket takes without waiting, then flushes without
+/// waiting; the bytes written and whether they are all out of the writer's own buffers
+/// (a TLS stream may accept bytes it cannot yet send).
+fn write_now(writer: &mut Writer, buf: &[u8]) -> io::Result<(usize, bool)> {
+    // Nobody is to be woken: if the socket is full, the writer task takes over and polls
+    // with its own waker (readiness is kept by the runtime, so no wake-up is lost).
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut done = 0;
+    while done < buf.len() {
+        match Pin::new(&mut **writer).poll_write(&mut cx, &buf[done..]) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => done += n,
+            Poll::Ready(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok((done, false)),
+        }
+    }
+    match Pin::new(&mut **writer).poll_flush(&mut cx) {
+        Poll::Ready(Ok(())) => Ok((done, true)),
+        Poll::Ready(Err(e)) => Err(e),
+        Poll::Pending => Ok((done, false)),
+    }
+}
+
+/// The writer task: writes queued frames, coalescing small ones into one write, and
+/// parks the write half in the wire whenever the queue is empty. Ends when the outbox is
+/// gone and its queue drained (shutting the write half down), or on a write error.
+pub async fn write_loop(
+    wire: Arc<Wire>,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    queued: Arc<Queued>,
+    outbox: Weak<Outbox>,
+) {
+    let mut batch = BytesMut::new();
+    let mut compressor: Option<Compressor> = None;
+    'idle: while let Some(mut first) = rx.recv().await {
+        // Parked: a sender borrows it only under the lock, and only this task takes it.
+        let Some(mut wr) = wire.writer.lock().take() else {
+            return;
+        };
+        loop {
+            let (n, sent) =
+                match write_batch(&mut wr, first, &mut rx, &mut batch, &mut compressor).await {
+                    Ok(counts) => counts,
+                    Err(e) => {
+                        debug!(error = %e, "write failed");
+                        if let Some(o) = outbox.upgrade() {
+                            o.close();
+                        }
+                        return;
+                    }
+                };
+            wire.count(sent);
+            queued.sub(n);
+            if let Some(o) = outbox.upgrade() {
+                o.written();
+            }
+            // Park unless more is queued; under the lock, so that a sender finds either
+            // the half parked or this task about to write what it queued.
+            let next = {
+                let mut parked = wire.writer.lock();
+                match rx.try_recv() {
+                    Ok(f) => Some(f),
+                    Err(TryRecvError::Empty) => {
+                        *parked = Some(wr);
+                        continue 'idle;
+                    }
+                    Err(TryRecvError::Disconnected) => None,
+                }
+            };
+            match next {
+                Some(f) => first = f,
+                None => {
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+            }
+        }
+    }
+    let parked = wire.writer.lock().take();
+    if let Some(mut wr) = parked {
+        let _ = wr.shutdown().await;
+    }
+}
+
+/// Writes `first` and whatever else is queued (up to [`BATCH`] bytes at a time, large
+/// frames on their own), then flushes: compressed once `compressor` is set, which the
+/// queue's compression mark does. Returns the bytes taken from the queue and the bytes
+/// sent.
+async fn write_batch(
+    wr: &mut Writer,
+    first: Bytes,
+    rx: &mut mpsc::UnboundedReceiver<Bytes>,
+    batch: &mut BytesMut,
+    compressor: &mut Option<Compressor>,
+) -> io::Result<(usize, usize)> {
+    if is_compress_mark(&first) {
+        *compressor = Some(Compressor::new()?);
+        return Ok((0, 0));
+    }
+    let mut n = first.len();
+    if let Some(c) = compressor {
+        // One flush per batch: the client decodes each batch as it arrives.
+        c.write(&first)?;
+        while n < BATCH {
+            match rx.try_recv() {
+                Ok(f) => {
+                    debug_assert!(!is_compress_mark(&f), "compression is switched on once");
+                    n += f.len();
+                    c.write(&f)?;
+                }
+                Err(_) => break,
+            }
+        }
+        let z = c.flush()?;
+        wr.write_all(&z).await?;
+        wr.flush().await?;
+        return Ok((n, z.len()));
+    }
+    if first.len() >= DIRECT_WRITE {
+        wr.write_all(&first).await?;
+        wr.flush().await?;
+        return Ok((n, n));
+    }
+    batch.extend_from_slice(&first);
+    let mut switch = false;
+    while batch.len() < BATCH {
+        match rx.try_recv() {
+            // Nothing after the mark may be written plain: the batch ends there.
+            Ok(f) if is_compress_mark(&f) => {
+                switch = true;
+                break;
+            }
+            Ok(f) if f.len() < DIRECT_WRITE => {
+                n += f.len();
+                batch.extend_from_slice(&f);
+            }
+            Ok(f) => {
+                n += f.len();
+                let r = wr.write_all(batch).await;
+                batch.clear();
+                r?;
+                batch.extend_from_slice(&f);
+            }
+            Err(_) => break,
+        }
+    }
+    let r = wr.write_all(batch).await;
+    batch.clear();
+    r?;
+    // A TLS stream may keep bytes it accepted until flushed (nothing else would send them
+    // while the connection is quiet); a plain socket's flush returns at once.
+    wr.flush().await?;
+    if switch {
+        *compressor = Some(Compressor::new()?);
+    }
+    Ok((n, n))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -352,7 +662,7 @@ mod tests {
 
     #[test]
     fn stale_load_replies_are_refused_after_a_newer_invalidation() {
-        let (out, mut rx, _) = Outbox::new(Encoding::Pickle, 1 << 20, budget(1 << 30));
+        let (out, mut rx, _) = Outbox::new(Encoding::Pickle, 1 << 20, budget(1 << 30), None);
         out.set_registered_tid(Tid(10));
         assert!(out
             .send_load_reply(Bytes::from_static(b"a"), Tid(10))
@@ -377,7 +687,7 @@ mod tests {
 
     #[test]
     fn overflow_is_flagged() {
-        let (out, _rx, _) = Outbox::new(Encoding::Pickle, 10, budget(1 << 30));
+        let (out, _rx, _) = Outbox::new(Encoding::Pickle, 10, budget(1 << 30), None);
         out.send(Bytes::from_static(b"12345"));
         assert!(!out.is_overflowed());
         out.send(Bytes::from_static(b"123456"));
@@ -387,8 +697,8 @@ mod tests {
     #[tokio::test]
     async fn the_budget_pauses_only_connections_with_output_waiting_and_is_given_back() {
         let b = budget(3 << 20);
-        let (big, rx_big, q_big) = Outbox::new(Encoding::Pickle, 1 << 30, b.clone());
-        let (small, _rx_small, _q_small) = Outbox::new(Encoding::Pickle, 1 << 30, b.clone());
+        let (big, rx_big, q_big) = Outbox::new(Encoding::Pickle, 1 << 30, b.clone(), None);
+        let (small, _rx_small, _q_small) = Outbox::new(Encoding::Pickle, 1 << 30, b.clone(), None);
         for _ in 0..4 {
             big.send(Bytes::from(vec![0u8; 1 << 20]));
         }
@@ -422,5 +732,116 @@ mod tests {
         drop(big);
         drop(q_big);
         assert_eq!(b.total(), 5);
+    }
+
+    /// A connection whose writer task runs over an in-memory pipe of `capacity` bytes.
+    fn wired(
+        capacity: usize,
+    ) -> (
+        Arc<Outbox>,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(capacity);
+        wired_over(Box::new(ours), theirs)
+    }
+
+    fn wired_over(
+        writer: Writer,
+        theirs: tokio::io::DuplexStream,
+    ) -> (
+        Arc<Outbox>,
+        tokio::io::DuplexStream,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let wire = Wire::new(writer, Arc::default());
+        let (out, rx, queued) = Outbox::new(
+            Encoding::Pickle,
+            1 << 30,
+            budget(1 << 30),
+            Some(wire.clone()),
+        );
+        let out = Arc::new(out);
+        let writer = tokio::spawn(write_loop(wire, rx, queued, Arc::downgrade(&out)));
+        (out, theirs, writer)
+    }
+
+    async fn read_exactly(peer: &mut tokio::io::DuplexStream, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = vec![0u8; n];
+        tokio::time::timeout(std::time::Duration::from_secs(5), peer.read_exact(&mut got))
+            .await
+            .expect("the bytes arrive")
+            .unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_is_written_by_the_sender_and_a_busy_one_in_queue_order() {
+        let (out, mut peer, writer) = wired(1 << 16);
+        // Idle: written by this task, nothing queued.
+        out.send(Bytes::from_static(b"one"));
+        assert_eq!(out.written_inline(), 1);
+        assert_eq!(out.queued_bytes(), 0);
+        assert_eq!(read_exactly(&mut peer, 3).await, b"one");
+        // An invalidation is always queued; what follows it waits behind it even though
+        // the writer task has not run yet.
+        out.send_invalidation(Tid(5), Some(Bytes::from_static(b"inv")));
+        out.send(Bytes::from_static(b"two"));
+        assert_eq!(out.written_inline(), 1, "queued behind the invalidation");
+        assert!(out
+            .send_load_reply(Bytes::from_static(b"3"), Tid(5))
+            .is_ok());
+        assert_eq!(read_exactly(&mut peer, 7).await, b"invtwo3");
+        // The writer task parks again once the queue is empty: the next one is inline.
+        tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            while out.queued_bytes() > 0 || out.wire.as_ref().unwrap().writer.lock().is_none() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the writer parks");
+        out.send(Bytes::from_static(b"four"));
+        assert_eq!(out.written_inline(), 2);
+        assert_eq!(read_exactly(&mut peer, 4).await, b"four");
+        drop(out);
+        writer.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn what_a_full_socket_does_not_take_is_written_by_the_writer_task_in_order() {
+        let (out, mut peer, writer) = wired(100);
+        let frames: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; 37]).collect();
+        for f in &frames {
+            out.send(Bytes::from(f.clone()));
+        }
+        // The pipe took 100 bytes at once; the rest was queued.
+        assert!(out.written_inline() >= 1);
+        assert!(out.queued_bytes() > 0);
+        assert_eq!(read_exactly(&mut peer, 37 * 50).await, frames.concat());
+        drop(out);
+        writer.await.unwrap();
+        // The write half was shut down when the outbox went away.
+        let mut rest = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut peer, &mut rest)
+            .await
+            .unwrap();
+        assert!(rest.is_empty());
+    }
+
+    /// A writer that keeps what it accepts until flushed (as a TLS stream does) must not
+    /// leave a reply unsent when the socket was full at the sender's flush: the writer
+    /// task finishes it.
+    #[tokio::test]
+    async fn bytes_a_writer_holds_back_are_flushed_by_the_writer_task() {
+        let (ours, theirs) = tokio::io::duplex(16);
+        let (out, mut peer, writer) = wired_over(Box::new(tokio::io::BufWriter::new(ours)), theirs);
+        let reply = vec![7u8; 100];
+        out.send(Bytes::from(reply.clone()));
+        // Accepted whole, but only 16 bytes could leave: the flush was handed over.
+        assert_eq!(out.written_inline(), 1);
+        assert_eq!(read_exactly(&mut peer, 100).await, reply);
+        drop(out);
+        writer.await.unwrap();
     }
 }

@@ -11,6 +11,7 @@
 
 mod commits;
 mod fanout;
+mod floor;
 mod lag;
 mod loads;
 mod meta;
@@ -46,15 +47,23 @@ enum Command {
     Read(read::Args),
     /// A TCP relay that shapes the link (bandwidth, delay) and counts bytes.
     Relay(relay::Args),
+    /// A minimal server on the same framing that answers every load from memory: the
+    /// floor the real servers' figures are compared with.
+    Floor(floor::Args),
     /// Micro-benchmarks of the protocol codec's hot paths.
     Micro(micro::Args),
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // The floor server's workers, when told; else as many as the CPUs it may use.
+    if let Command::Floor(a) = &cli.command {
+        if let Some(n) = a.threads {
+            rt.worker_threads(n.max(1));
+        }
+    }
+    let rt = rt.enable_all().build()?;
     let report = match cli.command {
         Command::Loads(a) => serde_json::to_value(rt.block_on(loads::run(a))?)?,
         Command::Commits(a) => serde_json::to_value(rt.block_on(commits::run(a))?)?,
@@ -63,6 +72,7 @@ fn main() -> Result<()> {
         Command::Read(a) => serde_json::to_value(rt.block_on(read::run(a))?)?,
         Command::Relay(a) => return rt.block_on(relay::run(a)),
         Command::Micro(a) => serde_json::to_value(micro::run(a))?,
+        Command::Floor(a) => return rt.block_on(floor::run(a)),
     };
     println!("{report}");
     Ok(())

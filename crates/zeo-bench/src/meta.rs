@@ -94,6 +94,11 @@ impl Meta {
         v
     }
 
+    /// One item's record as generated (the size of every item's).
+    pub fn item_record(&self) -> &[u8] {
+        &self.template
+    }
+
     /// A new revision of an item: the template with a fresh random payload.
     pub fn new_item_record(&self, rng: &mut Rng) -> Bytes {
         let mut rec = self.template.clone();

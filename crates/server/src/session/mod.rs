@@ -8,23 +8,23 @@
 //! ([`txn`]) that holds the commit lock and the vote and finish tasks. Iterators
 //! ([`iterators`]), undo ([`undo`]) and blobs ([`blobs`]) have modules of their own.
 //!
-//! Invariant: everything a connection sends goes through its [`Outbox`], written by one
-//! writer task in queue order.
+//! Invariant: everything a connection sends goes through its [`Outbox`] and reaches the
+//! socket in queue order: written at once by the sender when nothing is queued and the
+//! connection's writer task is idle, else by that task (see [`crate::outbox`]).
 
 use crate::hub::SessionId;
-use crate::outbox::Outbox;
+use crate::outbox::{write_loop, Outbox, Wire};
 use crate::{stats, Shared, StorageHandle};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use zeo_proto::exception::{self, ProtocolError};
 use zeo_proto::message::{self, ClientHello};
@@ -60,8 +60,6 @@ use txn::TxnShell;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long queued output may take to drain when a session ends.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
-/// Frames at least this large are written directly instead of being coalesced.
-const DIRECT_WRITE: usize = 64 * 1024;
 /// Bytes of a compressed client stream decompressed before its messages are run: what a
 /// few bytes of a hostile stream can make the server hold beyond the frame limit.
 const INFLATE_STEP: usize = 256 * 1024;
@@ -121,19 +119,15 @@ where
         }
     };
 
+    let wire = Wire::new(Box::new(wr), shared.metrics.clone());
     let (outbox, rx, queued) = Outbox::new(
         encoding,
         shared.config.max_queued_bytes,
         shared.budget.clone(),
+        Some(wire.clone()),
     );
     let outbox = Arc::new(outbox);
-    let mut writer = tokio::spawn(write_loop(
-        wr,
-        rx,
-        queued,
-        Arc::downgrade(&outbox),
-        shared.metrics.clone(),
-    ));
+    let mut writer = tokio::spawn(write_loop(wire, rx, queued, Arc::downgrade(&outbox)));
     let id = shared.next_session.fetch_add(1, Ordering::Relaxed);
     debug!(session = id, %peer, ?encoding, "connected");
     let txn = TxnShell::new(&shared.config);
@@ -565,124 +559,5 @@ impl<'a> Paused<'a> {
 impl Drop for Paused<'_> {
     fn drop(&mut self) {
         self.set(false);
-    }
-}
-
-/// Writes queued frames, coalescing small ones into one write; compressed from the
-/// queue's [`COMPRESS_FROM_HERE`](crate::outbox::COMPRESS_FROM_HERE) on (zeors clients that
-/// asked for it).
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut wr: W,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    queued: Arc<crate::outbox::Queued>,
-    outbox: Weak<Outbox>,
-    metrics: Arc<crate::metrics::ServerMetrics>,
-) {
-    let mut batch = BytesMut::new();
-    let mut compressor: Option<zeo_proto::compress::Compressor> = None;
-    while let Some(first) = rx.recv().await {
-        if first.is_empty() {
-            match zeo_proto::compress::Compressor::new() {
-                Ok(c) => compressor = Some(c),
-                Err(e) => {
-                    report_write_failure(&outbox, e);
-                    return;
-                }
-            }
-            continue;
-        }
-        let mut n = first.len();
-        let mut wire = 0;
-        let result = match &mut compressor {
-            Some(c) => {
-                // One flush per batch: the client decodes each batch as it arrives.
-                let mut r = c.write(&first);
-                let mut switch = false;
-                while r.is_ok() && n < 256 * 1024 {
-                    match rx.try_recv() {
-                        Ok(f) if f.is_empty() => {
-                            switch = true;
-                            break;
-                        }
-                        Ok(f) => {
-                            n += f.len();
-                            r = c.write(&f);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                debug_assert!(!switch, "compression is switched on once");
-                match r.and_then(|()| c.flush()) {
-                    Ok(z) => {
-                        wire = z.len();
-                        wr.write_all(&z).await
-                    }
-                    Err(e) => Err(e),
-                }
-            }
-            None if first.len() >= DIRECT_WRITE => {
-                wire = n;
-                wr.write_all(&first).await
-            }
-            None => {
-                batch.extend_from_slice(&first);
-                let mut switch = false;
-                while batch.len() < 256 * 1024 {
-                    match rx.try_recv() {
-                        // Nothing after the switch may be written plain: stop the batch.
-                        Ok(f) if f.is_empty() => {
-                            switch = true;
-                            break;
-                        }
-                        Ok(f) if f.len() < DIRECT_WRITE => {
-                            n += f.len();
-                            batch.extend_from_slice(&f);
-                        }
-                        Ok(f) => {
-                            n += f.len();
-                            wire += batch.len();
-                            if let Err(e) = wr.write_all(&batch).await {
-                                batch.clear();
-                                report_write_failure(&outbox, e);
-                                return;
-                            }
-                            batch.clear();
-                            batch.extend_from_slice(&f);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                wire += batch.len();
-                let r = wr.write_all(&batch).await;
-                batch.clear();
-                if switch && r.is_ok() {
-                    match zeo_proto::compress::Compressor::new() {
-                        Ok(c) => compressor = Some(c),
-                        Err(e) => {
-                            report_write_failure(&outbox, e);
-                            return;
-                        }
-                    }
-                }
-                r
-            }
-        };
-        if let Err(e) = result {
-            report_write_failure(&outbox, e);
-            return;
-        }
-        metrics.bytes_out.fetch_add(wire as u64, Ordering::Relaxed);
-        queued.sub(n);
-        if let Some(o) = outbox.upgrade() {
-            o.written();
-        }
-    }
-    let _ = wr.shutdown().await;
-}
-
-fn report_write_failure(outbox: &Weak<Outbox>, e: std::io::Error) {
-    debug!(error = %e, "write failed");
-    if let Some(o) = outbox.upgrade() {
-        o.close();
     }
 }

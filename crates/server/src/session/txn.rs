@@ -10,6 +10,7 @@ use super::blobs::TempFiles;
 use super::spill::Spill;
 use super::txn_core::{Action, Answer, Closing, Event, TxnCore, VoteReport};
 use super::{send_error, Close};
+use crate::metrics::{HoldPhase, ServerMetrics};
 use crate::outbox::Outbox;
 use crate::stats::Stats;
 use crate::{Shared, StorageHandle};
@@ -29,7 +30,33 @@ use zodb::{StorageError, Transaction, TxnKey, TxnOp, Vote};
 pub(super) struct VoteDone {
     txn: Transaction,
     report: VoteReport,
-    guard: OwnedMutexGuard<()>,
+    guard: LockHold,
+}
+
+/// The commit lock while a transaction holds it, timing the phases of the hold
+/// (`zeors_commit_lock_hold_seconds`).
+pub(super) struct LockHold {
+    _guard: OwnedMutexGuard<()>,
+    metrics: Arc<ServerMetrics>,
+    /// When the current phase began.
+    since: std::time::Instant,
+}
+
+impl LockHold {
+    fn new(guard: OwnedMutexGuard<()>, metrics: Arc<ServerMetrics>) -> LockHold {
+        LockHold {
+            _guard: guard,
+            metrics,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// Ends the current phase, counting its time as `phase`; the next begins now.
+    fn phase(&mut self, phase: HoldPhase) {
+        let now = std::time::Instant::now();
+        self.metrics.commit_lock_hold[phase as usize].observe((now - self.since).as_secs_f64());
+        self.since = now;
+    }
 }
 
 /// What the session loop waits for on behalf of the transaction.
@@ -42,7 +69,7 @@ pub(super) enum TxnWait {
 pub(super) struct TxnShell {
     core: TxnCore,
     /// The commit lock, while this connection's transaction holds it between tasks.
-    guard: Option<OwnedMutexGuard<()>>,
+    guard: Option<LockHold>,
     vote_task: Option<JoinHandle<VoteDone>>,
     finish_task: Option<JoinHandle<()>>,
     deadline: Option<Instant>,
@@ -175,18 +202,26 @@ impl TxnShell {
             match action {
                 Action::Reply { msgid, answer } => reply(ctx.outbox, &msgid, answer),
                 Action::Vote { txn, lock_held } => {
-                    let guard = if lock_held { self.guard.take() } else { None };
+                    let mut guard = if lock_held { self.guard.take() } else { None };
+                    if let Some(g) = &mut guard {
+                        g.phase(HoldPhase::Client);
+                    }
                     self.vote_task = Some(spawn_vote(ctx, txn, guard));
                 }
                 Action::Finish { key, msgid } => {
-                    let guard = self.guard.take();
+                    let mut guard = self.guard.take();
+                    if let Some(g) = &mut guard {
+                        g.phase(HoldPhase::Client);
+                    }
                     // The files stay until the storage is done with them (a proxy keeps
                     // its uploads in its blob cache once upstream has committed them).
                     let files = std::mem::take(&mut self.blob_files);
                     self.finish_task = Some(spawn_finish(ctx, key, msgid, guard, files));
                 }
                 Action::AbortInStorage { key } => ctx.handle.storage.abort(key).await,
-                Action::ReleaseLock { key } => release_lock(ctx.handle, key, self.guard.take()),
+                Action::ReleaseLock { key } => {
+                    release_lock(ctx.handle, key, self.guard.take(), HoldPhase::Abort)
+                }
                 Action::Deadline(d) => self.deadline = d.map(Instant::from_std),
                 Action::Began => {
                     ctx.handle.stats.active_txns.fetch_add(1, Ordering::Relaxed);
@@ -304,11 +339,7 @@ fn count_conflicts(handle: &StorageHandle, report: &VoteReport) {
 }
 
 /// Takes the commit lock (unless `guard` holds it already: a conflict round), then votes.
-fn spawn_vote(
-    ctx: &Ctx<'_>,
-    txn: Transaction,
-    guard: Option<OwnedMutexGuard<()>>,
-) -> JoinHandle<VoteDone> {
+fn spawn_vote(ctx: &Ctx<'_>, txn: Transaction, guard: Option<LockHold>) -> JoinHandle<VoteDone> {
     let handle = ctx.handle.clone();
     let metrics = ctx.shared.metrics.clone();
     let session = ctx.session;
@@ -325,11 +356,13 @@ fn spawn_vote(
                 handle.stats.waiting.fetch_sub(1, Ordering::Relaxed);
                 *handle.stats.lock_time.lock() = Some(zodb::timestamp::now_unix());
                 handle.hub.begin_commit(txn.key, session);
-                guard
+                LockHold::new(guard, metrics)
             }
         };
         let mut txn = txn;
         let report = vote_resolving(&handle, &mut txn).await;
+        let mut guard = guard;
+        guard.phase(HoldPhase::Vote);
         VoteDone { txn, report, guard }
     })
 }
@@ -405,13 +438,17 @@ fn spawn_finish(
     ctx: &Ctx<'_>,
     key: TxnKey,
     msgid: Value,
-    guard: Option<OwnedMutexGuard<()>>,
+    mut guard: Option<LockHold>,
     files: TempFiles,
 ) -> JoinHandle<()> {
     let handle = ctx.handle.clone();
     let outbox = ctx.outbox.clone();
     tokio::spawn(async move {
-        match handle.storage.finish(key).await {
+        let finished = handle.storage.finish(key).await;
+        if let Some(g) = &mut guard {
+            g.phase(HoldPhase::Finish);
+        }
+        match finished {
             Ok(tid) => {
                 Stats::incr(&handle.stats.commits);
                 let info = handle.storage.info();
@@ -435,16 +472,19 @@ fn spawn_finish(
             }
         }
         // Only now, after the reply is queued, may the next transaction commit.
-        release_lock(&handle, key, guard);
+        release_lock(&handle, key, guard, HoldPhase::Reply);
         drop(files);
         debug!(storage = %handle.name, key, "transaction finished");
     })
 }
 
-fn release_lock(handle: &StorageHandle, key: TxnKey, guard: Option<OwnedMutexGuard<()>>) {
+/// Releases the commit lock, if held, counting the time since the last phase as `last`.
+fn release_lock(handle: &StorageHandle, key: TxnKey, guard: Option<LockHold>, last: HoldPhase) {
     *handle.stats.lock_time.lock() = None;
     handle.hub.end_commit(key);
-    drop(guard);
+    if let Some(mut g) = guard {
+        g.phase(last);
+    }
 }
 
 fn end_txn_stats(handle: &StorageHandle, aborted: bool) {
