@@ -384,7 +384,11 @@ def test_failed_truncation_after_a_failed_write(faulty_server):
     commit(d, "a", 1)
     faults.set("pwrite", errno.ENOSPC, short=True)
     faults.set("ftruncate", errno.EIO)
-    expect_failed_commit(d, "big", PersistentMapping({"v": b"x" * 300_000}), "No space left on device")
+    # Many records of 10 kB rather than one of 300 kB: the vote writes records of 64 KiB
+    # and more by reference, in a write of their own, and the shortened write must cut
+    # into a large first write for a large partial transaction to be left behind.
+    many = PersistentMapping({i: PersistentMapping({"v": b"x" * 10_000}) for i in range(30)})
+    expect_failed_commit(d, "big", many, "No space left on device")
     faults.clear()
     # A partial transaction was written (shortened writes) and its truncation failed.
     assert "short" in faults.events("pwrite") and faults.events("pwrite")[-1] == "fail", faults.events("pwrite")
