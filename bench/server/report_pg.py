@@ -7,7 +7,6 @@ over repetitions of `results["postgresql"]["runs"][workload][side]`, sides "zeor
 "stock" (runzeo + RelStorage), "relstorage" (RelStorage clients, no server) and "two"
 (two zeors servers sharing the load).
 """
-import statistics
 
 # Targets (issue 15): zeors / runzeo+RelStorage.
 LOADS_TARGET = 3.0
@@ -16,20 +15,10 @@ COMMITS_TARGET = 2.0
 TWO_SERVERS_TARGET = 1.0
 
 
-def _median(values):
-    values = [v for v in values if v is not None]
-    return statistics.median(values) if values else None
-
-
 def value(results, workload, side, fn):
-    runs = results.get("postgresql", {}).get("runs", {}).get(workload, {}).get(side, [])
-    out = []
-    for r in runs:
-        try:
-            out.append(fn(r))
-        except (KeyError, TypeError):
-            pass
-    return _median(out)
+    import report  # imported here: report imports this module
+
+    return report._run_value(results.get("postgresql", {}), workload, side, fn)
 
 
 def _rate(r):

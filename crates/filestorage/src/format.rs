@@ -208,6 +208,11 @@ impl Payload<'_> {
 /// follows it in the file.
 pub fn write_data_header(out: &mut Vec<u8>, oid: Oid, tid: Tid, prev: u64, tloc: u64, plen: u64) {
     debug_assert!(plen > 0);
+    push_data_header(out, oid, tid, prev, tloc, plen);
+}
+
+/// The header of a data record (`plen` 0: a back pointer follows).
+fn push_data_header(out: &mut Vec<u8>, oid: Oid, tid: Tid, prev: u64, tloc: u64, plen: u64) {
     let h = DataHeader {
         oid,
         tid,
@@ -234,16 +239,7 @@ pub fn write_data_record(
         Payload::Data(d) => d.len() as u64,
         Payload::Back(_) => 0,
     };
-    let h = DataHeader {
-        oid,
-        tid,
-        prev,
-        tloc,
-        vlen: 0,
-        plen,
-        back: 0,
-    };
-    out.extend_from_slice(&h.to_bytes());
+    push_data_header(out, oid, tid, prev, tloc, plen);
     match payload {
         Payload::Data(d) => out.extend_from_slice(d),
         Payload::Back(back) => out.extend_from_slice(&back.to_be_bytes()),

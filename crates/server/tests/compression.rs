@@ -23,32 +23,7 @@ fn text_record(len: usize) -> Vec<u8> {
 
 /// Commits `data` as a new object; returns its oid.
 fn commit(c: &mut Client, data: &[u8]) -> Value {
-    let oid = c
-        .call("new_oids", vec![Value::Int(1)])
-        .unwrap()
-        .as_seq()
-        .unwrap()[0]
-        .clone();
-    let txn = Value::Int(1);
-    let begin = vec![
-        txn.clone(),
-        Value::bytes(&b""[..]),
-        Value::bytes(&b""[..]),
-        Value::Dict(vec![]),
-        Value::None,
-        Value::str(" "),
-    ];
-    c.send("tpc_begin", begin, true).unwrap();
-    let store = vec![
-        oid.clone(),
-        Value::bytes(vec![0u8; 8]),
-        Value::bytes(data.to_vec()),
-        txn.clone(),
-    ];
-    c.send("storea", store, true).unwrap();
-    c.call("vote", vec![txn.clone()]).unwrap();
-    c.call("tpc_finish", vec![txn]).unwrap();
-    oid
+    support::commit_new(c, data).unwrap().0
 }
 
 /// Bytes read off the socket for `loads` loads of `oid`.

@@ -323,32 +323,62 @@ fn tiling(bytes: &[u8], tpos: usize) -> Option<(usize, Vec<(usize, u64)>)> {
     (p == tend).then_some((h.meta_len(), records))
 }
 
+/// A transaction's position, its end (after the trailer) and its records' `(start,
+/// pickle length)`.
+type TxnLayout = (usize, usize, Vec<(usize, u64)>);
+
+/// The well-formed transactions of `bytes` from the start, as [`tiling`] reads them.
+fn transactions(bytes: &[u8]) -> Vec<TxnLayout> {
+    let mut out = Vec::new();
+    let mut tpos = 4usize;
+    while let Some((_, records)) = tiling(bytes, tpos) {
+        let h = crate::format::TxnHeader::parse(
+            bytes[tpos..tpos + crate::format::TXN_HEADER_LEN]
+                .try_into()
+                .unwrap(),
+        );
+        let next = tpos + usize::try_from(h.tlen).unwrap() + 8;
+        out.push((tpos, next, records));
+        tpos = next;
+    }
+    out
+}
+
+/// What the undamaged file cut after each transaction answers (see [`answers`]).
+fn prefix_answers(
+    prefixes: &[Vec<u8>],
+    tids: &[Tid],
+) -> Vec<std::collections::BTreeMap<String, Result<String, ()>>> {
+    prefixes
+        .iter()
+        .map(|p| answers(&reopen(p.clone(), read_only()).1, tids))
+        .collect()
+}
+
 /// Whether `flips` make a transaction of `bytes` read as another well-formed transaction:
 /// a pickle or metadata length grown by exactly the records after it, or a `prev` or back
 /// pointer made 0. The format has no checksum to tell such a transaction from the original (see
 /// the module docs).
 fn makes_another_transaction(bytes: &[u8], flips: &[(usize, u8)]) -> bool {
     let damaged = with_flips(bytes, flips);
-    let mut tpos = 4usize;
-    while let Some(original) = tiling(bytes, tpos) {
-        let h = crate::format::TxnHeader::parse(bytes[tpos..tpos + 23].try_into().unwrap());
-        let next = tpos + usize::try_from(h.tlen).unwrap() + 8;
+    for (tpos, next, records) in transactions(bytes) {
         let touched = flips.iter().any(|&(i, _)| (tpos..next).contains(&i));
-        if touched && tiling(&damaged, tpos).is_some_and(|t| t != original) {
+        if touched
+            && tiling(&damaged, tpos) != tiling(bytes, tpos)
+            && tiling(&damaged, tpos).is_some()
+        {
             return true;
         }
         // A `prev` pointer damaged to 0 reads as the object's first revision, a back
         // pointer damaged to 0 as an undone creation.
         let u64_at = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
         let zeroed = |at: usize| u64_at(bytes, at) != 0 && u64_at(&damaged, at) == 0;
-        if original
-            .1
+        if records
             .iter()
             .any(|&(p, plen)| zeroed(p + 16) || (plen == 0 && zeroed(p + 42)))
         {
             return true;
         }
-        tpos = next;
     }
     false
 }
@@ -403,10 +433,7 @@ proptest! {
 fn damaged_lengths_and_pointers_are_refused_or_read_as_before() {
     use proptest::test_runner::{Config, TestRunner};
     let (prefixes, tids) = sample_prefixes();
-    let clean: Vec<_> = prefixes
-        .iter()
-        .map(|p| answers(&reopen(p.clone(), read_only()).1, &tids))
-        .collect();
+    let clean = prefix_answers(&prefixes, &tids);
     let full = prefixes.last().unwrap().clone();
     let structure = structure_bytes(&full);
     let (opened, answered) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
@@ -457,31 +484,19 @@ fn damaged_lengths_and_pointers_are_refused_or_read_as_before() {
 
 /// Every growth of every record's pickle length (its low byte), exhaustively: refused, or
 /// read as before, unless the record then swallows exactly the records after it (another
-/// valid file, see the module docs), which is counted.
+/// well-formed transaction, see the module docs), which is counted.
 #[test]
 fn every_grown_pickle_length_is_refused_or_an_exact_fit() {
-    use crate::format::{DataHeader, TxnHeader, DATA_HEADER_LEN, TXN_HEADER_LEN};
     let (prefixes, tids) = sample_prefixes();
-    let clean: Vec<_> = prefixes
-        .iter()
-        .map(|p| answers(&reopen(p.clone(), read_only()).1, &tids))
-        .collect();
+    let clean = prefix_answers(&prefixes, &tids);
     let full = prefixes.last().unwrap().clone();
-    let mut plens = Vec::new();
-    let mut pos = 4usize;
-    while pos < full.len() {
-        let h = TxnHeader::parse(full[pos..pos + TXN_HEADER_LEN].try_into().unwrap());
-        let tend = pos + usize::try_from(h.tlen).unwrap();
-        let mut p = pos + TXN_HEADER_LEN + h.meta_len();
-        while p < tend {
-            let d = DataHeader::parse(full[p..p + DATA_HEADER_LEN].try_into().unwrap());
-            if d.plen > 0 {
-                plens.push((p + DATA_HEADER_LEN - 1, d.plen));
-            }
-            p += usize::try_from(d.record_len().unwrap()).unwrap();
-        }
-        pos = tend + 8;
-    }
+    // The last byte of each pickle length (records without data have none to grow).
+    let plens: Vec<(usize, u64)> = transactions(&full)
+        .into_iter()
+        .flat_map(|(_, _, records)| records)
+        .filter(|&(_, plen)| plen > 0)
+        .map(|(p, plen)| (p + crate::format::DATA_HEADER_LEN - 1, plen))
+        .collect();
     assert!(plens.len() >= 5, "{plens:?}");
     let (mut opened, mut fits) = (0, 0);
     for &(at, plen) in &plens {

@@ -255,6 +255,11 @@ pub const RECORD: &[u8] = b"\x80\x03cpersistent.mapping\nPersistentMapping\nq\x0
 pub fn commit_one(addr: &str) -> io::Result<Value> {
     let mut c = Client::connect(addr, Encoding::Pickle)?;
     c.call("register", vec![Value::str("1"), Value::Bool(false)])?;
+    commit_new(&mut c, RECORD).map(|(_, tid)| tid)
+}
+
+/// Commits `data` as a new object on a registered client: `(oid, tid)`.
+pub fn commit_new(c: &mut Client, data: &[u8]) -> io::Result<(Value, Value)> {
     let oids = c.call("new_oids", vec![Value::Int(1)])?;
     let oid = oids
         .as_seq()
@@ -276,13 +281,14 @@ pub fn commit_one(addr: &str) -> io::Result<Value> {
     c.send(
         "storea",
         vec![
-            oid,
+            oid.clone(),
             Value::bytes(vec![0u8; 8]),
-            Value::bytes(RECORD),
+            Value::bytes(data.to_vec()),
             txn.clone(),
         ],
         true,
     )?;
     c.call("vote", vec![txn.clone()])?;
-    c.call("tpc_finish", vec![txn])
+    let tid = c.call("tpc_finish", vec![txn])?;
+    Ok((oid, tid))
 }
