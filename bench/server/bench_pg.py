@@ -177,6 +177,16 @@ class PgPart:
         finally:
             server.stop()
 
+    # -- the database's floor -------------------------------------------------------
+
+    def pg_floor(self, dsn):
+        """One database round trip from the driver zeors uses (`zeo-bench pgfloor`): a
+        cold load at one connection can be no faster than the ZEO floor plus this."""
+        cfg = self.cfg
+        self.record("pgfloor", "floor", lambda: self.bench.tool_json(
+            "pgfloor", "--dsn", dsn, "--meta", self.meta, "--duration", cfg["duration"],
+            "--warmup", cfg["warmup"]))
+
     # -- (c) RelStorage clients without a server -----------------------------------
 
     def relstorage_direct(self, dsn):
@@ -287,6 +297,7 @@ class PgPart:
                 order = SIDES if rep % 2 == 0 else SIDES[::-1]
                 log(f"postgresql repetition {rep + 1}/{self.cfg['reps']} ({' then '.join(order)}, "
                     "RelStorage clients, two zeors servers)")
+                self.pg_floor(dsn)
                 for side in order:
                     self.one_side(side, dsn, rep)
                 self.relstorage_direct(dsn)

@@ -90,6 +90,37 @@ def summarize(results):
     return {"targets": rows, "two": two}
 
 
+def cold_ceiling(results):
+    """What one connection's loads can reach when they miss the server's cache, from the
+    two floors of the same run: the ZEO floor's round trip (`zeo-bench floor`, servers
+    part) plus one database round trip for the miss statement (`zeo-bench pgfloor`)."""
+    import report
+
+    pg = results.get("postgresql", {})
+    mean = _p("mean_ms")
+    db_load = value(results, "pgfloor", "floor", lambda r: r["load"]["latency"]["mean_ms"])
+    select_1 = value(results, "pgfloor", "floor", lambda r: r["select_1"]["latency"]["mean_ms"])
+    if db_load is None:
+        return ""
+    text = (f"The database's floor (`zeo-bench pgfloor`, one connection from the driver zeors uses): "
+            f"`SELECT 1` takes {_fmt(select_1, 'ms')} on average, the statement of a cache miss on a "
+            f"random oid {_fmt(db_load, 'ms')}.")
+    zeo = report._run_value(results, "loads-1", "floor", mean)
+    stock = value(results, "loads-1", "stock", _rate)
+    if zeo is None or not stock:
+        return text + " (The ZEO floor was not measured in this run: run the servers part too.)"
+    ceiling = 1000 / (zeo + db_load)
+    needed = 1000 / (LOADS_TARGET * stock)
+    zeors = value(results, "loads-1", "zeors", _rate)
+    return (text + f" With the ZEO floor's round trip at one connection ({_fmt(zeo, 'ms')}), a load that "
+            f"misses cannot take less than {_fmt(zeo + db_load, 'ms')}: at most {_fmt(ceiling, '/s')} "
+            f"loads/s at one connection while the cache is cold (zeors: {_fmt(zeors, '/s')}, "
+            f"{_fmt_ratio(_ratio(zeors, ceiling))} of it). {LOADS_TARGET:g}× `runzeo` + RelStorage there is "
+            f"{_fmt(LOADS_TARGET * stock, '/s')}, {_fmt(needed, 'ms')} per load: less than the ZEO round trip "
+            f"and the database's together, whichever server answers. Both servers start this workload with "
+            f"empty caches ({pg.get('cache_mb')} MB each).")
+
+
 def settings_line(pg):
     s = pg.get("settings", {})
     return (
@@ -123,6 +154,9 @@ def markdown(results):
     for label, stock, zeors, unit, ratio, target, met in s["targets"]:
         lines.append(f"| {label} | {_fmt(stock, unit)} | {_fmt(zeors, unit)} | {_fmt_ratio(ratio)} | "
                      f"{target} | {verdict[met]} |")
+    ceiling = cold_ceiling(results)
+    if ceiling:
+        lines += ["", ceiling]
     lines += [
         "",
         "Two zeors servers on the database, the load split between them, against one of them alone "
@@ -192,6 +226,9 @@ def markdown(results):
 
 def one_line(v):
     """A short log line for one workload result."""
+    if "select_1" in v:
+        return (f"SELECT 1 mean {v['select_1']['latency']['mean_ms']:.3f} ms, miss statement mean "
+                f"{v['load']['latency']['mean_ms']:.3f} ms")
     if "servers" in v:
         lat = v["latency"]
         rate = v.get("loads_per_s", v.get("commits_per_s"))

@@ -27,4 +27,4 @@ mod watch;
 pub use db::OpenError;
 pub use options::Options;
 pub use schema::Layout;
-pub use storage::PgStorage;
+pub use storage::{PgStorage, LOAD_BEFORE_SQL};

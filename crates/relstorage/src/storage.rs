@@ -111,6 +111,15 @@ impl Inner {
     }
 }
 
+/// A cache miss on a history-preserving database: the newest revision of `$1` before
+/// tid `$2`, with the tid that replaced it (NULL while current). Public so that the
+/// benchmark's PostgreSQL floor (`zeo-bench pgfloor`) times exactly this statement.
+pub const LOAD_BEFORE_SQL: &str = "SELECT o.tid, o.state,
+        (SELECT min(n.tid) FROM object_state n WHERE n.zoid = o.zoid AND n.tid > o.tid)
+    FROM object_state o
+    WHERE o.zoid = $1 AND o.tid < $2
+    ORDER BY o.tid DESC LIMIT 1";
+
 /// A ZODB storage in a RelStorage database on PostgreSQL.
 pub struct PgStorage {
     inner: Arc<Inner>,
@@ -287,16 +296,7 @@ impl zodb::Storage for PgStorage {
                     let row = inner
                         .with_conn(|c| {
                             Box::pin(async move {
-                                let stmt = c
-                                    .prepare_cached(
-                                        "SELECT o.tid, o.state,
-                                            (SELECT min(n.tid) FROM object_state n
-                                             WHERE n.zoid = o.zoid AND n.tid > o.tid)
-                                         FROM object_state o
-                                         WHERE o.zoid = $1 AND o.tid < $2
-                                         ORDER BY o.tid DESC LIMIT 1",
-                                    )
-                                    .await?;
+                                let stmt = c.prepare_cached(LOAD_BEFORE_SQL).await?;
                                 c.query_opt(&stmt, &[&oid_param(oid), &(capped.0 as i64)])
                                     .await
                             })

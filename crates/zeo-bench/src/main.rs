@@ -16,6 +16,7 @@ mod lag;
 mod loads;
 mod meta;
 mod micro;
+mod pgfloor;
 mod procfs;
 mod read;
 mod relay;
@@ -52,6 +53,9 @@ enum Command {
     Floor(floor::Args),
     /// Micro-benchmarks of the protocol codec's hot paths.
     Micro(micro::Args),
+    /// One PostgreSQL round trip (`SELECT 1`, and zeors's cache-miss statement): the
+    /// database's share of a cold load.
+    Pgfloor(pgfloor::Args),
 }
 
 fn main() -> Result<()> {
@@ -72,6 +76,7 @@ fn main() -> Result<()> {
         Command::Read(a) => serde_json::to_value(rt.block_on(read::run(a))?)?,
         Command::Relay(a) => return rt.block_on(relay::run(a)),
         Command::Micro(a) => serde_json::to_value(micro::run(a))?,
+        Command::Pgfloor(a) => serde_json::to_value(rt.block_on(pgfloor::run(a))?)?,
         Command::Floor(a) => return rt.block_on(floor::run(a)),
     };
     println!("{report}");
