@@ -151,6 +151,24 @@ class StockServer:
         return 0
 
 
+@pytest.fixture(autouse=True)
+def fresh_transaction():
+    """Each test starts with a fresh thread-local transaction: a test that fails mid-commit
+    leaves the `transaction` package's current transaction doomed ("An operation previously
+    failed"), and the next test using `transaction.commit()` must not fail for that."""
+    import transaction
+
+    def abort():
+        try:
+            transaction.abort()
+        except Exception:
+            pass
+
+    abort()
+    yield
+    abort()
+
+
 @pytest.fixture
 def make_server(tmp_path):
     servers = []

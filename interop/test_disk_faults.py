@@ -226,6 +226,45 @@ def proxy_with_a_full_cache(upstream, proxy, small_disk):
     assert read(proxy, ["k3"])["k3"]["v"] == bytes([3]) * 100_000
 
 
+@pytest.mark.parametrize("via", ["direct", "proxy"])
+def test_a_blob_upload_that_does_not_fit_fails_its_commit_not_the_connection(via, make_server, small_disk, tmp_path):
+    """A blob bigger than the disk its server writes uploads to (a zeors server's blob
+    directory; a proxy's blob cache): the commit fails with the kernel's reason, the partial
+    upload is removed at once, and the same connection commits again, blobs included."""
+    from test_blobs import blob_db, read_blob, temp_files, write_blob
+
+    blobs = small_disk / "blobs"
+    if via == "direct":
+        server = make_server("--blob-dir", str(blobs), path=tmp_path / "Data.fs")
+    else:
+        upstream = make_server("--blob-dir", str(tmp_path / "upstream-blobs"), path=tmp_path / "upstream.fs")
+        server = make_server.proxy(upstream.addr, "proxy", "--blob-dir", str(blobs))
+    d = blob_db(server, tmp_path)
+    big = os.urandom(3 << 20) * 3  # 9 MiB on a 4 MiB disk
+    for _ in range(2):
+        with pytest.raises(Exception) as info:
+            with d.transaction() as conn:
+                write_blob(conn, "big", big)
+        assert "StorageSystemError" in repr(info.value), repr(info.value)
+        assert "No space left on device" in str(info.value), repr(info.value)
+        assert server.proc.poll() is None, "the server died"
+        # The partial upload is gone: the space is back for everyone.
+        assert [n for n in temp_files(blobs) if n.startswith("upload")] == []
+    assert "writing a blob upload failed" in server.log_text()
+    # The same connection goes on: a plain commit, then a blob that fits.
+    with d.transaction() as conn:
+        conn.root()["after"] = 1
+    with d.transaction() as conn:
+        write_blob(conn, "small", b"fits " * 20_000)
+    d.close()
+    other = blob_db(server, tmp_path)
+    with other.transaction() as conn:
+        assert conn.root()["after"] == 1
+        assert read_blob(conn, "small") == b"fits " * 20_000
+        assert "big" not in conn.root()
+    other.close()
+
+
 # -- RLIMIT_FSIZE -------------------------------------------------------------------------
 
 

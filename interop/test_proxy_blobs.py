@@ -19,6 +19,7 @@ from test_blobs import (
     FailingVote,
     RssSampler,
     blob_db,
+    need_free_space,
     read_blob,
     reads,
     seeded_blocks,
@@ -226,6 +227,7 @@ def test_shared_blob_dir_with_upstream(make_server, tmp_path):
 @pytest.mark.parametrize("kind", ["zeors-upstream", "stock-upstream"])
 def test_a_blob_of_more_than_one_gib_through_the_proxy(kind, make_server, stock_blobs, tmp_path):
     size_mib = int(os.environ.get("ZEORS_BIG_BLOB_MIB", "1100"))
+    need_free_space(tmp_path, 5, size_mib)
     if kind == "stock-upstream":
         upstream = stock_blobs()
     else:

@@ -38,4 +38,4 @@ echo "== cargo test"
 cargo test --workspace --quiet
 echo "== interop tests (Python ZODB/ZEO against target/debug/zeors)"
 TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-ZEORS_BIN="$TARGET_DIR/debug/zeors" "$VENV/bin/python" -m pytest -q -p no:cacheprovider interop "$@"
+ZEORS_BIN="$TARGET_DIR/debug/zeors" "$VENV/bin/python" -m pytest -q -p no:cacheprovider -o tmp_path_retention_policy=failed interop "$@"

@@ -5,7 +5,11 @@
 //! the chunks arrive: nothing but the chunk being written is held in memory, and a disk
 //! slower than the network slows the reading of this connection (the chunk write is
 //! awaited before the next message is read). `storeBlobEnd` fsyncs the file outside the
-//! commit lock and buffers a [`TxnOp::StoreBlob`]. `storeBlobShared` names a file the
+//! commit lock and buffers a [`TxnOp::StoreBlob`]. An upload the server cannot write (a
+//! full disk, an I/O error) does not close the connection: its partial file is removed at
+//! once, the rest of its chunks are read and dropped, and the transaction's vote fails
+//! with the reason ([`Event::OpLost`]), as a store that cannot be kept does. The client
+//! gets a clear error and its connection (and everyone else's) stays up. `storeBlobShared` names a file the
 //! client wrote into the storage's own blob directory. Either way the file belongs to the
 //! transaction ([`TempFiles`]) and is removed when it ends, committed or not: a storage
 //! keeps its own link to what it commits.
@@ -25,7 +29,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{debug, error, warn};
 use zeo_proto::{message, Callback, Value};
-use zodb::{Oid, Tid, TxnOp};
+use zodb::{Oid, StorageError, Tid, TxnOp};
 
 /// Bytes of blob data per `receiveBlobChunk` (Python sends 59 000; larger chunks mean
 /// fewer messages for the client to handle, which matters for a Python client that
@@ -78,11 +82,25 @@ impl Drop for TempFiles {
 
 /// A blob being uploaded.
 pub(super) struct Upload {
-    file: tokio::fs::File,
+    /// `None` once the upload has failed.
+    file: Option<tokio::fs::File>,
     path: PathBuf,
     /// Removes the file unless the upload completes into a transaction.
     guard: TempFiles,
     size: u64,
+    /// Why the file could not be written; the chunks that follow are dropped and the
+    /// transaction's vote fails with this.
+    failed: Option<std::io::Error>,
+}
+
+impl Upload {
+    /// Records the first failure and removes the partial file now, not at the end of the
+    /// transaction: on a full disk, its space is what everyone else needs.
+    fn fail(&mut self, error: std::io::Error) {
+        self.file = None;
+        self.guard = TempFiles::default();
+        self.failed.get_or_insert(error);
+    }
 }
 
 impl Session {
@@ -114,26 +132,28 @@ impl Session {
         let path = dir.join(zodb::blob::unique_name("upload", ".tmp"));
         let mut guard = TempFiles::default();
         guard.push(path.clone());
-        match tokio::fs::OpenOptions::new()
+        let opened = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&path)
-            .await
-        {
-            Ok(file) => {
-                self.upload = Some(Upload {
-                    file,
-                    path,
-                    guard,
-                    size: 0,
-                });
-                Ok(())
-            }
+            .await;
+        let mut upload = Upload {
+            file: None,
+            path,
+            guard,
+            size: 0,
+            failed: None,
+        };
+        match opened {
+            Ok(file) => upload.file = Some(file),
             Err(e) => {
-                error!(session = self.id, file = %path.display(), error = %e, "cannot create a blob upload file; closing");
-                Err(Close::Io(e))
+                error!(session = self.id, file = %upload.path.display(), error = %e,
+                       "cannot create a blob upload file; the transaction will fail");
+                upload.fail(e);
             }
         }
+        self.upload = Some(upload);
+        Ok(())
     }
 
     /// `storeBlobChunk(chunk)`: appends to the upload's file.
@@ -141,10 +161,14 @@ impl Session {
         let Some(upload) = &mut self.upload else {
             return Err(self.blob_misuse("storeBlobChunk without storeBlobStart"));
         };
-        if let Err(e) = upload.file.write_all(&chunk).await {
-            error!(session = self.id, error = %e, "writing a blob upload failed; closing");
-            self.upload = None;
-            return Err(Close::Io(e));
+        let Some(file) = &mut upload.file else {
+            return Ok(()); // failed earlier: dropped
+        };
+        if let Err(e) = file.write_all(&chunk).await {
+            error!(session = self.id, error = %e, bytes = upload.size,
+                   "writing a blob upload failed; the transaction will fail");
+            upload.fail(e);
+            return Ok(());
         }
         upload.size += chunk.len() as u64;
         Ok(())
@@ -166,13 +190,27 @@ impl Session {
         if !self.txn.core().accepts_ops(Some(&txn)) {
             return Err(self.blob_misuse("storeBlobEnd outside its transaction"));
         }
-        let synced = async {
-            upload.file.flush().await?;
-            upload.file.sync_data().await
-        };
-        if let Err(e) = synced.await {
-            error!(session = self.id, error = %e, "finishing a blob upload failed; closing");
-            return Err(Close::Io(e));
+        if let Some(mut file) = upload.file.take() {
+            let synced = async {
+                file.flush().await?;
+                file.sync_data().await
+            };
+            if let Err(e) = synced.await {
+                error!(session = self.id, error = %e, "finishing a blob upload failed; the transaction will fail");
+                upload.fail(e);
+            }
+        }
+        if let Some(e) = upload.failed.take() {
+            drop(upload);
+            let lost = Event::OpLost {
+                id: txn,
+                error: StorageError::Io(std::io::Error::new(
+                    e.kind(),
+                    format!("could not write the uploaded blob of oid {oid}: {e}"),
+                )),
+            };
+            let ctx = txn_ctx!(self, handle);
+            return self.txn.feed(&ctx, lost).await;
         }
         debug!(session = self.id, %oid, bytes = upload.size, "blob uploaded");
         self.txn.blob_files.append(upload.guard.take());
