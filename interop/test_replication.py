@@ -385,6 +385,38 @@ def test_a_chain_of_three_with_read_only_clients(make_server, tmp_path):
     d.close()
 
 
+def test_a_replication_socket_is_never_taken_from_a_running_primary(make_server, tmp_path):
+    """`--replicate-to` a unix socket: a second server given the same path is refused
+    ("address already in use") and the first keeps feeding its replica; a socket left by a
+    killed primary is replaced when it restarts."""
+    sock = tmp_path / "replication.sock"
+    primary = make_server("--replicate-to", str(sock), path=tmp_path / "primary.fs")
+    replica = make_server("--replicate-from", str(sock), path=tmp_path / "replica.fs")
+    d = ZODB.DB(ClientStorage(primary.addr, wait_timeout=30))
+
+    def commit(n):
+        with d.transaction() as conn:
+            conn.root()["n"] = n
+        wait_caught_up(replica, primary)
+
+    commit(1)
+    second = Server(tmp_path / "second.fs", "--replicate-to", str(sock))
+    r = subprocess.run(second.command(), capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0, out
+    assert "address already in use" in out, out
+    assert sock.is_socket()
+    commit(2)
+    d.close()
+    primary.kill()
+    assert sock.is_socket(), "the killed primary's socket is left behind"
+    primary.start()
+    d = ZODB.DB(ClientStorage(primary.addr, wait_timeout=30))
+    commit(3)
+    d.close()
+    assert_prefix(replica.path, primary.path)
+
+
 def zrs_python():
     path = os.environ.get("ZEORS_ZRS_PYTHON") or str(ROOT / ".venv-zrs" / "bin" / "python")
     if not os.path.exists(path):

@@ -84,14 +84,13 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Binds `address` (`HOST:PORT`, `PORT` for every interface, or a socket path; a
-    /// stale socket file is replaced).
+    /// Binds `address` (`HOST:PORT`, `PORT` for every interface, or a socket path). A
+    /// socket file already at the path is "address in use": the caller decides whether it
+    /// is stale (the server binary checks that nobody answers on it first, so a second
+    /// instance never takes the socket over from a running primary).
     pub async fn bind(address: &str) -> io::Result<Listener> {
         if address.contains('/') {
             let path = std::path::PathBuf::from(address);
-            if path.exists() {
-                std::fs::remove_file(&path)?;
-            }
             return Ok(Listener::Unix(UnixListener::bind(&path)?, path));
         }
         let address = if address.parse::<u16>().is_ok() {

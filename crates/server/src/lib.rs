@@ -17,7 +17,7 @@ mod session;
 pub mod stats;
 pub mod tls;
 
-pub use listener::{Listener, Reserved};
+pub use listener::{remove_stale_socket, Listener, Reserved};
 
 use hub::Hub;
 use parking_lot::Mutex;

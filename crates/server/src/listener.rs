@@ -163,7 +163,7 @@ impl Reserved {
 /// on (left by a crash) is removed; a socket a live server answers on is "address already
 /// in use", as binding a TCP port twice is (a second instance must not take the socket
 /// over from a running server); anything that is not a socket is never removed.
-fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
+pub fn remove_stale_socket(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::{Error, ErrorKind};
     use std::os::unix::fs::FileTypeExt;
     let meta = match std::fs::symlink_metadata(path) {

@@ -854,6 +854,10 @@ enum Opened {
 async fn start_replication(nodes: &[(Arc<replication::Node>, config::ZrsConf)]) -> Result<()> {
     for (node, z) in nodes {
         if let Some(address) = &z.replicate_to {
+            if address.contains('/') {
+                server::remove_stale_socket(std::path::Path::new(address))
+                    .with_context(|| format!("listening for replicas on {address}"))?;
+            }
             let listener = replication::net::Listener::bind(address)
                 .await
                 .with_context(|| format!("listening for replicas on {address}"))?;
