@@ -396,3 +396,55 @@ def test_the_proxy_speaks_tls_to_a_stock_upstream_with_zeos_test_certificates(tm
                 proc.wait(20)
     finally:
         upstream.stop()
+
+
+def test_no_compression_under_tls(tmp_path):
+    """zeors offers zstd to zeors peers, but never over TLS: compressing before
+    encrypting lets whoever can add bytes to a stream and watch its length learn what else
+    it holds. Over TLS the server does not offer it, refuses a client that asks anyway
+    (that connection only), and a zeors proxy does not ask."""
+    up = start("zeors", tmp_path, ssl_section(CLIENT_CERT))
+    try:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(SERVER_CERT))
+        ctx.load_cert_chain(str(CLIENT_CERT), str(CLIENT_KEY))
+        ctx.check_hostname = False
+        s = ClientStorage(up.addr, ssl=ctx, wait_timeout=10)
+        extensions = s._info["zeors_extensions"]
+        assert "changed_since" in extensions and "zstd" not in extensions, extensions
+        with pytest.raises(ClientDisconnected):
+            s._call("zeors_compress", "zstd")
+        s.close()
+        assert "compression asked for over TLS" in up.log.read_text(errors="replace")
+
+        port = free_port()
+        body = f"""    certificate {CLIENT_CERT}
+    key {CLIENT_KEY}
+    authenticate {SERVER_CERT}
+    check-hostname false"""
+        proxy = Running([zeors_binary(), "serve", "-C", str(proxy_conf(tmp_path, port, up.addr, body))],
+                        port, tmp_path / "proxy.log")
+        try:
+            d = ZODB.DB(ClientStorage(proxy.addr, wait_timeout=20))
+            with d.transaction() as conn:
+                conn.root()["through"] = "tls, plain inside"
+            d.close()
+        finally:
+            assert proxy.stop() == 0
+        log = proxy.log.read_text(errors="replace")
+        connected = [line for line in log.splitlines() if "upstream connected" in line]
+        assert connected and all("compressed=false" in line for line in connected), log[-3000:]
+        direct = ZODB.DB(ClientStorage(up.addr, ssl=ctx, wait_timeout=10))
+        with direct.transaction() as conn:
+            assert conn.root()["through"] == "tls, plain inside"
+        direct.close()
+    finally:
+        assert up.stop() == 0
+
+    # The control: the same server without TLS offers it.
+    plain = start("zeors", tmp_path, "")
+    try:
+        s = ClientStorage(plain.addr, wait_timeout=10)
+        assert "zstd" in s._info["zeors_extensions"]
+        s.close()
+    finally:
+        assert plain.stop() == 0

@@ -226,20 +226,20 @@ pub(crate) async fn accept_loop(listener: Listener, shared: Arc<Shared>) {
                     match stream {
                         Accepted::Tcp(stream) => {
                             sessions.spawn(async move {
-                                session::run(stream, peer, shared).await;
+                                session::run(stream, peer, shared, false).await;
                                 drop(slot);
                             });
                         }
                         Accepted::Unix(stream) => {
                             sessions.spawn(async move {
-                                session::run(stream, peer, shared).await;
+                                session::run(stream, peer, shared, false).await;
                                 drop(slot);
                             });
                         }
                         Accepted::Tls(stream, acceptor) => {
                             sessions.spawn(async move {
                                 match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                                    Ok(Ok(tls)) => session::run(tls, peer, shared).await,
+                                    Ok(Ok(tls)) => session::run(tls, peer, shared, true).await,
                                     Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake failed"),
                                     Err(_) => tracing::warn!(%peer, "TLS handshake timed out"),
                                 }

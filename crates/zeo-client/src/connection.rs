@@ -40,7 +40,8 @@ pub struct ConnectOptions {
     /// TLS on TCP addresses (ZEO's client `<ssl>`); `None`: plain TCP.
     pub tls: Option<zeo_tls::ClientTls>,
     /// Compress the connection with zstd if the server offers it (a zeors server; see
-    /// `zeo_proto::compress`). Costs a `get_info` round trip at connect.
+    /// `zeo_proto::compress`). Costs a `get_info` round trip at connect. Ignored with
+    /// `tls`: compression is never used under encryption.
     pub compress: bool,
 }
 
@@ -285,7 +286,9 @@ impl Connection {
         conn.inner
             .last_invalidation
             .fetch_max(tid.0, Ordering::AcqRel);
-        if opts.compress {
+        // Never over TLS (the server does not offer it there either): compressing before
+        // encrypting leaks the stream's contents to whoever can add to it and watch it.
+        if opts.compress && opts.tls.is_none() {
             let info = conn.get_info().await?;
             if info.extensions.iter().any(|e| e == compress::ZSTD) {
                 conn.start_compression().await?;

@@ -64,7 +64,7 @@ impl Session {
                 warn!(session = self.id, peer = %self.peer, "duplicate register, closing");
                 return Err(Close::Protocol("duplicate register".into()));
             }
-            Request::GetInfo => self.reply(&msgid, info(&handle).to_value()),
+            Request::GetInfo => self.reply(&msgid, info(&handle, !self.encrypted).to_value()),
             Request::LastTransaction => self.reply(&msgid, handle.hub.last_tid().to_value()),
             Request::Ping => self.reply(&msgid, Value::None),
             Request::SetClientLabel { label } => self.label = label,
@@ -178,6 +178,12 @@ impl Session {
             Request::Compress { method } => {
                 // The client compresses from the byte after this request: refusing cannot
                 // leave the stream readable, so anything but a first "zstd" ends it.
+                if self.encrypted {
+                    warn!(session = self.id, peer = %self.peer, "compression asked for over TLS, closing");
+                    return Err(Close::Protocol(
+                        "zeors_compress is refused over TLS (compressing before encrypting leaks the stream's contents)".into(),
+                    ));
+                }
                 if method != zeo_proto::compress::ZSTD || self.inflate.is_some() {
                     warn!(session = self.id, peer = %self.peer, %method, "unsupported compression request, closing");
                     return Err(Close::Protocol(format!(
@@ -537,8 +543,9 @@ async fn current_records(
     })
 }
 
-/// `get_info`: the storage's figures and interfaces, and zeors' protocol extensions.
-fn info(handle: &StorageHandle) -> Info {
+/// `get_info`: the storage's figures and interfaces, and zeors' protocol extensions (zstd
+/// only when `compress` is offered: not over TLS).
+fn info(handle: &StorageHandle, compress: bool) -> Info {
     let info = handle.storage.info();
     let mut interfaces = info.interfaces;
     interfaces.push(("zope.interface".into(), "Interface".into()));
@@ -550,8 +557,9 @@ fn info(handle: &StorageHandle) -> Info {
         supports_record_iternext: info.supports_record_iternext,
         interfaces,
         // For zeors clients (proxies); stock clients ignore unknown keys.
-        extensions: ["changed_since", zeo_proto::compress::ZSTD]
+        extensions: ["changed_since"]
             .into_iter()
+            .chain(compress.then_some(zeo_proto::compress::ZSTD))
             .chain(info.supports_record_iternext.then_some("current_records"))
             .map(String::from)
             .collect(),

@@ -64,7 +64,10 @@ const FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 /// few bytes of a hostile stream can make the server hold beyond the frame limit.
 const INFLATE_STEP: usize = 256 * 1024;
 
-pub(crate) async fn run<S>(stream: S, peer: String, shared: Arc<Shared>)
+/// Serves one connection; `encrypted` when it came through TLS (zstd is then neither
+/// offered nor accepted: compressing before encrypting lets whoever can put bytes in the
+/// stream and watch its length learn what else it holds).
+pub(crate) async fn run<S>(stream: S, peer: String, shared: Arc<Shared>, encrypted: bool)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -147,6 +150,7 @@ where
         upload: None,
         inflate: None,
         inflate_from_here: false,
+        encrypted,
     };
     // A panic while serving (a bug: none is known to be reachable from the network) is
     // confined to this connection. Tokio would contain it to this task anyway, but the
@@ -235,6 +239,8 @@ struct Session {
     inflate: Option<zeo_proto::compress::Decompressor>,
     /// Set by `zeors_compress`: the bytes after its frame are compressed.
     inflate_from_here: bool,
+    /// The connection is TLS: no compression (see [`run`]).
+    encrypted: bool,
 }
 
 enum Event {
