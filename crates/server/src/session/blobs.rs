@@ -9,10 +9,12 @@
 //! full disk, an I/O error) does not close the connection: its partial file is removed at
 //! once, the rest of its chunks are read and dropped, and the transaction's vote fails
 //! with the reason ([`Event::OpLost`]), as a store that cannot be kept does. The client
-//! gets a clear error and its connection (and everyone else's) stays up. `storeBlobShared` names a file the
-//! client wrote into the storage's own blob directory. Either way the file belongs to the
-//! transaction ([`TempFiles`]) and is removed when it ends, committed or not: a storage
-//! keeps its own link to what it commits.
+//! gets a clear error and its connection (and everyone else's) stays up.
+//!
+//! `storeBlobShared` names a file the client wrote into the storage's own blob
+//! directory. Either way the file belongs to the transaction ([`TempFiles`]) and is
+//! removed when it ends, committed or not: a storage keeps its own link to what it
+//! commits.
 //!
 //! **Downloads.** `sendBlob(oid, serial)` streams `receiveBlobStart`,
 //! `receiveBlobChunk`… and `receiveBlobStop` callbacks, then the reply, through the
