@@ -429,9 +429,17 @@ pub(crate) async fn upload_blob(conn: &Object, file: &std::path::Path) -> Result
     Ok(lo)
 }
 
-/// Writes the voted transaction and commits it; returns its tid and the states it wrote
-/// (for the cache). The caller announces it.
-pub(crate) async fn finish(inner: &Inner, key: TxnKey) -> Result<(Tid, Vec<(Oid, Bytes)>)> {
+/// A committed transaction, for its finisher to announce.
+pub(crate) struct Finished {
+    pub tid: Tid,
+    /// Every oid it changed.
+    pub oids: Vec<Oid>,
+    /// The states it stored (for the cache).
+    pub written: Vec<(Oid, Bytes)>,
+}
+
+/// Writes the voted transaction and commits it. The caller announces it.
+pub(crate) async fn finish(inner: &Inner, key: TxnKey) -> Result<Finished> {
     let mut slot = inner.pending.lock().await;
     let pending = match slot.take() {
         Some(p) if p.key == key && p.plan.is_some() => p,
@@ -448,6 +456,9 @@ pub(crate) async fn finish(inner: &Inner, key: TxnKey) -> Result<(Tid, Vec<(Oid,
     match write(inner, &conn, &plan, key).await {
         Ok(tid) => {
             conn.done();
+            let mut oids: Vec<Oid> = plan.writes.keys().copied().collect();
+            oids.extend(plan.changed.iter().filter(|o| !plan.writes.contains_key(o)));
+            oids.sort_unstable();
             let written = plan
                 .writes
                 .into_iter()
@@ -456,7 +467,7 @@ pub(crate) async fn finish(inner: &Inner, key: TxnKey) -> Result<(Tid, Vec<(Oid,
                     _ => None,
                 })
                 .collect();
-            Ok((tid, written))
+            Ok(Finished { tid, oids, written })
         }
         Err(e) => {
             conn.release().await;

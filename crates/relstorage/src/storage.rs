@@ -43,8 +43,8 @@ pub(crate) struct Inner {
     pub announcing: tokio::sync::Mutex<()>,
     pub pending: tokio::sync::Mutex<Option<Pending>>,
     /// The local commit being finished (tid, key), set just before its COMMIT and
-    /// cleared once announced: whoever announces it (the finisher or the watcher, woken
-    /// by the commit's own NOTIFY) names its committer.
+    /// cleared once its finisher has announced it: until then nobody else announces it
+    /// or anything after it (see `watch::catch_up`).
     pub committing: parking_lot::Mutex<Option<(Tid, TxnKey)>>,
     pub oids: tokio::sync::Mutex<OidPool>,
     pub closed: AtomicBool,
@@ -490,10 +490,15 @@ impl zodb::Storage for PgStorage {
     }
 
     async fn finish(&self, key: TxnKey) -> Result<Tid> {
-        let (tid, written) = commit::finish(&self.inner, key).await?;
+        let commit::Finished { tid, oids, written } = commit::finish(&self.inner, key).await?;
         // Announce it (and anything committed before it) before loads can see it. The
         // commit is durable already: if this fails, the watcher announces it later.
-        let announced = watch::catch_up(&self.inner, Some((tid, key))).await;
+        let mine = watch::Mine {
+            tid,
+            key,
+            oids: &oids,
+        };
+        let announced = watch::catch_up(&self.inner, Some(mine)).await;
         *self.inner.committing.lock() = None;
         match announced {
             Ok(()) => {

@@ -18,7 +18,11 @@
 //!   its own after the database restarts.
 //! - A history-free database keeps only the latest tid of each object: a transaction
 //!   whose every object was changed again later is never seen, and its objects are
-//!   announced with the later one (what RelStorage's poller does too).
+//!   announced with the later one (what RelStorage's poller does too). The exception is
+//!   a commit of this server: its committer is told its tid by the `tpc_finish` reply,
+//!   and a ZEO client refuses a tid lower than one it was already sent, so that commit
+//!   is always announced, at its tid and before anything later, by its finisher (which
+//!   knows its oids); the watcher stops below it until then.
 
 use crate::db::{self, storage_error};
 use crate::schema::Layout;
@@ -39,15 +43,29 @@ const SIZES_EVERY: Duration = Duration::from_secs(30);
 /// Transactions read per round.
 const BATCH: i64 = 1000;
 
+/// A local commit being announced by its finisher.
+#[derive(Clone, Copy)]
+pub(crate) struct Mine<'a> {
+    pub tid: Tid,
+    pub key: TxnKey,
+    /// Every oid it changed: in a history-free database a later transaction may have
+    /// replaced all of its rows already.
+    pub oids: &'a [Oid],
+}
+
 /// Announces every transaction committed after the last announced one. `mine` is the
-/// local commit (tid, transaction key) being finished, if any, so that its committer is
-/// not sent its own invalidation.
-pub(crate) async fn catch_up(inner: &Inner, mine: Option<(Tid, TxnKey)>) -> Result<()> {
+/// local commit being finished, if any: it is announced at its tid even when a later
+/// transaction has already replaced all its rows (its committer learns that tid from its
+/// `tpc_finish` reply and must not have been sent a later one first), and its committer
+/// is named so that it is not sent its own invalidation. Without `mine` (the watcher, a
+/// load), announcing stops below a local commit that is being finished: that one and
+/// everything after it are its finisher's to announce.
+pub(crate) async fn catch_up(inner: &Inner, mine: Option<Mine<'_>>) -> Result<()> {
     let _turn = inner.announcing.lock().await;
     let conn = inner.pool.get().await.map_err(db::pool_error)?;
     loop {
         let from = inner.cache.visible();
-        if mine.is_some_and(|(t, _)| t <= from) {
+        if mine.is_some_and(|m| m.tid <= from) {
             return Ok(());
         }
         let tids_sql = match inner.layout {
@@ -59,13 +77,36 @@ pub(crate) async fn catch_up(inner: &Inner, mine: Option<(Tid, TxnKey)>) -> Resu
             }
         };
         let stmt = conn.prepare_cached(tids_sql).await.map_err(storage_error)?;
-        let tids: Vec<i64> = conn
+        let found: Vec<i64> = conn
             .query(&stmt, &[&(from.0 as i64), &BATCH])
             .await
             .map_err(storage_error)?
             .iter()
             .map(|r| r.get(0))
             .collect();
+        let complete = (found.len() as i64) < BATCH;
+        // Read after the query: a tid found beyond a local commit means that commit's
+        // COMMIT has completed, and it was marked before its COMMIT.
+        let finishing = match mine {
+            Some(_) => None,
+            None => inner
+                .committing
+                .lock()
+                .map(|(t, _)| t)
+                .filter(|t| *t > from),
+        };
+        let mut tids: Vec<Tid> = found.iter().map(|t| Tid(*t as u64)).collect();
+        if let Some(m) = mine {
+            let within = complete || tids.last().is_some_and(|last| m.tid <= *last);
+            if within && !tids.contains(&m.tid) {
+                tids.push(m.tid);
+                tids.sort_unstable();
+            }
+        }
+        if let Some(stop) = finishing {
+            tids.retain(|t| *t < stop);
+        }
+        let stopped = tids.len() < found.len();
         let Some(&upto) = tids.last() else {
             return Ok(());
         };
@@ -75,31 +116,33 @@ pub(crate) async fn catch_up(inner: &Inner, mine: Option<(Tid, TxnKey)>) -> Resu
             )
             .await
             .map_err(storage_error)?;
-        let mut changed: BTreeMap<i64, Vec<Oid>> = BTreeMap::new();
+        let mut changed: BTreeMap<Tid, Vec<Oid>> = BTreeMap::new();
         for r in conn
-            .query(&stmt, &[&(from.0 as i64), &upto])
+            .query(&stmt, &[&(from.0 as i64), &(upto.0 as i64)])
             .await
             .map_err(storage_error)?
         {
             changed
-                .entry(r.get(0))
+                .entry(Tid(r.get::<_, i64>(0) as u64))
                 .or_default()
                 .push(Oid(r.get::<_, i64>(1) as u64));
         }
-        let sink = inner.sink.get();
-        for t in &tids {
-            let tid = Tid(*t as u64);
-            let oids = changed.remove(t).unwrap_or_default();
-            let committer = mine
-                .or(*inner.committing.lock())
-                .filter(|(m, _)| *m == tid)
-                .map(|(_, k)| k);
-            if let Some(sink) = sink {
-                sink.invalidate(tid, &oids, committer);
-            }
-            inner.cache.announce(tid, &oids);
+        if let Some(m) = mine.filter(|m| m.tid <= upto) {
+            let oids = changed.entry(m.tid).or_default();
+            oids.extend_from_slice(m.oids);
+            oids.sort_unstable();
+            oids.dedup();
         }
-        if (tids.len() as i64) < BATCH {
+        let sink = inner.sink.get();
+        for tid in &tids {
+            let oids = changed.remove(tid).unwrap_or_default();
+            let committer = mine.filter(|m| m.tid == *tid).map(|m| m.key);
+            if let Some(sink) = sink {
+                sink.invalidate(*tid, &oids, committer);
+            }
+            inner.cache.announce(*tid, &oids);
+        }
+        if complete || stopped {
             return Ok(());
         }
     }

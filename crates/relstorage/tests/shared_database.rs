@@ -126,3 +126,138 @@ async fn commits_reach_the_other_server_in_order_and_conflict_locks_hold() {
         b.close().await.unwrap();
     }
 }
+
+/// A sink that records, and holds the announcing task inside `invalidate` of the first
+/// transaction changing one oid until released (a watcher busy announcing, while other
+/// things happen).
+#[derive(Default)]
+struct Gated {
+    seen: Mutex<Vec<Announced>>,
+    hold_on: Mutex<Option<Oid>>,
+    held: std::sync::Mutex<bool>,
+    release: std::sync::Condvar,
+}
+
+impl InvalidationSink for Gated {
+    fn invalidate(&self, tid: Tid, oids: &[Oid], committer: Option<TxnKey>) {
+        self.seen.lock().push((tid, oids.to_vec(), committer));
+        let hold = {
+            let mut h = self.hold_on.lock();
+            let hit = h.is_some_and(|o| oids.contains(&o));
+            if hit {
+                *h = None;
+            }
+            hit
+        };
+        if hold {
+            // Blocking a runtime worker: hand its queued tasks to another thread first.
+            tokio::task::block_in_place(|| {
+                let mut held = self.held.lock().unwrap();
+                *held = true;
+                while *held {
+                    held = self.release.wait(held).unwrap();
+                }
+            });
+        }
+    }
+}
+
+impl Gated {
+    fn is_holding(&self) -> bool {
+        *self.held.lock().unwrap()
+    }
+    fn open_gate(&self) {
+        *self.held.lock().unwrap() = false;
+        self.release.notify_all();
+    }
+}
+
+/// Opens the gate when dropped, so that a failing test ends instead of leaving a
+/// runtime worker held.
+struct OpenOnDrop(Arc<Gated>);
+
+impl Drop for OpenOnDrop {
+    fn drop(&mut self) {
+        *self.0.hold_on.lock() = None;
+        self.0.open_gate();
+    }
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// In a history-free database a transaction of this server can be replaced entirely by
+/// a later one (another writer's) before it is announced. Its committer learns its tid
+/// from the `tpc_finish` reply and a ZEO client refuses a tid lower than one it was sent
+/// before, so this server must announce its own commit at its tid, naming its committer,
+/// before the later one — whether the later one is found by the finisher itself or by a
+/// load (or the watcher) catching up first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_own_commit_replaced_before_it_is_announced_is_still_announced_first() {
+    let pg = cluster::Cluster::start();
+    let dsn = pg.new_database().await;
+    let (b, rb) = open(&dsn, Layout::HistoryFree).await;
+    let mut o = Options::new(&dsn);
+    o.layout = Layout::HistoryFree;
+    o.poll_interval = Duration::from_secs(3600); // only NOTIFY wakes its watcher
+    let a = Arc::new(PgStorage::open(o).await.expect("open"));
+    let ra = Arc::new(Gated::default());
+    a.attach(ra.clone());
+    let _gate = OpenOnDrop(ra.clone());
+    let oids = b.new_oids(3).await.unwrap();
+    let (counter, other, third) = (oids[0], oids[1], oids[2]);
+
+    // A's watcher, woken by B's NOTIFY, is held announcing W: the announcing turn is
+    // taken.
+    *ra.hold_on.lock() = Some(other);
+    commit(&b, &store(1, other, Tid::ZERO, b"w")).await;
+    wait_until("A's watcher held", || ra.is_holding()).await;
+
+    // B commits V (a third object); a load of it on A must catch up first, and waits
+    // for the announcing turn.
+    let v = commit(&b, &store(2, third, Tid::ZERO, b"v")).await;
+    let a_load = a.clone();
+    let load = tokio::spawn(async move { a_load.load_before(third, Tid::MAX).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A commits X (the counter); its finisher waits for the turn after the load.
+    let x_txn = store(10, counter, Tid::ZERO, b"x");
+    match a.vote(&x_txn).await.unwrap() {
+        Vote::Ok { .. } => {}
+        v => panic!("{v:?}"),
+    }
+    let a_fin = a.clone();
+    let finish = tokio::spawn(async move { a_fin.finish(10).await });
+    // B hears of X (A's NOTIFY) and replaces it: Y is the counter's only row now.
+    wait_until("B sees X", || {
+        rb.0.lock().last().is_some_and(|e| e.1 == vec![counter])
+    })
+    .await;
+    let x = rb.0.lock().last().unwrap().0;
+    assert!(x > v);
+    let y = commit(&b, &store(11, counter, x, b"y")).await;
+
+    let before = ra.seen.lock().len();
+    ra.open_gate();
+    assert_eq!(finish.await.unwrap().unwrap(), x);
+    load.await.unwrap().unwrap();
+    a.sync().await.unwrap();
+    let seen: Vec<Announced> = ra.seen.lock()[before..].to_vec();
+    assert_eq!(
+        seen,
+        vec![
+            (v, vec![third], None),
+            (x, vec![counter], Some(10)),
+            (y, vec![counter], None),
+        ]
+    );
+    let lb = a.load_before(counter, Tid::MAX).await.unwrap();
+    assert_eq!(lb.revision.unwrap().start, y);
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}

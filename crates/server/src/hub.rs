@@ -174,7 +174,7 @@ impl InvalidationSink for Hub {
         let mut sent = 0;
         for (id, out) in inner.sessions.iter() {
             if Some(*id) == skip {
-                out.send_invalidation(tid, None);
+                out.own_commit_announced(tid);
                 continue;
             }
             let f = encoded(&mut frames, out.encoding, &callback);

@@ -21,7 +21,10 @@
 //!   reply carries the storage snapshot it was computed from; the outbox refuses it if an
 //!   invalidation for a later transaction has already been queued, and the session simply
 //!   loads again. The check and the push happen under one mutex that the fan-out also
-//!   takes, so they are atomic with respect to invalidations.
+//!   takes, so they are atomic with respect to invalidations. A committer learns its
+//!   own transaction's tid from the `tpc_finish` reply, so from the moment that commit
+//!   is announced until the reply is queued, later invalidations (and load replies
+//!   computed after it) wait behind the reply.
 //! * **Bounded memory.** A client that stops reading must not make the server buffer
 //!   without limit. Past `max_queued` bytes the outbox marks itself overflowed and the
 //!   session closes the connection. Many clients together are bounded by the
@@ -219,6 +222,10 @@ struct OutState {
     /// The tid of the last invalidation queued (or, at registration, the tid the client
     /// was told is current).
     last_invalidation: Tid,
+    /// This connection's own commit, announced at this tid, whose `tpc_finish` reply is
+    /// not queued yet, and the frames that must follow that reply (see
+    /// [`Outbox::own_commit_announced`]).
+    owed: Option<(Tid, Vec<Bytes>)>,
 }
 
 /// The load reply was computed from a snapshot older than an invalidation already queued.
@@ -249,6 +256,7 @@ impl Outbox {
                 encoding,
                 state: Mutex::new(OutState {
                     last_invalidation: Tid::ZERO,
+                    owed: None,
                 }),
                 tx,
                 wire,
@@ -363,9 +371,17 @@ impl Outbox {
     /// Sends a load reply computed from `snapshot` (as [`Outbox::send`]), unless an
     /// invalidation for a later transaction has been queued since.
     pub fn send_load_reply(&self, frame: Bytes, snapshot: Tid) -> Result<(), Stale> {
-        let st = self.state.lock();
+        let mut st = self.state.lock();
         if st.last_invalidation > snapshot {
             return Err(Stale);
+        }
+        if let Some((tid, held)) = &mut st.owed {
+            if snapshot > *tid {
+                // Computed from a transaction after this client's own commit, whose
+                // reply is not out yet: it follows the invalidations it depends on.
+                held.push(frame);
+                return Ok(());
+            }
         }
         // Written (or queued) under the state lock, so that no invalidation can be queued
         // between the check and the reply. A commit's fan-out to this connection waits
@@ -388,7 +404,36 @@ impl Outbox {
             st.last_invalidation = tid;
         }
         if let Some(f) = frame {
-            self.push(f);
+            match &mut st.owed {
+                Some((_, held)) => held.push(f),
+                None => self.push(f),
+            }
+        }
+    }
+
+    /// This connection's own commit has been announced at `tid`: it is not sent that
+    /// invalidation, and until its `tpc_finish` reply is queued
+    /// ([`Outbox::own_commit_replied`]) later invalidations, and load replies computed
+    /// after `tid`, wait. A client's last tid must only increase, and it learns `tid`
+    /// from that reply; a later transaction can be announced before the reply is queued
+    /// when it does not pass through this server's commit lock (a PostgreSQL database
+    /// shared with other writers, a proxy's upstream).
+    pub fn own_commit_announced(&self, tid: Tid) {
+        let mut st = self.state.lock();
+        if tid > st.last_invalidation {
+            st.last_invalidation = tid;
+        }
+        st.owed.get_or_insert_with(|| (tid, Vec::new()));
+    }
+
+    /// The reply to this connection's `tpc_finish` (or its error) has been sent: what
+    /// waited behind it follows, in order.
+    pub fn own_commit_replied(&self) {
+        let mut st = self.state.lock();
+        if let Some((_, held)) = st.owed.take() {
+            for f in held {
+                self.push(f);
+            }
         }
     }
 
@@ -682,6 +727,32 @@ mod tests {
                 Bytes::from_static(b"inv"),
                 Bytes::from_static(b"c")
             ]
+        );
+    }
+
+    #[test]
+    fn a_committers_reply_precedes_what_was_announced_after_its_commit() {
+        let (out, mut rx, _) = Outbox::new(Encoding::Pickle, 1 << 20, budget(1 << 30), None);
+        out.set_registered_tid(Tid(10));
+        out.own_commit_announced(Tid(11));
+        // A transaction committed elsewhere right after, announced before the reply.
+        out.send_invalidation(Tid(12), Some(Bytes::from_static(b"inv12")));
+        // A load computed at 11 may go; one computed at 12 waits with the invalidation.
+        assert!(out
+            .send_load_reply(Bytes::from_static(b"load11"), Tid(11))
+            .is_err());
+        assert!(out
+            .send_load_reply(Bytes::from_static(b"load12"), Tid(12))
+            .is_ok());
+        out.send(Bytes::from_static(b"finish11"));
+        out.own_commit_replied();
+        out.send_invalidation(Tid(13), Some(Bytes::from_static(b"inv13")));
+        let got: Vec<Bytes> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            got,
+            ["finish11", "inv12", "load12", "inv13"]
+                .map(|s| Bytes::from_static(s.as_bytes()))
+                .to_vec()
         );
     }
 

@@ -471,6 +471,7 @@ fn spawn_finish(
                 send_error(&outbox, &msgid, &e);
             }
         }
+        outbox.own_commit_replied();
         // Only now, after the reply is queued, may the next transaction commit.
         release_lock(&handle, key, guard, HoldPhase::Reply);
         drop(files);
