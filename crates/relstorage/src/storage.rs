@@ -170,7 +170,8 @@ impl PgStorage {
             opts,
         });
         refresh_sizes(&inner).await;
-        let watcher = tokio::spawn(watch::run(inner.clone(), cfg));
+        let listening = watch::start(&cfg).await;
+        let watcher = tokio::spawn(watch::run(inner.clone(), cfg, listening));
         tracing::info!(%target, last_tid = %last, layout = ?inner.layout, "PostgreSQL storage open");
         Ok(PgStorage {
             inner,

@@ -148,13 +148,33 @@ pub(crate) async fn catch_up(inner: &Inner, mine: Option<Mine<'_>>) -> Result<()
     }
 }
 
-/// The watcher: LISTENs for other zeors servers' commits and polls for everyone else's,
-/// until the storage closes.
-pub(crate) async fn run(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
+/// What the watcher starts from: its LISTEN connection, made before the storage is
+/// open, so that every commit a zeors server makes after `open` wakes it.
+pub(crate) struct Listening {
+    client: Option<tokio_postgres::Client>,
+    notified: Arc<tokio::sync::Notify>,
+}
+
+/// LISTENs on [`CHANNEL`] (if the database lets it; the watcher retries otherwise).
+pub(crate) async fn start(cfg: &tokio_postgres::Config) -> Listening {
     let notified = Arc::new(tokio::sync::Notify::new());
-    let mut listener: Option<tokio_postgres::Client> = None;
+    Listening {
+        client: listen(cfg, notified.clone()).await,
+        notified,
+    }
+}
+
+/// The watcher: LISTENs for other zeors servers' commits and polls for everyone else's,
+/// until the storage closes. Its first round catches up at once (commits made between
+/// the storage's reading of its last tid and the LISTEN).
+pub(crate) async fn run(inner: Arc<Inner>, cfg: tokio_postgres::Config, start: Listening) {
+    let Listening {
+        client: mut listener,
+        notified,
+    } = start;
     let mut last_warning: Option<Instant> = None;
     let mut sizes_refreshed = Instant::now();
+    let mut first = true;
     loop {
         if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return;
@@ -162,10 +182,12 @@ pub(crate) async fn run(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
         if listener.as_ref().is_none_or(|c| c.is_closed()) {
             listener = listen(&cfg, notified.clone()).await;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(inner.opts.poll_interval) => {}
-            _ = notified.notified() => {}
-            _ = inner.wake.notified() => {}
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                _ = tokio::time::sleep(inner.opts.poll_interval) => {}
+                _ = notified.notified() => {}
+                _ = inner.wake.notified() => {}
+            }
         }
         if inner.closed.load(std::sync::atomic::Ordering::Acquire) {
             return;

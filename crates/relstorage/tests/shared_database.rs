@@ -115,8 +115,8 @@ async fn commits_reach_the_other_server_in_order_and_conflict_locks_hold() {
         a.abort(10).await;
         let t = commit(&b, &b_txn).await;
         let lb = a.load_before(oid, Tid::MAX).await.unwrap();
-        // A may not have announced B's commit yet; when it has, it serves it.
-        if a.last_transaction() >= t {
+        // A may not have announced B's commit when it loaded; if it had, it serves it.
+        if lb.snapshot >= t {
             assert_eq!(lb.revision.unwrap().data, Bytes::from_static(b"from b"));
         }
         b.sync().await.unwrap();
@@ -212,11 +212,13 @@ async fn an_own_commit_replaced_before_it_is_announced_is_still_announced_first(
     let oids = b.new_oids(3).await.unwrap();
     let (counter, other, third) = (oids[0], oids[1], oids[2]);
 
-    // A's watcher, woken by B's NOTIFY, is held announcing W: the announcing turn is
-    // taken.
+    // A is held announcing W (B's commit of another object) by its watcher, woken by
+    // B's NOTIFY, or by a sync: the announcing turn is taken.
     *ra.hold_on.lock() = Some(other);
     commit(&b, &store(1, other, Tid::ZERO, b"w")).await;
-    wait_until("A's watcher held", || ra.is_holding()).await;
+    let a_sync = a.clone();
+    let syncing = tokio::spawn(async move { a_sync.sync().await });
+    wait_until("A held announcing W", || ra.is_holding()).await;
 
     // B commits V (a third object); a load of it on A must catch up first, and waits
     // for the announcing turn.
@@ -233,11 +235,13 @@ async fn an_own_commit_replaced_before_it_is_announced_is_still_announced_first(
     }
     let a_fin = a.clone();
     let finish = tokio::spawn(async move { a_fin.finish(10).await });
-    // B hears of X (A's NOTIFY) and replaces it: Y is the counter's only row now.
-    wait_until("B sees X", || {
-        rb.0.lock().last().is_some_and(|e| e.1 == vec![counter])
-    })
-    .await;
+    // B hears of X and replaces it: Y is the counter's only row now.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while rb.0.lock().last().is_none_or(|e| e.1 != vec![counter]) {
+        assert!(std::time::Instant::now() < deadline, "timed out: B sees X");
+        b.sync().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let x = rb.0.lock().last().unwrap().0;
     assert!(x > v);
     let y = commit(&b, &store(11, counter, x, b"y")).await;
@@ -246,6 +250,7 @@ async fn an_own_commit_replaced_before_it_is_announced_is_still_announced_first(
     ra.open_gate();
     assert_eq!(finish.await.unwrap().unwrap(), x);
     load.await.unwrap().unwrap();
+    syncing.await.unwrap().unwrap();
     a.sync().await.unwrap();
     let seen: Vec<Announced> = ra.seen.lock()[before..].to_vec();
     assert_eq!(
