@@ -245,6 +245,21 @@ def pickle_server(make_server):
     return make_server()
 
 
+def wait_seen(db_or_storage, tid, timeout=10.0):
+    """Waits until a ZEO client has received the invalidation of `tid` (or a later one).
+
+    ZEO tells other clients of a commit asynchronously: when the committer's commit
+    returns, another client's I/O thread may not have read the invalidation yet, and a
+    transaction it begins meanwhile rightly sees the state before. Tests that check what
+    another client sees wait for it here instead of racing it.
+    """
+    storage = getattr(db_or_storage, "storage", db_or_storage)
+    deadline = time.monotonic() + timeout
+    while storage.lastTransaction() < tid:
+        assert time.monotonic() < deadline, f"client never saw tid {tid.hex()}"
+        time.sleep(0.002)
+
+
 def client(server, **kw):
     from ZEO.ClientStorage import ClientStorage
 

@@ -21,7 +21,7 @@ from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 from ZopeUndo.Prefix import Prefix
 
-from conftest import client, db, free_port
+from conftest import client, db, free_port, wait_seen
 from test_blobs import blob_db
 from test_metrics import metric, scrape
 from test_proxy_blobs import blob_proxy, stock_blobs, upstream  # noqa: F401 (fixtures)
@@ -164,6 +164,7 @@ def test_undo_through_the_proxy(upstream, make_server, tmp_path):  # noqa: F811
     for v in (1, 2):
         with undoer.transaction(f"edit /site/{'a' if v == 1 else 'b'} bob") as conn:
             conn.root()["doc"]["v"] = v
+    wait_seen(other, undoer.storage.lastTransaction())
     conn_other = other.open()
     assert conn_other.root()["doc"]["v"] == 2  # cached by the other client and the proxy
 
@@ -181,6 +182,7 @@ def test_undo_through_the_proxy(upstream, make_server, tmp_path):  # noqa: F811
     undoer.undo(log[0]["id"])
     transaction.commit()
     transaction.begin()
+    wait_seen(other, undoer.storage.lastTransaction())
     conn_other.sync()
     assert conn_other.root()["doc"]["v"] == 1
     fresh = db(proxy)
