@@ -737,7 +737,8 @@ mod tests {
         out.own_commit_announced(Tid(11));
         // A transaction committed elsewhere right after, announced before the reply.
         out.send_invalidation(Tid(12), Some(Bytes::from_static(b"inv12")));
-        // A load computed at 11 may go; one computed at 12 waits with the invalidation.
+        // A load computed at 11 is stale now (the session loads again); one computed at
+        // 12 waits behind the reply with the invalidation it depends on.
         assert!(out
             .send_load_reply(Bytes::from_static(b"load11"), Tid(11))
             .is_err());
