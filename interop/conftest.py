@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 
 import pytest
 
@@ -149,6 +150,42 @@ class StockServer:
                 self.proc.wait()
         self.proc = None
         return 0
+
+
+_clients = weakref.WeakSet()
+
+
+def _track_clients():
+    """Every ClientStorage made in this process is remembered (weakly), so that one a test
+    left open can be closed before the next test starts."""
+    from ZEO.ClientStorage import ClientStorage
+
+    init = ClientStorage.__init__
+    if getattr(init, "_zeors_tracked", False):
+        return
+
+    def tracked(self, *args, **kw):
+        _clients.add(self)
+        init(self, *args, **kw)
+
+    tracked._zeors_tracked = True
+    ClientStorage.__init__ = tracked
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_clients():
+    """Closes the ClientStorages earlier tests left open. Such a client keeps retrying its
+    server, which is gone, and logs each attempt on `ZEO.asyncio.client`: ZEO's own
+    `checkExceptionLogsAtError` asserts that logger stays silent and failed when a
+    leftover's retry landed inside it. Only clients of finished tests are closed."""
+    _track_clients()
+    for cs in list(_clients):
+        _clients.discard(cs)
+        try:
+            cs.close()  # a no-op for a client closed already
+        except Exception:
+            pass
+    yield
 
 
 @pytest.fixture(autouse=True)
